@@ -1,0 +1,87 @@
+"""Shared benchmark plumbing: environment facts, timing that respects CUDA's asynchrony, bandwidth.
+
+Every benchmark result records env_info() so a number always says what hardware, versions,
+commit and date produced it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+from collections.abc import Callable
+
+import torch
+
+
+def env_info() -> dict:
+    """Hardware, versions, commit and date of this run."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except Exception:
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()
+        except Exception:
+            info["driver"] = None
+    return info
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_cuda(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
+    """Median milliseconds of fn() on the GPU, timed with CUDA events (after warmup)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rep):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cuda") -> float:
+    """Peak GPU memory allocated during fn(), above what was allocated before, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def gbps(n_bytes: int, ms: float) -> float:
+    """Bandwidth: bytes that must move, over time (GB/s, 1e9)."""
+    return n_bytes / (ms * 1e-3) / 1e9

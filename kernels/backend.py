@@ -1,0 +1,80 @@
+"""Which implementation an op runs: the Triton kernel or the pure-PyTorch reference.
+
+`OCTO_KERNELS` (environment) or an explicit `backend=` argument picks it:
+  auto   - Triton for CUDA tensors when Triton imports, the reference elsewhere (default);
+  triton - Triton always, also on CPU tensors under TRITON_INTERPRET=1 (how CI proves the math);
+  torch  - the reference always.
+This module imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when `import triton` works (it does not on macOS or Windows)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for: the explicit argument, else OCTO_KERNELS, else "auto"."""
+    name = backend if backend is not None else os.environ.get("OCTO_KERNELS", "auto")
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(
+            f"unknown kernel backend {name!r} (from "
+            f"{'argument' if backend is not None else 'OCTO_KERNELS'}); use one of {BACKENDS}"
+        )
+    return name
+
+
+def use_triton(*tensors: torch.Tensor, backend: str | None = None) -> bool:
+    """Decide whether the Triton path runs for these tensors.
+
+    "triton" insists: it raises when Triton is missing, or when a tensor is on the CPU and the
+    interpreter is off (a Triton kernel cannot run there), instead of silently falling back.
+    """
+    name = requested_backend(backend)
+    if name == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if name == "auto":
+        return on_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError("kernel backend 'triton' requested but Triton does not import")
+    if not on_cuda and not interpreting():
+        raise RuntimeError(
+            "kernel backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 "
+            "(or use OCTO_KERNELS=auto to fall back to the reference)"
+        )
+    return True
+
+
+def describe(device: torch.device | str = "cuda") -> str:
+    """One phrase for logs: which implementation the ops will use on `device`."""
+    name = requested_backend()
+    dev = torch.device(device)
+    if name == "torch":
+        return "reference (PyTorch), OCTO_KERNELS=torch"
+    if name == "auto":
+        if dev.type == "cuda" and triton_available():
+            return "fused Triton kernels"
+        return "reference (PyTorch): Triton kernels run on CUDA tensors only"
+    return "fused Triton kernels" + (" (interpreted)" if dev.type != "cuda" else "")

@@ -1,0 +1,176 @@
+"""OctoConfig: the model's shape, JSON in and out, and transformers' Llama config.json.
+
+The fields are exactly the seed's model parameters plus tie_word_embeddings and
+initializer_range; every impossible value raises ValueError naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass
+class OctoConfig:
+    """Shape of an Octo (Llama-architecture) model. head_dim = hidden_size // num_attention_heads."""
+
+    vocab_size: int = 16000
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 3
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first impossible field."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = {"int": int, "float": (int, float), "bool": bool}[f.type]
+            if isinstance(value, bool) and f.type != "bool" or not isinstance(value, expected):
+                raise ValueError(f"OctoConfig.{f.name} must be {f.type}, got {value!r}")
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"OctoConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"OctoConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"OctoConfig.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"OctoConfig.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"OctoConfig head_dim = hidden_size / num_attention_heads = {self.head_dim} is odd; "
+                "rotary embeddings need an even head_dim"
+            )
+
+    # ----- JSON -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, allow_hf_keys: bool = False) -> OctoConfig:
+        """Build from a dict. Unknown keys raise (naming the nearest field), unless allow_hf_keys,
+        which ignores the other keys of a transformers config.json (architectures, torch_dtype...)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in d if k not in names]
+        if unknown and not allow_hf_keys:
+            k = unknown[0]
+            near = difflib.get_close_matches(k, names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(names)}"
+            raise ValueError(f"OctoConfig: unknown key {k!r}{hint}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> OctoConfig:
+        """Read a model config JSON: ours, or a transformers Llama config.json."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"model config {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model config {path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"model config {path} must hold a JSON object")
+        is_hf = "model_type" in d or "architectures" in d
+        if is_hf and d.get("model_type", "llama") != "llama":
+            raise ValueError(f"{path}: model_type {d['model_type']!r} is not a Llama model")
+        if is_hf:
+            _check_hf_compatible(d, path)
+        return cls.from_dict(d, allow_hf_keys=is_hf)
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A transformers LlamaConfig config.json for this shape."""
+        d = self.to_dict()
+        d.update(
+            architectures=["LlamaForCausalLM"],
+            model_type="llama",
+            hidden_act="silu",
+            head_dim=self.head_dim,
+            mlp_bias=False,
+            attention_dropout=0.0,
+            rope_scaling=None,
+            pretraining_tp=1,
+            use_cache=True,
+            torch_dtype="float32",
+        )
+        return d
+
+    # ----- presets ----------------------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> OctoConfig:
+        """Named shapes: "seed" (the seed's example, ~127M params at vocab 16000), "tiny" (tests)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def _check_hf_compatible(d: dict[str, Any], path: Path) -> None:
+    """Refuse Llama variants Octo does not implement, rather than load them wrongly."""
+    if d.get("rope_scaling") not in (None, {}):
+        raise ValueError(f"{path}: rope_scaling {d['rope_scaling']!r} is not supported by Octo")
+    if d.get("mlp_bias"):
+        raise ValueError(f"{path}: mlp_bias=true is not supported by Octo")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
+    hd = d.get("head_dim")
+    if hd is not None and hd != d["hidden_size"] // d["num_attention_heads"]:
+        raise ValueError(f"{path}: head_dim {hd} != hidden_size / num_attention_heads")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed": dict(
+        vocab_size=16000,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=3,
+        max_position_embeddings=4096,
+    ),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ),
+}

@@ -1,0 +1,54 @@
+"""Shared fixtures: seeding, the shared data folder, and the gpu marker's skip."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated (at import), so set it before any
+# test imports `kernels`: without a GPU, Triton kernels run on CPU tensors through the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data beside the checkout; tests that need it skip (with a reason) without it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def gpt2_tokenizer_dir(shared_data, tmp_path_factory) -> Path:
+    """A transformers tokenizer folder built offline from ../shared/data/gpt2."""
+    from transformers import GPT2TokenizerFast
+
+    out = tmp_path_factory.mktemp("gpt2_tok")
+    tok = GPT2TokenizerFast(
+        vocab_file=str(shared_data / "gpt2" / "vocab.json"),
+        merges_file=str(shared_data / "gpt2" / "merges.txt"),
+    )
+    tok.save_pretrained(out)
+    return out
+

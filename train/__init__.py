@@ -1,0 +1,1 @@
+"""Octo's trainer: `python -m train --config train/config.json`."""

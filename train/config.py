@@ -1,0 +1,180 @@
+"""TrainConfig: every key of train/config.json, typed, with defaults, validated before anything runs.
+
+The seed's keys come first and mean what the seed's guide says; the keys after them have defaults
+and are documented in the README. A bad key or value raises ConfigError, one line naming the key,
+the value and the fix; `python -m train` turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message is one line."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # ----- the seed's keys --------------------------------------------------------------------
+    dataset_name: str = "roneneldan/TinyStories"  # Hub name, or a local file / glob / folder
+    train_split: str = "train"
+    eval_split: str | None = "validation"  # null: hold out eval_holdout_fraction of train
+    text_column: str = "text"
+    tokenizer_name: str = "gpt2"  # Hub name or local folder
+    block_size: int = 512  # tokens per training sequence
+    batch_size: int = 16  # sequences per micro-batch (per process)
+    gradient_accumulation_steps: int = 4
+    num_epochs: int = 1
+    learning_rate: float = 3e-4  # peak, after warmup
+    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
+    warmup_steps: int = 1000
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+    seed: int = 42
+    log_interval_steps: int = 100
+    eval_interval_steps: int = 1000
+    save_interval_steps: int = 5000
+    eval_max_batches: int = 100
+    checkpoint_dir: str = "checkpoints"
+    resume_from: str | None = None  # a checkpoint folder, or a folder of them (newest complete)
+    use_mixed_precision: bool = True  # bf16 autocast where supported, else fp16 + GradScaler
+    use_gradient_checkpointing: bool = False
+
+    # ----- further keys -----------------------------------------------------------------------
+    model_config: str | None = None  # JSON file or preset name ("seed", "tiny"); default "seed"
+    max_steps: int | None = None  # optimizer steps; default: num_epochs worth of data
+    lr_schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    min_lr_ratio: float = 0.1  # the decay's floor, as a fraction of learning_rate
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    precision: str = "auto"  # auto (from use_mixed_precision) | bf16 | fp16 | fp32
+    compile: str = "auto"  # auto (on for CUDA) | on | off
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    kernels: str = "auto"  # auto | triton | torch (OCTO_KERNELS)
+    num_workers: int = 2  # DataLoader worker processes for tokenization
+    buffer_size: int = 10000  # shuffle buffer, in blocks (0 = no shuffle)
+    pretokenize: bool = False  # tokenize once into memory-mapped shards under data_cache_dir
+    data_cache_dir: str = "data_cache"
+    eval_holdout_fraction: float = 0.0  # with eval_split null: this fraction of train docs
+    keep_last_checkpoints: int = 3
+    max_shard_size: str = "2GB"  # safetensors shard size of saved models
+    log_dir: str = "logs"
+    max_consecutive_nonfinite: int = 5  # NaN/Inf steps skipped in a row before the run stops
+    parallelism: str = "ddp"  # ddp | fsdp, when launched by torchrun with several processes
+    sample_prompt: str = "Once upon a time"  # printed sample at the end of a run
+    sample_max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----- validation -------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Type, range and choice checks. Raises ConfigError with a one-line message."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        positive = [
+            "block_size", "batch_size", "gradient_accumulation_steps", "num_epochs",
+            "log_interval_steps", "eval_interval_steps", "save_interval_steps", "eval_max_batches",
+            "keep_last_checkpoints", "sample_max_new_tokens", "max_consecutive_nonfinite",
+        ]  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config key {name!r} must be positive, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"config key 'max_steps' must be positive or null, got {self.max_steps}")
+        for name in ("warmup_steps", "num_workers", "buffer_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"config key 'learning_rate' must be positive, got {self.learning_rate}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
+        for name in ("min_lr_ratio", "eval_holdout_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"config key {name!r} must be in [0, 1), got {getattr(self, name)}")
+        choices = {
+            "lr_schedule": ("cosine", "linear", "constant"),
+            "precision": ("auto", "bf16", "fp16", "fp32"),
+            "compile": ("auto", "on", "off"),
+            "kernels": ("auto", "triton", "torch"),
+            "parallelism": ("ddp", "fsdp"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"config key {name!r} is {getattr(self, name)!r}; choose one of {', '.join(allowed)}"
+                )
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"config key 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N")
+
+    # ----- JSON and overrides -----------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a dict; an unknown key names the nearest valid one."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in names:
+                near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+                hint = f"did you mean {near[0]!r}?" if near else "see the README for the valid keys"
+                raise ConfigError(f"{source}: unknown key {key!r}; {hint}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+        """Read a JSON config (or start from defaults when path is None) and apply `key=value`
+        overrides (values parsed as JSON when they parse, else taken as strings)."""
+        d: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file {p} does not exist; pass --config PATH to a JSON file")
+            try:
+                d = json.loads(p.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"config file {p} is not valid JSON: {e}") from None
+            if not isinstance(d, dict):
+                raise ConfigError(f"config file {p} must hold a JSON object of keys")
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected key=value")
+            key, raw = item.split("=", 1)
+            try:
+                d[key.strip()] = json.loads(raw)
+            except json.JSONDecodeError:
+                d[key.strip()] = raw
+        return cls.from_dict(d, source=str(path) if path else "--set")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config (every key, defaults included) as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Accept value when it matches the annotation (int also for float; None for Optional)."""
+    args = typing.get_args(hint) or (hint,)
+    ok = False
+    for t in args:
+        if t is type(None):
+            ok |= value is None
+        elif t is float:
+            ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif t is int:
+            ok |= isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok |= isinstance(value, t)
+    if not ok:
+        want = " or ".join("null" if t is type(None) else t.__name__ for t in args)
+        raise ConfigError(f"config key {name!r} must be {want}, got {value!r}")
