@@ -9,7 +9,6 @@ This module imports nothing of the project.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -17,15 +16,22 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """True when `import triton` works (it does not on macOS or Windows)."""
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:
         return False
     return True
+
+
+# Probed once at import (not lru_cache'd): torch.compile then reads a plain constant.
+_TRITON_AVAILABLE = _probe_triton()
+
+
+def triton_available() -> bool:
+    """True when `import triton` works (it does not on macOS or Windows)."""
+    return _TRITON_AVAILABLE
 
 
 def interpreting() -> bool:
