@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -45,10 +46,14 @@ def gpt2_tokenizer_dir(shared_data, tmp_path_factory) -> Path:
     from transformers import GPT2TokenizerFast
 
     out = tmp_path_factory.mktemp("gpt2_tok")
-    tok = GPT2TokenizerFast(
-        vocab_file=str(shared_data / "gpt2" / "vocab.json"),
-        merges_file=str(shared_data / "gpt2" / "merges.txt"),
-    )
+    vocab, merges = str(shared_data / "gpt2" / "vocab.json"), str(shared_data / "gpt2" / "merges.txt")
+    # transformers 5 names the files vocab=/merges= and silently ignores vocab_file=/merges_file=
+    # (leaving a 1-token tokenizer); 4.x is the other way round.
+    if "vocab" in inspect.signature(GPT2TokenizerFast.__init__).parameters:
+        tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
+    else:
+        tok = GPT2TokenizerFast(vocab_file=vocab, merges_file=merges)
+    assert len(tok) == 50257 and tok("Hello world").input_ids == [15496, 995]
     tok.save_pretrained(out)
     return out
 
