@@ -1,5 +1,6 @@
 """Octo: a Llama-architecture language model with fused kernels.
 
+Usage:
     from octo import OctoConfig, OctoForCausalLM
 """
 

@@ -15,7 +15,7 @@ from typing import Any
 
 @dataclasses.dataclass
 class OctoConfig:
-    """Shape of an Octo (Llama-architecture) model. head_dim = hidden_size // num_attention_heads."""
+    """Shape of an Octo (Llama) model. head_dim = hidden_size / num_attention_heads."""
 
     vocab_size: int = 16000
     hidden_size: int = 768
@@ -70,8 +70,9 @@ class OctoConfig:
             )
         if self.head_dim % 2:
             raise ValueError(
-                f"OctoConfig head_dim = hidden_size / num_attention_heads = {self.head_dim} is odd; "
-                "rotary embeddings need an even head_dim"
+                f"OctoConfig head_dim = hidden_size / num_attention_heads = {self.hidden_size} / "
+                f"{self.num_attention_heads} = {self.head_dim} is odd; rotary embeddings need an "
+                "even head_dim"
             )
 
     # ----- JSON -----------------------------------------------------------------------------
@@ -79,7 +80,7 @@ class OctoConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, allow_hf_keys: bool = False) -> OctoConfig:
         """Build from a dict. Unknown keys raise (naming the nearest field), unless allow_hf_keys,
-        which ignores the other keys of a transformers config.json (architectures, torch_dtype...)."""
+        which ignores the other keys of a transformers config.json (architectures, dtype...)."""
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in d if k not in names]
         if unknown and not allow_hf_keys:
@@ -108,14 +109,19 @@ class OctoConfig:
         if is_hf and d.get("model_type", "llama") != "llama":
             raise ValueError(f"{path}: model_type {d['model_type']!r} is not a Llama model")
         if is_hf:
-            _check_hf_compatible(d, path)
+            d = _from_hf_dict(d, path)
         return cls.from_dict(d, allow_hf_keys=is_hf)
 
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """A transformers LlamaConfig config.json for this shape."""
+    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+        """A transformers LlamaConfig config.json for this shape; dtype names the stored tensors'.
+
+        Written so that transformers 4.x (torch_dtype, rope_theta) and 5.x (dtype,
+        rope_parameters) both read it. The token ids are null: Octo does not know the tokenizer,
+        and LlamaConfig's defaults (bos 1, eos 2) would be wrong for most tokenizers.
+        """
         d = self.to_dict()
         d.update(
             architectures=["LlamaForCausalLM"],
@@ -125,9 +131,14 @@ class OctoConfig:
             mlp_bias=False,
             attention_dropout=0.0,
             rope_scaling=None,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
             pretraining_tp=1,
             use_cache=True,
-            torch_dtype="float32",
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            torch_dtype=dtype,
+            dtype=dtype,
         )
         return d
 
@@ -135,23 +146,48 @@ class OctoConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> OctoConfig:
-        """Named shapes: "seed" (the seed's example, ~127M params at vocab 16000), "tiny" (tests)."""
+        """Named shapes: "seed" (the seed's example, 127M params at vocab 16000), "tiny" (tests)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
 
-def _check_hf_compatible(d: dict[str, Any], path: Path) -> None:
-    """Refuse Llama variants Octo does not implement, rather than load them wrongly."""
+def _from_hf_dict(d: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Octo's fields from a transformers Llama config.json (4.x or 5.x spelling). Refuses Llama
+    variants Octo does not implement, rather than load them wrongly."""
+    d = dict(d)
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    ):
+        if key not in d:
+            raise ValueError(f"{path}: Llama config has no {key!r}")
+    # transformers 5 keeps rope_theta (and any scaling) in rope_parameters
+    rope = d.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{path}: rope_parameters {rope!r} is not an object")
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{path}: rope_type {rope['rope_type']!r} is not supported by Octo")
+    if "rope_theta" in rope:
+        d["rope_theta"] = rope["rope_theta"]
     if d.get("rope_scaling") not in (None, {}):
         raise ValueError(f"{path}: rope_scaling {d['rope_scaling']!r} is not supported by Octo")
+    if d.get("num_key_value_heads") is None:  # Llama's default: one KV head per query head
+        d["num_key_value_heads"] = d["num_attention_heads"]
     if d.get("mlp_bias"):
         raise ValueError(f"{path}: mlp_bias=true is not supported by Octo")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
     hd = d.get("head_dim")
-    if hd is not None and hd != d["hidden_size"] // d["num_attention_heads"]:
-        raise ValueError(f"{path}: head_dim {hd} != hidden_size / num_attention_heads")
+    if hd is not None and hd * d["num_attention_heads"] != d["hidden_size"]:
+        raise ValueError(
+            f"{path}: head_dim {hd} != hidden_size / num_attention_heads "
+            f"({d['hidden_size']} / {d['num_attention_heads']}); Octo needs them equal"
+        )
+    return d
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,9 +1,15 @@
-"""Sampling for OctoForCausalLM.generate, and `python -m octo.generate`.
+"""Sampling for OctoForCausalLM.generate, and the command line:
 
     python -m octo.generate --checkpoint DIR --prompt "Once upon a time" [--tokenizer DIR]
+
+prints the prompt and its continuation, decoded with the tokenizer saved in DIR.
 """
 
 from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
 
 import torch
 
@@ -19,13 +25,17 @@ def sample_next(
     restricted to the top_k tokens and the smallest set whose probability reaches top_p."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: no top-k filter), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 or None: no nucleus filter), got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
+    if top_p is not None and top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens ranked above it already reach top_p (the first always stays)
@@ -34,3 +44,80 @@ def sample_next(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ----- python -m octo.generate -------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m octo.generate",
+        description="Continue a prompt with a saved Octo (or Llama) checkpoint.",
+    )
+    p.add_argument("--checkpoint", required=True, help="folder with config.json + safetensors")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the one saved in --checkpoint)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filter")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = no nucleus filter")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    return p
+
+
+def load_local_tokenizer(directory: str | Path, hint: str = ""):
+    """AutoTokenizer from a local folder, never the Hub; ValueError (with `hint` appended) when
+    the folder holds no tokenizer."""
+    directory = Path(directory)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"no tokenizer in {directory} (none of {', '.join(TOKENIZER_FILES)}){hint}"
+        )
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the prompt and its continuation. Errors are one line on stderr, exit status 2."""
+    args = _parser().parse_args(argv)
+    try:
+        from octo.model import OctoForCausalLM
+
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        if args.tokenizer:
+            tokenizer = load_local_tokenizer(args.tokenizer)
+        else:
+            tokenizer = load_local_tokenizer(
+                args.checkpoint,
+                "; pass --tokenizer DIR with the tokenizer the model was trained on",
+            )
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = OctoForCausalLM.from_pretrained(args.checkpoint, device=device)
+        if len(tokenizer) > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                f"{model.config.vocab_size}; use the tokenizer the model was trained with"
+            )
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)  # (1, T0)
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt is empty after tokenization; give a non-empty --prompt")
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        out = model.generate(
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            eos_token_id=tokenizer.eos_token_id,
+            generator=generator,
+        )  # (1, T0 + n)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(tokenizer.decode(out[0].tolist(), skip_special_tokens=True))
+    return 0

@@ -38,7 +38,8 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """positions (T,) int -> cos, sin (T, D) in fp32, rotate-half layout (frequencies repeated)."""
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+        theta
+        ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     )  # (D/2,)
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
@@ -58,16 +59,22 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values for generation: per layer (B, K, max_len, D), filled up to `length`."""
+    """Preallocated keys/values for generation: per layer (B, K, max_len, D), filled to `length`."""
 
     def __init__(self, cfg: OctoConfig, batch: int, max_len: int, device, dtype) -> None:
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.keys = [
+            torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)
+        ]
+        self.values = [
+            torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)
+        ]
         self.length = 0  # positions already cached (the same for every layer)
         self.max_len = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v (B, K, T, D) at [length, length+T); return the cached (B, K, P, D) views."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
@@ -83,7 +90,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: OctoConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         bias = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
@@ -106,7 +117,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, P, D)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None,
             enable_gqa=self.n_kv != self.n_heads,
         )  # (B, H, T, D); keys and values are shared by H/K query heads each
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
@@ -231,8 +246,11 @@ class OctoForCausalLM(nn.Module):
             # Shift: position t predicts token t+1. Pad labels instead of slicing h, so h stays
             # contiguous and the last position simply has nothing to predict.
             targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # (B*T,)
-            if attention_mask is not None:  # never learn to predict padding
-                keep = F.pad(attention_mask[:, 1:], (0, 1), value=0).reshape(-1).bool()
+            if attention_mask is not None:
+                # Never learn to predict padding, nor from padding: a padding query sees only
+                # itself (see _attention_mask), so its output is no prediction of the next token.
+                real = attention_mask.bool()  # (B, T)
+                keep = F.pad(real[:, 1:] & real[:, :-1], (0, 1), value=False).reshape(-1)
                 targets = torch.where(keep, targets, torch.full_like(targets, -100))
             if logits is not None:
                 loss = kernels.cross_entropy(
@@ -294,7 +312,8 @@ class OctoForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, device=None, dtype=None) -> OctoForCausalLM:
-        """Load an Octo or transformers-Llama folder (config.json + safetensors); never unpickles."""
+        """Load an Octo or transformers Llama folder (config.json + safetensors); never unpickles.
+        device: default CPU; dtype: default float32. See octo.hf_io.from_pretrained."""
         from octo.hf_io import from_pretrained
 
         return from_pretrained(cls, directory, device=device, dtype=dtype)
@@ -313,10 +332,11 @@ def _attention_mask(
     mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, P)
     if padding is not None:
         if padding.shape != (B, P):
-            raise ValueError(f"attention_mask shape {tuple(padding.shape)} != (batch, positions) = {(B, P)}")
+            raise ValueError(
+                f"attention_mask shape {tuple(padding.shape)} != (batch, positions) = {(B, P)}"
+            )
         mask = mask & padding.bool()[:, None, None, :]  # (B, 1, T, P)
         # A fully masked row (a padding query under left padding) would make softmax NaN:
         # let every query see its own position; its output is never used as a target.
         mask = mask | (k_pos == q_pos)[None, None]
     return mask.expand(B, 1, T, P)
-
