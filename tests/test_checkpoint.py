@@ -1,0 +1,401 @@
+"""Unit tests of train/checkpoint.py: bit-exact round trip, layout and marker, rotation,
+resolve_resume's choices, clear errors (shape mismatch, corrupt files, a full disk).
+CPU, tiny model."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from octo import OctoConfig, OctoForCausalLM
+from train import checkpoint_io
+from train.checkpoint import (
+    MARKER,
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng_state,
+    resume_warnings,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from train.config import TrainConfig
+
+LOG = "train.checkpoint"
+
+
+def make(seed: int = 0, cfg: OctoConfig | None = None, reverse: bool = False, **adam):
+    """A tiny model and an AdamW with the loop's two groups (decay / no decay)."""
+    torch.manual_seed(seed)
+    model = OctoForCausalLM(cfg or OctoConfig.preset("tiny"))
+    named = list(model.named_parameters())
+    if reverse:  # a different parameter order than the one that was saved
+        named = named[::-1]
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=adam.pop("lr", 1e-3), betas=(0.9, 0.95), **adam)
+    return model, opt
+
+
+def train_steps(model, opt, n: int, seed: int = 1) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(n):
+        x = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def save(root, step, model, opt, keep_last=3, state=None, **kw):
+    state = {"step": step, "rng": capture_rng_state()} if state is None else state
+    return save_checkpoint(
+        root,
+        step,
+        model=model,
+        optimizer=opt,
+        trainer_state=state,
+        train_config=TrainConfig(),
+        keep_last=keep_last,
+        max_shard_size=kw.pop("max_shard_size", "60KB"),
+        **kw,
+    )
+
+
+@pytest.fixture
+def trained():
+    model, opt = make()
+    train_steps(model, opt, 2)
+    return model, opt
+
+
+# ----- round trip ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "adam", [{}, {"amsgrad": True, "lr": torch.tensor(1e-3)}], ids=["adamw", "amsgrad_tensor_lr"]
+)
+def test_round_trip_is_bit_exact(tmp_path, adam):
+    model, opt = make(**adam)
+    train_steps(model, opt, 3)
+    state = {"step": 3, "epoch": 0, "tokens_seen": 96, "scheduler": {"last_epoch": 3}, "rng": None}
+    ckpt = save(tmp_path, 3, model, opt, state=state)
+
+    model2, opt2 = make(seed=7, reverse=True, **adam)  # other weights, other parameter order
+    assert load_checkpoint(ckpt, model=model2, optimizer=opt2) == state
+    for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), n
+    names2 = {id(p): n for n, p in model2.named_parameters()}
+    params2 = {n: p for n, p in model2.named_parameters()}
+    for n, p in model.named_parameters():
+        s1, s2 = opt.state[p], opt2.state[params2[n]]
+        assert s1.keys() == s2.keys() and s1, n
+        for k in s1:
+            assert torch.equal(s1[k], s2[k]) and s1[k].dtype == s2[k].dtype, (n, k)
+    for g1, g2 in zip(opt.param_groups, opt2.param_groups):
+        h1 = {k: v for k, v in g1.items() if k != "params"}
+        h2 = {k: v for k, v in g2.items() if k != "params"}
+        assert h1.keys() == h2.keys()
+        for k in h1:
+            same = torch.equal(h1[k], h2[k]) if torch.is_tensor(h1[k]) else h1[k] == h2[k]
+            assert same and type(h1[k]) is type(h2[k]), k
+        assert {names2[id(p)] for p in g2["params"]} == {
+            n for n, p in model.named_parameters() if any(p is q for q in g1["params"])
+        }
+    # The continuation is the same to the last bit: nothing of the optimizer was lost.
+    assert train_steps(model, opt, 2, seed=5) == train_steps(model2, opt2, 2, seed=5)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_compiled_model_saves_clean_names_and_loads(tmp_path, trained):
+    model, opt = trained
+    ckpt = save(tmp_path, 2, torch.compile(model), opt)  # wrapper only; nothing is compiled
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    assert not any("_orig_mod" in k for k in index["weight_map"])
+    meta = json.loads((ckpt / "optimizer.json").read_text())
+    assert set(meta["state"]) == {n for n, _ in model.named_parameters()}
+    model2, opt2 = make(seed=3)
+    load_checkpoint(ckpt, model=torch.compile(model2), optimizer=opt2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_folder_is_self_contained(tmp_path, trained, gpt2_tokenizer_dir):
+    """The layout of DESIGN.md; loads with OctoForCausalLM, transformers' Llama and tokenizer."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model, opt = trained
+    tok = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir)
+    ckpt = save(tmp_path, 2, model, opt, tokenizer=tok)
+    assert ckpt.name == "checkpoint_step_2" and [p.name for p in tmp_path.iterdir()] == [ckpt.name]
+    names = {p.name for p in ckpt.iterdir()}
+    for f in ("config.json", "model.safetensors.index.json", "optimizer.json", "train_config.json",
+              "trainer_state.json", "tokenizer.json", "tokenizer_config.json", MARKER):  # fmt: skip
+        assert f in names, f
+    assert any(n.startswith("model-00001-of-") for n in names)
+    assert any(n.startswith("optimizer-00001-of-") for n in names)
+    marker = json.loads((ckpt / MARKER).read_text())
+    assert marker["step"] == 2
+    assert marker["files"] == {p.name: p.stat().st_size for p in ckpt.iterdir() if p.name != MARKER}
+    assert (
+        TrainConfig.from_dict(json.loads((ckpt / "train_config.json").read_text())) == TrainConfig()
+    )
+
+    octo = OctoForCausalLM.from_pretrained(ckpt)
+    llama = LlamaForCausalLM.from_pretrained(ckpt)
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        ref = model.eval()(x).logits
+        assert torch.equal(octo(x).logits, ref)
+        torch.testing.assert_close(llama(x).logits, ref, rtol=0, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(ckpt)("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_rng_state_round_trip():
+    state = json.loads(json.dumps(capture_rng_state()))  # JSON-safe and lossless
+    draws = (random.random(), np.random.rand(3).tolist(), torch.rand(3), torch.randn(2))
+    random.random(), np.random.rand(5), torch.rand(7)  # move every generator on
+    restore_rng_state(state)
+    again = (random.random(), np.random.rand(3).tolist(), torch.rand(3), torch.randn(2))
+    assert draws[:2] == again[:2]
+    assert torch.equal(draws[2], again[2]) and torch.equal(draws[3], again[3])
+
+
+def test_grad_scaler_state_round_trips_through_trainer_state(tmp_path, trained):
+    """The scaler's state travels in trainer_state.json: its scale must come back exactly."""
+    model, opt = trained
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    scaler.scale(torch.tensor(1.0))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    scaler.step(opt)  # inf grads: the step is skipped and the scale backs off
+    scaler.update()
+    opt.zero_grad()
+    ckpt = save(tmp_path, 2, model, opt, state={"scaler": scaler.state_dict()})
+    state = load_checkpoint(ckpt, model=model, optimizer=opt)
+    scaler2 = torch.amp.GradScaler("cpu")
+    scaler2.load_state_dict(state["scaler"])
+    assert scaler2.state_dict() == scaler.state_dict() and scaler.get_scale() == 2.0**15
+    assert scaler2.get_scale() == scaler.get_scale()
+
+
+def test_nothing_is_unpickled(tmp_path, trained, monkeypatch):
+    model, opt = trained
+    save(tmp_path, 2, model, opt)
+
+    def refuse(*a, **k):
+        raise AssertionError("unpickling")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    load_checkpoint(resolve_resume(tmp_path), model=model, optimizer=opt)
+
+
+# ----- rotation and atomicity ---------------------------------------------------------------------
+
+
+def test_keep_last_rotation_and_stale_cleanup(tmp_path, trained, caplog):
+    model, opt = trained
+    stale = tmp_path / "checkpoint_step_9.tmp"
+    stale.mkdir(parents=True)
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+    for step in range(1, 6):
+        save(tmp_path, step, model, opt, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_4", "checkpoint_step_5"]
+    assert any("checkpoint_step_9.tmp" in r.getMessage() for r in caplog.records if r.name == LOG)
+    # A save at a lower step (a run resumed from an older checkpoint) is kept, being the newest
+    # written; a same-step save replaces the folder.
+    save(tmp_path, 3, model, opt, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_3", "checkpoint_step_5"]
+    save(tmp_path, 3, model, opt, keep_last=2, state={"again": True})
+    assert load_checkpoint(tmp_path / "checkpoint_step_3", model=model, optimizer=opt) == {
+        "again": True
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_3", "checkpoint_step_5"]
+
+
+def test_unsaveable_trainer_state_is_a_clear_error(tmp_path, trained):
+    model, opt = trained
+    save(tmp_path, 1, model, opt)
+    with pytest.raises(CheckpointError, match="trainer_state.json: .*Tensor"):
+        save(tmp_path, 2, model, opt, state={"loss": torch.tensor(1.0)})
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_step_1"]
+
+
+def _enospc(monkeypatch, where: str):
+    """Make one write of a save fail as a full disk does: half the bytes land, then ENOSPC."""
+    import safetensors.torch
+
+    def partial_then_enospc(path, nbytes=1000):
+        with open(path, "wb") as f:
+            f.write(b"\0" * nbytes)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    if where == "model_shard":  # octo.hf_io imports save_file from safetensors.torch at call time
+        monkeypatch.setattr(
+            safetensors.torch, "save_file", lambda t, p, **k: partial_then_enospc(p)
+        )
+    elif where == "optimizer_shard":
+        monkeypatch.setattr(checkpoint_io, "save_file", lambda t, p, **k: partial_then_enospc(p))
+    else:  # the marker: everything else written
+        real = checkpoint_io.write_json
+
+        def write_json(path, obj):
+            if path.name == MARKER:
+                partial_then_enospc(path, 10)
+            real(path, obj)
+
+        monkeypatch.setattr("train.checkpoint.write_json", write_json)
+
+
+@pytest.mark.parametrize("where", ["model_shard", "optimizer_shard", "marker"])
+def test_full_disk_is_one_clear_error_and_leaves_no_trace(tmp_path, trained, monkeypatch, where):
+    model, opt = trained
+    first = save(tmp_path, 1, model, opt, keep_last=1)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    train_steps(model, opt, 1)
+    with monkeypatch.context() as mp:
+        _enospc(mp, where)
+        with pytest.raises(CheckpointError) as e:
+            save(tmp_path, 2, model, opt, keep_last=1)
+    msg = str(e.value)
+    assert "\n" not in msg and "No space left on device" in msg and "free disk space" in msg
+    assert "checkpoint_step_2" in msg and "earlier checkpoints are intact" in msg
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_step_1"]  # no temp folder
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert resolve_resume(tmp_path) == first
+    save(tmp_path, 2, model, opt, keep_last=1)  # the disk has room again: saving works
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_step_2"]
+
+
+# ----- resolve_resume -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def three(tmp_path, trained):
+    """A folder with checkpoint_step_1..3 (two model shards each)."""
+    model, opt = trained
+    for step in (1, 2, 3):
+        save(tmp_path, step, model, opt)
+    return tmp_path
+
+
+def test_resolve_parent_folder_and_seed_spelling(three):
+    assert resolve_resume(three) == three / "checkpoint_step_3"
+    assert resolve_resume(str(three / "checkpoint_step_2")) == three / "checkpoint_step_2"
+    assert resolve_resume(three / "checkpoint_step_2.pt") == three / "checkpoint_step_2"
+
+
+def _warnings(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == LOG and r.levelno >= 30)
+
+
+def _shard(ckpt, kind="model", last=True):
+    return sorted(ckpt.glob(f"{kind}-*.safetensors"))[-1 if last else 0]
+
+
+def _truncate(ckpt):
+    p = _shard(ckpt)
+    p.write_bytes(p.read_bytes()[:-100])
+    return p
+
+
+def _corrupt_json(ckpt, name="trainer_state.json"):
+    p = ckpt / name
+    p.write_bytes(b"{" * p.stat().st_size)  # same size: only parsing can tell
+    return p
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda c: _truncate(c), "bytes, expected"),
+        (lambda c: (p := _shard(c)).unlink() or p, "missing"),
+        (lambda c: _corrupt_json(c), "not valid JSON"),
+        (lambda c: _corrupt_json(c, "optimizer.json"), "not valid JSON"),
+        (lambda c: (c / MARKER).unlink() or c, "never finished"),
+    ],
+    ids=[
+        "truncated_shard",
+        "missing_shard",
+        "bad_trainer_state",
+        "bad_optimizer_json",
+        "no_marker",
+    ],
+)
+def test_corrupt_newest_is_skipped_but_explicit_is_an_error(three, caplog, damage, why):
+    newest = three / "checkpoint_step_3"
+    bad = damage(newest)
+    (three / "checkpoint_step_4.tmp").mkdir()  # an interrupted save: skipped too
+    with caplog.at_level(logging.WARNING, logger=LOG):
+        assert resolve_resume(three) == three / "checkpoint_step_2"
+    warned = _warnings(caplog)
+    assert "checkpoint_step_4.tmp" in warned and "checkpoint_step_3" in warned and why in warned
+    with pytest.raises(CheckpointError, match=why) as e:
+        resolve_resume(newest)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="interrupted save"):
+        resolve_resume(three / "checkpoint_step_4.tmp")
+
+
+def test_same_size_bit_flip_in_a_shard_header_is_caught(three):
+    p = _shard(three / "checkpoint_step_3", "optimizer", last=False)
+    data = bytearray(p.read_bytes())
+    data[8] = ord("[")  # the header's first byte: its JSON no longer parses
+    p.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=p.name):
+        verify_checkpoint(p.parent)
+    assert resolve_resume(three) == three / "checkpoint_step_2"
+
+
+def test_nothing_to_resume_from(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint_step_N folder"):
+        resolve_resume(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_resume(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_resume(tmp_path / "checkpoint_step_5.pt")
+    (tmp_path / "checkpoint_step_5.pt").write_bytes(b"\x80\x04")  # a seed-era pickle
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        resolve_resume(tmp_path / "checkpoint_step_5.pt")
+
+
+# ----- resuming into a different run --------------------------------------------------------------
+
+
+def test_different_model_shape_names_tensor_and_shapes(tmp_path, trained):
+    model, opt = trained
+    ckpt = save(tmp_path, 2, model, opt)
+    other, other_opt = make(cfg=OctoConfig.preset("tiny", intermediate_size=128))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(ckpt, model=other, optimizer=other_opt)
+    msg = str(e.value)
+    assert "model.layers.0.mlp.down_proj.weight" in msg or "gate_proj" in msg, msg
+    assert "(176, 64)" in msg or "(64, 176)" in msg, msg
+    assert "(128, 64)" in msg or "(64, 128)" in msg, msg
+    deeper, deeper_opt = make(cfg=OctoConfig.preset("tiny", num_hidden_layers=3))
+    with pytest.raises(CheckpointError, match="model.layers.2.* is missing"):
+        load_checkpoint(ckpt, model=deeper, optimizer=deeper_opt)
+
+
+def test_resume_warnings_give_both_numbers():
+    state = {"batch_size": 16, "learning_rate": 3e-4, "world_size": 1}
+    assert resume_warnings(state, batch_size=16, learning_rate=3e-4) == []
+    lines = resume_warnings(state, batch_size=8, learning_rate=1e-3)
+    assert len(lines) == 2
+    assert "batch_size=8" in lines[0] and "16" in lines[0]
+    assert "learning_rate=0.001" in lines[1] and "0.0003" in lines[1]

@@ -1,0 +1,393 @@
+"""Checkpoints: atomic saves of everything a run needs to continue bit-exactly, and the choice of
+which checkpoint to resume from.
+
+    checkpoints/checkpoint_step_5000/
+      config.json, model.safetensors.index.json, model-0000K-of-0000N.safetensors  (save_pretrained:
+                                                  the folder loads as a Llama model)
+      optimizer.json, optimizer-0000K-of-0000N.safetensors   (train/checkpoint_io.py)
+      trainer_state.json    step, epoch, tokens_seen, scheduler, scaler, data position, RNG states
+      train_config.json     the resolved TrainConfig
+      tokenizer files       (when a tokenizer is given)
+      checkpoint_complete.json   written last: {"step", "files": {relative path: size in bytes}}
+
+Atomic: everything goes to the sibling `checkpoint_step_5000.tmp`, each file is fsynced, the
+completion marker is written last, the folder is renamed into place and the parent fsynced. A crash
+at any point leaves the previous checkpoints untouched and, at worst, a `.tmp` folder that is never
+resumed from and is removed (with a warning) by the next save. Older complete checkpoints are
+removed only after the new one is in place, keeping `keep_last`.
+
+Nothing is ever unpickled: tensors are safetensors, everything else JSON.
+
+Test hook: OCTO_CRASH_AT=<point>[:<step>] makes the process SIGKILL itself at that point of a save
+(of that step only, when given), which is how the crash tests reproduce a kill -9 mid-save.
+Points, in order: after_model (model shards written), after_first_shard (plus the first optimizer
+shard), before_marker (all files written and fsynced), before_rename (marker written),
+before_rotate (renamed into place, older checkpoints not yet removed).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from octo.hf_io import _read_weight_map, parse_size, unwrap_model
+from train.checkpoint_io import (
+    CheckpointError,
+    check_files,
+    fsync_dir,
+    fsync_tree,
+    load_optimizer,
+    param_names,
+    read_json,
+    save_optimizer,
+    write_json,
+)
+from train.config import TrainConfig
+
+__all__ = [
+    "CheckpointError",
+    "capture_rng_state",
+    "load_checkpoint",
+    "resolve_resume",
+    "restore_rng_state",
+    "resume_warnings",
+    "save_checkpoint",
+    "verify_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+MARKER = "checkpoint_complete.json"
+_FINAL = re.compile(r"checkpoint_step_(\d+)")
+_TRANSIENT = re.compile(r"checkpoint_step_(\d+)\.(tmp|old)")  # a save or a removal in progress
+_REQUIRED = ("config.json", "trainer_state.json", "optimizer.json")
+
+
+def _crash_point(point: str, step: int) -> None:
+    """Test hook (see the module docstring): SIGKILL this process at `point` of a save."""
+    want = os.environ.get("OCTO_CRASH_AT")
+    if not want:
+        return
+    name, _, at_step = want.partition(":")
+    if name == point and (not at_step or int(at_step) == step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----- RNG ----------------------------------------------------------------------------------------
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def capture_rng_state() -> dict:
+    """Every RNG a training step may draw from, as JSON (byte states base64-encoded, lossless):
+    python `random`, numpy's global generator, torch CPU, and torch CUDA (one per device, when
+    CUDA is in use)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [
+            kind,
+            base64.b64encode(keys.astype("<u4").tobytes()).decode(),
+            pos,
+            has_gauss,
+            cached,
+        ],  # fmt: skip
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": cuda,
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of capture_rng_state. CUDA states are restored for the devices both sides have."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(
+        (kind, np.frombuffer(base64.b64decode(keys), dtype="<u4"), pos, has_gauss, cached)
+    )
+    torch.set_rng_state(_unb64(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        n = min(len(state["cuda"]), torch.cuda.device_count())
+        if n < len(state["cuda"]):
+            log.warning("checkpoint has %d CUDA RNG states, %d GPUs here", len(state["cuda"]), n)
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"][:n]])
+
+
+# ----- save ---------------------------------------------------------------------------------------
+
+
+def _remove(path: Path) -> None:
+    """Remove a checkpoint folder: rename it to a transient name first, so a crash half-way
+    leaves something the next save cleans up, never a half-deleted folder that looks complete."""
+    doomed = path.with_name(path.name + ".old")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def _clean_stale(root: Path) -> None:
+    for p in sorted(root.iterdir()):
+        if _TRANSIENT.fullmatch(p.name) and p.is_dir():
+            log.warning("removing %s, left by an interrupted checkpoint save", p)
+            shutil.rmtree(p)
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the finished checkpoints in root (those with the marker), by step."""
+    found = []
+    for p in root.iterdir() if root.is_dir() else ():
+        m = _FINAL.fullmatch(p.name)
+        if m and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    train_config: TrainConfig,
+    tokenizer: Any = None,
+    keep_last: int = 3,
+    max_shard_size: str | int = "2GB",
+) -> Path:
+    """Write root/checkpoint_step_{step}/ atomically and keep the newest keep_last checkpoints.
+
+    Call it on one process (rank 0). trainer_state must be JSON (see the module docstring).
+    A failed write (a full disk: ENOSPC) raises one CheckpointError; the partial folder is removed
+    and the earlier checkpoints are untouched. Returns the checkpoint folder.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale(root)
+    final = root / f"checkpoint_step_{step}"
+    tmp = root / f"checkpoint_step_{step}.tmp"
+    shard_bytes = parse_size(max_shard_size)
+    model = unwrap_model(model)
+    what = "the model shards"
+    t0 = time.perf_counter()
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp, max_shard_size=shard_bytes)
+        _crash_point("after_model", step)
+        what = "the optimizer state"
+        save_optimizer(
+            tmp,
+            optimizer,
+            param_names(model),
+            shard_bytes,
+            after_shard=lambda k: k == 0 and _crash_point("after_first_shard", step),
+        )
+        what = "trainer_state.json"
+        write_json(tmp / "trainer_state.json", trainer_state)
+        what = "train_config.json"
+        write_json(tmp / "train_config.json", train_config.to_dict())
+        if tokenizer is not None:
+            what = "the tokenizer files"
+            tokenizer.save_pretrained(str(tmp))
+        what = "the files (fsync)"
+        files = fsync_tree(tmp)
+        _crash_point("before_marker", step)
+        what = MARKER
+        write_json(tmp / MARKER, {"format": 1, "step": step, "files": files})
+        fsync_dir(tmp)
+        _crash_point("before_rename", step)
+        what = "the checkpoint folder (rename)"
+        if final.exists():  # saved this step before (e.g. a resumed run): replace it
+            log.warning("%s exists; replacing it", final)
+            old = final.with_name(final.name + ".old")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            fsync_dir(root)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        fsync_dir(root)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            fix = (
+                "free disk space or set checkpoint_dir to a larger disk"
+                if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                else "check that checkpoint_dir is writable"
+            )
+            raise CheckpointError(
+                f"saving checkpoint {final} failed while writing {what}: "
+                f"{e.strerror or e}; {fix}. The partial save was removed; earlier checkpoints "
+                "are intact"
+            ) from e
+        raise
+    _crash_point("before_rotate", step)
+    # The one just written always stays (it may have a lower step than a stale newer one, after a
+    # resume from an older checkpoint); of the others, the newest keep_last - 1 stay.
+    others = [p for _, p in complete_checkpoints(root) if p != final]
+    for p in others[: max(0, len(others) - (keep_last - 1))]:
+        _remove(p)
+    fsync_dir(root)
+    log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - t0)
+    return final
+
+
+# ----- resume -------------------------------------------------------------------------------------
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Cheap integrity check of a checkpoint folder (marker present and parsed; every file it
+    lists present with its size; safetensors headers consistent with their file sizes; JSON
+    parses). Raises CheckpointError naming the first bad file."""
+    path = Path(path)
+    marker = path / MARKER
+    if not marker.is_file():
+        raise CheckpointError(
+            f"{path} has no {MARKER}: its save never finished; resume from an earlier checkpoint "
+            "(or name the parent folder to pick the newest complete one)"
+        )
+    files = read_json(marker).get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{marker} lists no files (corrupt checkpoint)")
+    for name in _REQUIRED:
+        if name not in files:
+            raise CheckpointError(f"{path / name} is not part of the checkpoint (corrupt)")
+    if "model.safetensors.index.json" not in files and "model.safetensors" not in files:
+        raise CheckpointError(f"{path} holds no model weights (model*.safetensors)")
+    check_files(path, files)
+
+
+def resolve_resume(resume_from: str | Path) -> Path:
+    """The checkpoint folder to resume from.
+
+    resume_from is a checkpoint folder (verified; a bad one is an error naming the file), or a
+    folder of them (the newest complete one that verifies; temporary, incomplete and corrupt ones
+    are skipped with a warning), or the seed's spelling `.../checkpoint_step_5000.pt`, which means
+    the folder `.../checkpoint_step_5000`. Raises CheckpointError when nothing usable exists.
+    """
+    p = Path(resume_from)
+    if p.suffix == ".pt" and not p.exists() and p.with_suffix("").is_dir():
+        log.info("resume_from %s: using the checkpoint folder %s", p, p.with_suffix(""))
+        p = p.with_suffix("")
+    if p.is_file():
+        raise CheckpointError(
+            f"resume_from {p} is a file; Octo resumes from checkpoint folders (it never unpickles "
+            "a .pt file): name a checkpoint_step_N folder or the folder holding them"
+        )
+    if not p.is_dir():
+        raise CheckpointError(
+            f"resume_from {p} does not exist; name a checkpoint_step_N folder or its parent folder"
+        )
+    if _TRANSIENT.fullmatch(p.name):
+        raise CheckpointError(
+            f"{p} is the temporary folder of an interrupted save; resume from its parent {p.parent}"
+        )
+    if _FINAL.fullmatch(p.name) or (p / MARKER).exists() or (p / "trainer_state.json").exists():
+        verify_checkpoint(p)
+        return p
+    candidates = []
+    for child in p.iterdir():
+        m = _FINAL.fullmatch(child.name) or _TRANSIENT.fullmatch(child.name)
+        if m and child.is_dir():
+            candidates.append((int(m.group(1)), child))
+    for _, child in sorted(candidates, reverse=True):
+        if _TRANSIENT.fullmatch(child.name):
+            log.warning("skipping %s: temporary folder of an interrupted save", child)
+            continue
+        try:
+            verify_checkpoint(child)
+        except CheckpointError as e:
+            log.warning("skipping %s: %s", child.name, e)
+            continue
+        log.info("resuming from %s", child)
+        return child
+    raise CheckpointError(
+        f"resume_from {p}: no complete checkpoint_step_N folder in it; check the path, or set "
+        "resume_from to null to start a fresh run"
+    )
+
+
+def _load_model(path: Path, model: torch.nn.Module) -> None:
+    """Copy the checkpoint's weights into model in place, after checking names and shapes."""
+    weight_map = _read_weight_map(path)
+    params = model.state_dict()
+    unknown = sorted(set(weight_map) - set(params))
+    if unknown:
+        raise CheckpointError(
+            f"{path}: tensor {unknown[0]!r} is not in the model; resume with the model config the "
+            "checkpoint was trained with (its config.json)"
+        )
+    loaded_ptrs = {params[k].data_ptr() for k in weight_map}
+    for k, t in params.items():  # a tied weight may be stored once, under its other name
+        if k not in weight_map and t.data_ptr() not in loaded_ptrs:
+            raise CheckpointError(f"{path}: the model's tensor {k!r} is missing in the checkpoint")
+    by_file: dict[str, list[str]] = {}
+    for k, file in weight_map.items():
+        by_file.setdefault(file, []).append(k)
+    handles = {file: safe_open(str(path / file), framework="pt") for file in by_file}
+    for file, keys in by_file.items():
+        for k in keys:
+            shape = tuple(handles[file].get_slice(k).get_shape())
+            if shape != tuple(params[k].shape):
+                raise CheckpointError(
+                    f"{path / file}: tensor {k} has shape {shape} but the model's has "
+                    f"{tuple(params[k].shape)}; resume with the model config the checkpoint was "
+                    "trained with (its config.json), or start a fresh run"
+                )
+    with torch.no_grad():
+        for file, keys in by_file.items():
+            for k in keys:
+                params[k].copy_(handles[file].get_tensor(k))
+
+
+def load_checkpoint(
+    path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict:
+    """Fill model (and optimizer, if given) in place from a checkpoint folder; return its
+    trainer_state. The folder is verified first; a different model shape raises CheckpointError
+    naming the tensor and both shapes. Restoring RNG, scheduler, scaler and data is the caller's
+    (restore_rng_state etc.), since it owns those objects."""
+    path = Path(path)
+    verify_checkpoint(path)
+    model = unwrap_model(model)
+    _load_model(path, model)
+    if optimizer is not None:
+        load_optimizer(path, optimizer, param_names(model))
+    return read_json(path / "trainer_state.json")
+
+
+def resume_warnings(
+    trainer_state: dict, *, batch_size: int, learning_rate: float, world_size: int = 1
+) -> list[str]:
+    """Lines to warn with when the run resumes with settings the checkpoint was not trained with
+    (a warning, not an error: it goes on). Compares against trainer_state's recorded numbers."""
+    out = []
+    now = {"batch_size": batch_size, "learning_rate": learning_rate, "world_size": world_size}
+    for key, value in now.items():
+        saved = trainer_state.get(key)
+        if saved is not None and saved != value:
+            out.append(f"resuming with {key}={value}, but the checkpoint was trained with {saved}")
+    return out

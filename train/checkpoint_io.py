@@ -1,0 +1,270 @@
+"""Low-level pieces of train/checkpoint.py: durable writes, optimizer state as safetensors, and the
+cheap integrity check of a finished checkpoint folder.
+
+Optimizer state layout (no pickle anywhere):
+    optimizer.json                          type, param_groups (hyperparameters, parameter NAMES),
+                                            and for each parameter name its state entries
+    optimizer-0000K-of-0000N.safetensors    the state tensors, key "state.<param name>.<state key>"
+                                            (AdamW: step (), exp_avg (shape of p), exp_avg_sq)
+Keying by parameter name, not by position, is why a checkpoint still maps after the optimizer's
+parameter order changes, or when the model is wrapped (torch.compile, DDP) on one side only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or used; one line naming the file and the fix."""
+
+
+OPTIMIZER_META = "optimizer.json"
+
+
+# ----- durable files ------------------------------------------------------------------------------
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON and fsync it. A value JSON cannot hold (a tensor, a set) raises CheckpointError
+    naming the file, before anything is written."""
+    try:
+        text = json.dumps(obj, indent=1, allow_nan=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path.name}: {e}; pass plain JSON values (numbers, strings, lists, dicts) in it"
+        ) from None
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; a missing or malformed file is a CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing (corrupt checkpoint)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}) (corrupt checkpoint)") from None
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so the names it holds (a new file, a rename) survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> dict[str, int]:
+    """fsync every file and folder under root (files written by others, e.g. save_pretrained or a
+    tokenizer, were only closed). Returns {relative path: size in bytes}, sorted."""
+    sizes: dict[str, int] = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = Path(dirpath) / name
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                sizes[p.relative_to(root).as_posix()] = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+    return dict(sorted(sizes.items()))
+
+
+# ----- integrity ----------------------------------------------------------------------------------
+
+
+def check_safetensors(path: Path) -> None:
+    """Parse the header and check that the data it describes ends exactly at the end of the file:
+    this catches a truncated or overwritten shard without reading the tensors (cheap)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise CheckpointError(f"{path} has no valid safetensors header (corrupt checkpoint)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} has a malformed safetensors header (corrupt)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CheckpointError(
+            f"{path} is {size} bytes but its header describes {8 + n + end} (truncated or corrupt)"
+        )
+
+
+def check_files(ckpt: Path, files: dict[str, int]) -> None:
+    """Every file the completion marker lists exists with the recorded size and parses."""
+    for rel, expected in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            raise CheckpointError(f"{p} is missing (corrupt checkpoint)")
+        size = p.stat().st_size
+        if size != expected:
+            raise CheckpointError(f"{p} is {size} bytes, expected {expected} (truncated/changed)")
+        if rel.endswith(".safetensors"):
+            check_safetensors(p)
+        elif rel.endswith(".json"):
+            read_json(p)
+
+
+# ----- optimizer state ----------------------------------------------------------------------------
+
+
+def param_names(model: torch.nn.Module) -> dict[int, str]:
+    """id(parameter) -> its name in the (unwrapped) model; a tied weight gets its first name."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _group_hparams(i: int, group: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """A param group's hyperparameters as JSON (a tensor-valued one, e.g. a tensor lr, goes to
+    the safetensors file; a tuple, e.g. betas, is remembered so it comes back as a tuple)."""
+    out: dict[str, Any] = {"tuple_keys": []}
+    for k, v in group.items():
+        if k == "params":
+            continue
+        if isinstance(v, torch.Tensor):
+            key = f"param_groups.{i}.{k}"
+            tensors[key] = v
+            out[k] = {"tensor": key}
+        else:
+            if isinstance(v, tuple):
+                out["tuple_keys"].append(k)
+            out[k] = v
+    return out
+
+
+def save_optimizer(
+    folder: Path,
+    optimizer: torch.optim.Optimizer,
+    names: dict[int, str],
+    max_shard_size: int,
+    after_shard: Callable[[int], None] = lambda k: None,
+) -> None:
+    """Write optimizer.json and optimizer-0000K-of-0000N.safetensors (shards of at most
+    max_shard_size bytes, unless one tensor alone is larger). after_shard(k) runs after shard k."""
+    tensors: dict[str, torch.Tensor] = {}
+    groups, state = [], {}
+    for i, group in enumerate(optimizer.param_groups):
+        hp = _group_hparams(i, group, tensors)
+        try:
+            hp["params"] = [names[id(p)] for p in group["params"]]
+        except KeyError:
+            raise CheckpointError(
+                "the optimizer holds a parameter that is not in the model; build the optimizer "
+                "from model.parameters() (or named_parameters) of the model being saved"
+            ) from None
+        groups.append(hp)
+        for p, name in zip(group["params"], hp["params"]):
+            entries = {}
+            for k, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    key = f"state.{name}.{k}"
+                    if key in tensors:
+                        raise CheckpointError(f"optimizer state key {key!r} is not unique")
+                    tensors[key] = v
+                    entries[k] = {"tensor": key}
+                else:
+                    entries[k] = {"value": v}
+            if entries:
+                state[name] = entries
+    # Partition in insertion order into shards of <= max_shard_size bytes.
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and used + nbytes > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += nbytes
+    n = len(shards)
+    files = [f"optimizer-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    weight_map = {key: files[k] for k, keys in enumerate(shards) for key in keys}
+    for k, keys in enumerate(shards):
+        # safetensors writes from host memory: copy one shard at a time off the accelerator.
+        shard = {key: tensors[key].detach().to("cpu").contiguous() for key in keys}
+        save_file(shard, folder / files[k], metadata={"format": "pt"})
+        del shard
+        after_shard(k)
+    meta = {
+        "format": 1,
+        "optimizer": type(optimizer).__name__,
+        "param_groups": groups,
+        "state": state,
+        "weight_map": weight_map,
+    }
+    write_json(folder / OPTIMIZER_META, meta)
+
+
+def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: dict[int, str]) -> None:
+    """Fill optimizer (built over the model's parameters, any order) from save_optimizer's files.
+    The saved groups must hold the same parameter names as the current ones, group by group."""
+    meta = read_json(folder / OPTIMIZER_META)
+    if meta.get("optimizer") != type(optimizer).__name__:
+        raise CheckpointError(
+            f"{folder / OPTIMIZER_META} holds {meta.get('optimizer')} state but the run uses "
+            f"{type(optimizer).__name__}; resume with the same optimizer or start a fresh run"
+        )
+    saved_groups = meta["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"{folder / OPTIMIZER_META} has {len(saved_groups)} parameter groups, the optimizer "
+            f"{len(optimizer.param_groups)}; resume with the same weight-decay grouping"
+        )
+    handles: dict[str, Any] = {}
+
+    def tensor(key: str) -> torch.Tensor:
+        file = meta["weight_map"][key]
+        if file not in handles:
+            handles[file] = safe_open(str(folder / file), framework="pt")
+        return handles[file].get_tensor(key)
+
+    sd_state: dict[int, dict] = {}
+    sd_groups = []
+    index = 0
+    for i, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups)):
+        current = [names.get(id(p)) for p in group["params"]]
+        if set(current) != set(saved["params"]):
+            diff = sorted(set(current) ^ set(saved["params"]), key=str)
+            raise CheckpointError(
+                f"{folder / OPTIMIZER_META}: parameter group {i} differs from the optimizer's "
+                f"(e.g. {diff[0]!r}); resume with the same model and weight-decay grouping"
+            )
+        hp = {k: v for k, v in saved.items() if k not in ("params", "tuple_keys")}
+        for k, v in hp.items():
+            if isinstance(v, dict) and set(v) == {"tensor"}:
+                hp[k] = tensor(v["tensor"])
+            elif k in saved["tuple_keys"]:
+                hp[k] = tuple(v)
+        hp["params"] = list(range(index, index + len(current)))
+        sd_groups.append(hp)
+        for p, name in zip(group["params"], current):
+            entries = meta["state"].get(name)
+            if entries:
+                st = {}
+                for k, e in entries.items():
+                    st[k] = tensor(e["tensor"]) if "tensor" in e else e["value"]
+                    if k != "step" and isinstance(st[k], torch.Tensor) and st[k].dim():
+                        if st[k].shape != p.shape:
+                            raise CheckpointError(
+                                f"{folder}: optimizer state {name}.{k} has shape "
+                                f"{tuple(st[k].shape)} but the parameter has {tuple(p.shape)}"
+                            )
+                sd_state[index] = st
+            index += 1
+    optimizer.load_state_dict({"state": sd_state, "param_groups": sd_groups})
