@@ -1,6 +1,7 @@
 """Cross-entropy over a vocabulary, with ignore_index and an optional z-loss.
 
-Shapes: logits (N, V) in fp32/bf16/fp16, labels (N,) int64 with values in [0, V) or ignore_index.
+Shapes: logits (N, V) in fp32/bf16/fp16, labels (N,) int64 (or int32) with values in [0, V) or
+ignore_index.
 
 Forward, per row i with label y_i != ignore_index (fp32 math):
     lse_i  = log sum_v exp(x_iv)
@@ -8,24 +9,48 @@ Forward, per row i with label y_i != ignore_index (fp32 math):
 Rows whose label is ignore_index have loss 0. reduction: "none" -> (N,) fp32 per-row losses;
 "sum" -> scalar; "mean" -> sum / max(#non-ignored, 1) (an all-ignored batch gives 0, never NaN;
 the count stays on the device, so there is no host sync).
-Backward, with s = dL/dloss_i (1 for "sum", 1/count for "mean"):
-    dL/dx_iv = s * (softmax(x_i)_v * (1 + 2 z_loss lse_i) - [v == y_i])
+Backward, with s_i = dL/dloss_i (1 for "sum", 1/count for "mean", the caller's for "none"):
+    dL/dx_iv = s_i * (softmax(x_i)_v * (1 + 2 z_loss lse_i) - [v == y_i])
 and zero for ignored rows.
+
+Triton path (this file, top to bottom: reference, kernels, launchers, torch.library ops, public
+function):
+- forward (octo::cross_entropy_fwd): one program per row walks the vocabulary in BLOCK_V column
+  blocks with an online softmax (running max m and running sum d of exp(x - m)), so any V (256k
+  and beyond) streams through registers; it reads x once and writes loss_i and lse_i (fp32). Row
+  offsets are int64 (N * V may pass 2^31); the reduction over rows is plain torch on (N,) fp32.
+- backward (octo::cross_entropy_bwd): one program per row re-reads x, rebuilds
+  softmax = exp(x - lse) from the saved lse, and writes dL/dx once, in x's dtype, scaled in the
+  kernel by s_i read through a stride (stride 0 for the expanded gradient of "sum"/"mean": no
+  copy, no host sync). The true-class term p - 1 is formed in fp32 before the cast.
+  Why recompute instead of writing the gradient during the forward (as Liger does): per logit
+  this moves 3 passes (forward read; backward read + write). A forward-written gradient costs a
+  forward read, re-read and write, then a backward read + write to apply dL/dloss (or a host sync
+  to skip it when that is 1), and keeps logits and gradient alive together from forward to
+  backward; writing it in place over the logits corrupts any other user of those logits.
+- the same forward kernel, with HAS_GRAD, also writes the gradient of a row right after its
+  loss; kernels/linear_cross_entropy.py uses that on its own per-chunk logits buffer (in place:
+  each element is read before it is overwritten, and the buffer has no other user).
+Labels outside [0, V) other than ignore_index: the reference raises (one host sync); the Triton
+path does not sync to check and gives that row a NaN loss and a NaN gradient row instead (never
+an out-of-bounds read), so a NaN-checking trainer stops on it.
+Eligible for Triton: logits fp32/bf16/fp16 with N > 0 and V > 0. Else the reference runs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.backend import use_triton
+from kernels.backend import interpreting, triton_available, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_cross_entropy_args(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str
 ) -> None:
-    """Shape/dtype/device checks shared by every path (no host sync)."""
+    """Shape/dtype/device checks shared by every path (no host sync): one line naming the fix."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction {reduction!r} not in {REDUCTIONS}")
     if logits.dim() != 2:
@@ -40,12 +65,14 @@ def check_cross_entropy_args(
     if not logits.is_floating_point():
         raise ValueError(f"cross_entropy: logits must be floating point, got {logits.dtype}")
     if logits.device != labels.device:
-        raise ValueError(f"cross_entropy: logits on {logits.device} but labels on {labels.device}")
+        raise ValueError(
+            f"cross_entropy: logits on {logits.device} but labels on {labels.device}; move both"
+        )
 
 
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Labels outside [0, V) other than ignore_index: a clear error. Costs one host sync, so only
-    the reference path calls it (the Triton kernels document the precondition instead)."""
+    the reference path calls it (the Triton kernels give such a row a NaN loss instead)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         first = int(labels[bad][0])
@@ -55,10 +82,8 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) 
         )
 
 
-def reduce_losses(
-    per_row: torch.Tensor, valid: torch.Tensor, reduction: str
-) -> torch.Tensor:
-    """(N,) fp32 per-row losses (0 where ignored) -> the reduction, mean over valid rows."""
+def reduce_losses(per_row: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """(N,) per-row losses (0 where ignored) -> the reduction, mean over valid rows (no sync)."""
     if reduction == "none":
         return per_row
     total = per_row.sum()
@@ -74,10 +99,12 @@ def cross_entropy_ref(
     reduction: str = "mean",
     z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """Reference cross-entropy in fp32. logits (N, V), labels (N,) -> fp32 loss per `reduction`."""
+    """Reference cross-entropy. logits (N, V), labels (N,) -> fp32 loss per `reduction`.
+
+    The math runs in fp32 (fp64 logits stay fp64, so tests can measure fp32 against fp64)."""
     check_cross_entropy_args(logits, labels, ignore_index, reduction)
     check_label_range(labels, logits.shape[1], ignore_index)
-    x = logits.float()
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     lse = torch.logsumexp(x, dim=-1)  # (N,)
@@ -89,6 +116,253 @@ def cross_entropy_ref(
     return reduce_losses(per_row, valid, reduction)
 
 
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ce_grad_row(
+        X_ROW,  # this row's logits, column stride 1
+        G_ROW,  # this row's gradient, column stride 1 (may be X_ROW: read before write)
+        y,  # int64 label (already known valid or not)
+        lse,  # fp32
+        scale,  # fp32 dL/dloss of the row (NaN for an out-of-vocabulary label)
+        z_loss,
+        V,
+        BLOCK_V: tl.constexpr,
+    ):
+        """G_ROW[v] = scale * (exp(x_v - lse) * (1 + 2 z lse) - [v == y]), fp32 math."""
+        cols = tl.arange(0, BLOCK_V)
+        coef = 1.0 + 2.0 * z_loss * lse
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            x = tl.load(X_ROW + offs, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp2((x - lse) * 1.4426950408889634) * coef
+            g = tl.where(offs == y, p - 1.0, p) * scale  # true class: p - 1 in fp32
+            tl.store(G_ROW + offs, g.to(G_ROW.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _ce_zero_row(G_ROW, V, BLOCK_V: tl.constexpr):
+        cols = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            tl.store(
+                G_ROW + offs, tl.zeros((BLOCK_V,), dtype=G_ROW.dtype.element_ty), mask=offs < V
+            )
+
+    @triton.jit
+    def _ce_fwd_kernel(
+        X,  # (N, V) logits, row stride stride_x, column stride 1
+        LABELS,  # (N,) int64/int32, contiguous
+        LOSS,  # (N,) fp32 out: per-row loss, 0 where ignored
+        LSE,  # (N,) fp32 out: log-sum-exp, 0 where ignored
+        G,  # (N, V) out when HAS_GRAD (may be X itself), row stride stride_g
+        SCALE,  # fp32 dL/dloss per row, read at row * stride_s (stride 0: one scalar)
+        stride_x,
+        stride_g,
+        stride_s,
+        V,
+        ignore_index,
+        z_loss,
+        HAS_GRAD: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        X_ROW = X + row * stride_x
+        y = tl.load(LABELS + row).to(tl.int64)
+        if y == ignore_index:
+            tl.store(LOSS + row, 0.0)
+            tl.store(LSE + row, 0.0)
+            if HAS_GRAD:
+                _ce_zero_row(G + row * stride_g, V, BLOCK_V)
+            return
+
+        # online softmax over column blocks: m = running max, d = sum exp(x - m)
+        cols = tl.arange(0, BLOCK_V)
+        m = -float("inf")
+        d = 0.0
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            x = tl.load(X_ROW + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            d = d * tl.exp2((m - m_new) * 1.4426950408889634) + tl.sum(
+                tl.exp2((x - m_new) * 1.4426950408889634), axis=0
+            )
+            m = m_new
+        lse = m + tl.log(d)
+
+        in_vocab = (y >= 0) & (y < V)
+        x_y = tl.load(X_ROW + y, mask=in_vocab, other=0.0).to(tl.float32)
+        loss = lse - x_y + z_loss * lse * lse
+        tl.store(LOSS + row, tl.where(in_vocab, loss, float("nan")))
+        tl.store(LSE + row, lse)
+        if HAS_GRAD:
+            scale = tl.load(SCALE + row * stride_s).to(tl.float32)
+            scale = tl.where(in_vocab, scale, float("nan"))
+            _ce_grad_row(X_ROW, G + row * stride_g, y, lse, scale, z_loss, V, BLOCK_V)
+
+    @triton.jit
+    def _ce_bwd_kernel(
+        X,  # (N, V) logits, row stride stride_x, column stride 1
+        LABELS,  # (N,) int64/int32, contiguous
+        LSE,  # (N,) fp32 from the forward
+        DLOSS,  # fp32 dL/dloss per row, read at row * stride_s (stride 0: expanded scalar)
+        G,  # (N, V) out, row stride stride_g
+        stride_x,
+        stride_g,
+        stride_s,
+        V,
+        ignore_index,
+        z_loss,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        y = tl.load(LABELS + row).to(tl.int64)
+        if y == ignore_index:
+            _ce_zero_row(G + row * stride_g, V, BLOCK_V)
+            return
+        lse = tl.load(LSE + row)
+        scale = tl.load(DLOSS + row * stride_s).to(tl.float32)
+        scale = tl.where((y >= 0) & (y < V), scale, float("nan"))
+        _ce_grad_row(X + row * stride_x, G + row * stride_g, y, lse, scale, z_loss, V, BLOCK_V)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (real tensors only; shapes already checked)
+# ----------------------------------------------------------------------------------------------
+
+
+def _blocks(vocab: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): 8K columns per step and 16 elements per thread on a GPU (enough
+    bytes in flight per SM; chosen, not yet tuned); whole rows up to 64K under the interpreter
+    (fewer, slower Python steps)."""
+    block = min(triton.next_power_of_2(vocab), 65536 if interpreting() else 8192)
+    return block, max(4, min(16, block // 512))
+
+
+def _cols_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take a row stride and need column stride 1; copy only when that fails."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def ce_forward_launch(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    z_loss: float,
+    grad: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss and lse, (N,) fp32 each, of logits (N, V) (column stride 1).
+
+    With `grad` (N, V), column stride 1, possibly `logits` itself) and `scale` (fp32, (N,) any
+    stride, or one element broadcast): also writes dL/dlogits = scale_i * (softmax - onehot).
+    """
+    n_rows, vocab = logits.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    has_grad = grad is not None
+    if has_grad:
+        stride_s = scale.stride(0) if scale.numel() > 1 else 0
+    else:
+        grad, scale, stride_s = logits, loss, 0  # unused by the kernel
+    block, num_warps = _blocks(vocab)
+    _ce_fwd_kernel[(n_rows,)](
+        logits, labels.contiguous(), loss, lse, grad, scale,
+        logits.stride(0), grad.stride(0), stride_s, vocab, ignore_index, z_loss,
+        HAS_GRAD=has_grad, BLOCK_V=block, num_warps=num_warps,
+    )  # fmt: skip
+    return loss, lse
+
+
+def _bwd_launch(logits, labels, lse, dloss, ignore_index, z_loss):
+    logits = _cols_contiguous(logits)
+    n_rows, vocab = logits.shape
+    grad = torch.empty((n_rows, vocab), dtype=logits.dtype, device=logits.device)
+    dloss = dloss.float()  # a no-op for the fp32 loss gradient; keeps an expanded stride 0
+    block, num_warps = _blocks(vocab)
+    _ce_bwd_kernel[(n_rows,)](
+        logits, labels.contiguous(), lse.contiguous(), dloss, grad,
+        logits.stride(0), grad.stride(0), dloss.stride(0), vocab, ignore_index, z_loss,
+        BLOCK_V=block, num_warps=num_warps,
+    )  # fmt: skip
+    return grad
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: opaque to torch.compile (fake impls give shapes), differentiable
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("octo::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, z_loss: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (N, V), labels (N,) -> per-row loss (N,) fp32 (0 where ignored), lse (N,) fp32."""
+    return ce_forward_launch(_cols_contiguous(logits), labels, ignore_index, z_loss)
+
+
+@cross_entropy_fwd.register_fake
+def _(logits, labels, ignore_index, z_loss):
+    n_rows = logits.shape[0]
+    return logits.new_empty(n_rows, dtype=torch.float32), logits.new_empty(
+        n_rows, dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("octo::cross_entropy_bwd", mutates_args=())
+def cross_entropy_bwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    dloss: torch.Tensor,
+    ignore_index: int,
+    z_loss: float,
+) -> torch.Tensor:
+    """dL/dlogits (N, V) in logits' dtype, from dloss (N,) = dL/dloss_i (any stride, also 0)."""
+    return _bwd_launch(logits, labels, lse, dloss, ignore_index, z_loss)
+
+
+@cross_entropy_bwd.register_fake
+def _(logits, labels, lse, dloss, ignore_index, z_loss):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, z_loss = inputs
+    _loss, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(logits, labels, lse)
+    ctx.ignore_index, ctx.z_loss = ignore_index, z_loss
+
+
+def _backward(ctx, dloss, _dlse):
+    logits, labels, lse = ctx.saved_tensors
+    if dloss is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    grad = cross_entropy_bwd(logits, labels, lse, dloss, ctx.ignore_index, ctx.z_loss)
+    return grad, None, None, None
+
+
+cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+
+
+def triton_eligible(logits: torch.Tensor) -> bool:
+    """True when the fused kernels handle these logits (else the reference runs)."""
+    return triton_available() and logits.dtype in KERNEL_DTYPES and logits.numel() > 0
+
+
 def cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -97,11 +371,14 @@ def cross_entropy(
     z_loss: float = 0.0,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of logits (N, V) against labels (N,); fp32 result. See module docstring."""
-    if use_triton(logits, labels, backend=backend) and _triton_path is not None:
-        check_cross_entropy_args(logits, labels, ignore_index, reduction)
-        return _triton_path(logits, labels, ignore_index, reduction, z_loss)
+    """Cross-entropy of logits (N, V) against labels (N,); fp32 result. See module docstring.
+
+    reduction "mean" (over non-ignored rows) | "sum" -> scalar, "none" -> (N,). backend: None
+    (OCTO_KERNELS), "auto", "triton" or "torch"; see kernels.backend. On the Triton path a label
+    outside [0, V) other than ignore_index gives a NaN loss instead of an error (no host sync).
+    """
+    check_cross_entropy_args(logits, labels, ignore_index, reduction)
+    if use_triton(logits, labels, backend=backend) and triton_eligible(logits):
+        per_row, _lse = cross_entropy_fwd(logits, labels, int(ignore_index), float(z_loss))
+        return reduce_losses(per_row, labels != ignore_index, reduction)
     return cross_entropy_ref(logits, labels, ignore_index, reduction, z_loss)
-
-
-_triton_path = None  # set by the Triton section of this module
