@@ -39,6 +39,30 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+if _TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    # Read once, like Triton itself reads TRITON_INTERPRET when a kernel is decorated.
+    _INTERPRETED = tl.constexpr(interpreting())
+
+    @triton.jit
+    def cast_like(x, PTR):
+        """Cast fp32 `x` to PTR's element type, rounding to nearest even, for tl.store.
+
+        On a GPU this is `x.to(...)`. Triton 3.9's interpreter truncates fp32 -> bf16 (round
+        toward zero, up to 1 ulp off), which would make CPU tests of bf16 outputs fail the
+        tolerance rule for a reason the GPU does not have; there the rounding is done by hand
+        (add half an ulp, ties to even, then truncate). NaN stays NaN.
+        """
+        if _INTERPRETED:
+            if PTR.dtype.element_ty == tl.bfloat16:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+        return x.to(PTR.dtype.element_ty)
+
+
 def requested_backend(backend: str | None = None) -> str:
     """The backend asked for: the explicit argument, else OCTO_KERNELS, else "auto"."""
     name = backend if backend is not None else os.environ.get("OCTO_KERNELS", "auto")

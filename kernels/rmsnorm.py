@@ -68,6 +68,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from kernels.backend import cast_like
+
     @triton.jit
     def _rms_norm_fwd_kernel(
         X,  # (R, C) row stride stride_x, last dim contiguous
@@ -95,7 +97,7 @@ if triton_available():
 
         rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / N_COLS + eps)  # (ROWS,)
         y = x * rstd[:, None] * w[None, :]
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_like(y, Y), mask=mask)
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
     @triton.jit
@@ -138,7 +140,7 @@ if triton_available():
             dx = (gw - xhat * c[:, None]) * rstd[:, None]
             tl.store(
                 DX + rows[:, None] * stride_dx + cols[None, :],
-                dx.to(DX.dtype.element_ty),
+                cast_like(dx, DX),
                 mask=mask,
             )
             dw_acc += dy * xhat  # masked rows/cols are 0
