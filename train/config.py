@@ -1,4 +1,4 @@
-"""TrainConfig: every key of train/config.json, typed, with defaults, validated before anything runs.
+"""TrainConfig: every key of train/config.json, typed, with defaults, validated before any run.
 
 The seed's keys come first and mean what the seed's guide says; the keys after them have defaults
 and are documented in the README. A bad key or value raises ConfigError, one line naming the key,
@@ -87,20 +87,28 @@ class TrainConfig:
         ]  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"config key {name!r} must be positive, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"config key {name!r} must be positive, got {getattr(self, name)}"
+                )
         if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(f"config key 'max_steps' must be positive or null, got {self.max_steps}")
+            raise ConfigError(
+                f"config key 'max_steps' must be positive or null, got {self.max_steps}"
+            )
         for name in ("warmup_steps", "num_workers", "buffer_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
-            raise ConfigError(f"config key 'learning_rate' must be positive, got {self.learning_rate}")
+            raise ConfigError(
+                f"config key 'learning_rate' must be positive, got {self.learning_rate}"
+            )
         for name in ("weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
         for name in ("min_lr_ratio", "eval_holdout_fraction"):
             if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"config key {name!r} must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(
+                    f"config key {name!r} must be in [0, 1), got {getattr(self, name)}"
+                )
         choices = {
             "lr_schedule": ("cosine", "linear", "constant"),
             "precision": ("auto", "bf16", "fp16", "fp32"),
@@ -110,11 +118,12 @@ class TrainConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"config key {name!r} is {getattr(self, name)!r}; choose one of {', '.join(allowed)}"
-                )
+                value, options = getattr(self, name), ", ".join(allowed)
+                raise ConfigError(f"config key {name!r} is {value!r}; choose one of {options}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"config key 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N")
+            raise ConfigError(
+                f"config key 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N"
+            )
 
     # ----- JSON and overrides -----------------------------------------------------------------
 
@@ -137,7 +146,9 @@ class TrainConfig:
         if path is not None:
             p = Path(path)
             if not p.is_file():
-                raise ConfigError(f"config file {p} does not exist; pass --config PATH to a JSON file")
+                raise ConfigError(
+                    f"config file {p} does not exist; pass --config PATH to a JSON file"
+                )
             try:
                 d = json.loads(p.read_text())
             except json.JSONDecodeError as e:
@@ -160,6 +171,48 @@ class TrainConfig:
     def save(self, path: str | Path) -> None:
         """Write the resolved config (every key, defaults included) as JSON."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load_model_config(cfg: TrainConfig, override: str | None = None) -> dict[str, Any]:
+    """The model's shape as OctoConfig fields, validated, before any data or model is loaded.
+
+    Source: `override` (--model-config), else cfg.model_config, else the "seed" preset. A JSON
+    file (ours or a transformers Llama config.json) keeps its vocab_size when it names one; a
+    preset name gives the architecture only. vocab_size is None when the tokenizer should size it
+    (train.data.resolve_vocab_size). Raises ConfigError (one line) for a missing file, an unknown
+    key (nearest valid key named), an impossible shape, or block_size > max_position_embeddings.
+    """
+    from octo.config import PRESETS, OctoConfig  # octo imports torch; only needed from here on
+
+    source = override if override is not None else cfg.model_config or "seed"
+    try:
+        if source in PRESETS:
+            fields = {**PRESETS[source], "vocab_size": None}
+        else:
+            p = Path(source)
+            if not p.is_file():
+                raise ConfigError(
+                    f"model config {source!r} is neither a JSON file nor a preset; "
+                    f"pass a file path or one of {', '.join(sorted(PRESETS))}"
+                )
+            fields = OctoConfig.from_json_file(p).to_dict()  # ValueError on bad JSON or keys
+            if "vocab_size" not in json.loads(p.read_text()):
+                fields["vocab_size"] = None
+        # vocab_size is checked again once the tokenizer sized it; 64 stands in until then.
+        vocab = fields["vocab_size"]
+        fields = OctoConfig.from_dict({**fields, "vocab_size": vocab or 64}).to_dict()
+        fields["vocab_size"] = vocab
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"model config {source}: {e}") from None
+    if cfg.block_size > fields["max_position_embeddings"]:
+        raise ConfigError(
+            f"block_size {cfg.block_size} exceeds the model's max_position_embeddings "
+            f"{fields['max_position_embeddings']}; lower block_size or raise "
+            "max_position_embeddings in the model config"
+        )
+    return fields
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:

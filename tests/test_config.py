@@ -1,0 +1,152 @@
+"""train/config.py and `python -m train`'s handling of bad configs: one line, exit code 2, before
+any data or model is loaded (the runs point at a dataset that does not exist and at log and
+checkpoint folders that must not appear, so a late check would show up as a different error)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.config import ConfigError, TrainConfig, load_model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SEED_KEYS = [
+    "dataset_name", "train_split", "eval_split", "text_column", "tokenizer_name", "block_size",
+    "batch_size", "gradient_accumulation_steps", "num_epochs", "learning_rate", "weight_decay",
+    "warmup_steps", "max_grad_norm", "seed", "log_interval_steps", "eval_interval_steps",
+    "save_interval_steps", "eval_max_batches", "checkpoint_dir", "resume_from",
+    "use_mixed_precision", "use_gradient_checkpointing",
+]  # fmt: skip
+
+
+def test_seed_config_is_the_seed_key_for_key():
+    d = json.loads((ROOT / "train" / "config.json").read_text())
+    assert list(d) == SEED_KEYS
+    cfg = TrainConfig.load(ROOT / "train" / "config.json")
+    assert cfg.block_size == 512 and cfg.resume_from is None and cfg.use_mixed_precision is True
+
+
+def test_overrides_parse_as_json_and_round_trip(tmp_path):
+    cfg = TrainConfig.load(None, ["batch_size=3", "eval_split=null", "dataset_name=a b.txt",
+                                  "learning_rate=1e-3", "max_steps=7"])  # fmt: skip
+    assert (cfg.batch_size, cfg.eval_split, cfg.dataset_name) == (3, None, "a b.txt")
+    assert cfg.learning_rate == 1e-3 and cfg.max_steps == 7
+    cfg.save(tmp_path / "c.json")
+    assert TrainConfig.load(tmp_path / "c.json") == cfg
+
+
+def test_model_config_default_is_seed_architecture_with_vocab_from_tokenizer(tmp_path):
+    fields = load_model_config(TrainConfig())
+    assert fields["vocab_size"] is None  # sized by the tokenizer
+    assert (fields["hidden_size"], fields["num_hidden_layers"], fields["num_key_value_heads"]) == (
+        768, 12, 3)  # fmt: skip
+    p = tmp_path / "m.json"
+    shape = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+             "num_attention_heads": 4, "num_key_value_heads": 1,
+             "max_position_embeddings": 128}  # fmt: skip
+    p.write_text(json.dumps(shape))
+    fields = load_model_config(TrainConfig(block_size=128), str(p))
+    assert fields["vocab_size"] == 512 and fields["rms_norm_eps"] == 1e-6
+    with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings 128"):
+        load_model_config(TrainConfig(block_size=129), str(p))
+
+
+# (name, extra args, config-file contents or None, model-config contents or None, expected text)
+MODEL_OK = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 128}  # fmt: skip
+CASES = [
+    ("unknown_key_file", [], {"lerning_rate": 1e-3}, None, "did you mean 'learning_rate'"),
+    ("unknown_key_set", ["--set", "batch_sise=4"], {}, None, "did you mean 'batch_size'"),
+    ("wrong_type_str", ["--set", "block_size=abc"], {}, None, "'block_size' must be int"),
+    ("wrong_type_float", [], {"batch_size": 2.5}, None, "'batch_size' must be int"),
+    ("wrong_type_bool", [], {"use_mixed_precision": "yes"}, None, "must be bool"),
+    ("zero_batch", ["--set", "batch_size=0"], {}, None, "'batch_size' must be positive"),
+    ("negative_accum", [], {"gradient_accumulation_steps": -1}, None,
+     "'gradient_accumulation_steps' must be positive"),
+    ("zero_lr", [], {"learning_rate": 0}, None, "'learning_rate' must be positive"),
+    ("bad_choice", ["--set", "precision=fp8"], {}, None, "choose one of auto, bf16, fp16, fp32"),
+    ("block_over_positions", ["--set", "block_size=8192"], {}, None,
+     "block_size 8192 exceeds the model's max_position_embeddings 4096"),
+    ("model_unknown_key", [], {}, {**MODEL_OK, "hiden_size": 64}, "did you mean 'hidden_size'"),
+    ("model_missing", ["--model-config", "no/such/model.json"], {}, None,
+     "neither a JSON file nor a preset"),
+    ("config_missing", ["--config", "no/such/config.json"], None, None, "does not exist"),
+    ("config_bad_json", [], "{not json", None, "not valid JSON"),
+    ("set_without_equals", ["--set", "batch_size"], {}, None, "expected key=value"),
+]  # fmt: skip
+
+
+# Model-config errors import torch (octo) before failing, ~2 s a process on 2 cores: the cases above
+# run as processes, these in-process through the same main().
+IN_PROCESS = [
+    ("block_over_model_file", ["--set", "block_size=256"], MODEL_OK,
+     "block_size 256 exceeds the model's max_position_embeddings 128"),
+    ("model_indivisible", [], {**MODEL_OK, "num_attention_heads": 5}, "not divisible"),
+    ("model_non_positive", [], {**MODEL_OK, "num_hidden_layers": 0},
+     "num_hidden_layers must be positive"),
+    ("model_odd_head_dim", [], {**MODEL_OK, "hidden_size": 36, "num_attention_heads": 4},
+     "odd"),
+    ("preset_unknown", ["--model-config", "huge"], None, "neither a JSON file nor a preset"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", IN_PROCESS, ids=[c[0] for c in IN_PROCESS])
+def test_bad_model_config_in_process(tmp_path, capsys, case):
+    from train.__main__ import main
+
+    _, args, model, expected = case
+    cfg = {"dataset_name": str(tmp_path / "missing.txt"), "log_dir": str(tmp_path / "logs"),
+           "checkpoint_dir": str(tmp_path / "ckpt"), "block_size": 64}  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    argv = ["--config", str(tmp_path / "c.json"), *args]
+    if model is not None:
+        (tmp_path / "m.json").write_text(json.dumps(model))
+        argv += ["--model-config", str(tmp_path / "m.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ") and expected in err, err
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.fixture(scope="module")
+def config_runs(tmp_path_factory):
+    """Start every case's `python -m train` at once (they are independent), then collect them."""
+    procs = {}
+    for name, args, config, model, _ in CASES:
+        d = tmp_path_factory.mktemp(name)
+        base = {"dataset_name": str(d / "missing.txt"), "tokenizer_name": str(d / "no_tok"),
+                "log_dir": str(d / "logs"), "checkpoint_dir": str(d / "ckpt"),
+                "block_size": 64}  # fmt: skip
+        cmd = [sys.executable, "-m", "train"]
+        if config is not None:
+            (d / "c.json").write_text(config if isinstance(config, str) else
+                                      json.dumps({**base, **config}))  # fmt: skip
+            cmd += ["--config", str(d / "c.json")]
+        if model is not None:
+            (d / "m.json").write_text(json.dumps(model))
+            cmd += ["--model-config", str(d / "m.json")]
+        procs[name] = (d, subprocess.Popen(cmd + args, cwd=d, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True))  # fmt: skip
+    out = {}
+    for name, (d, p) in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        out[name] = (d, p.returncode, stdout, stderr)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_config_is_one_line_and_exit_2(config_runs, case):
+    name, _, _, _, expected = case
+    d, rc, stdout, stderr = config_runs[name]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert rc == 2, (rc, stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert expected in lines[0], lines[0]
+    assert stdout == ""
+    assert not (d / "logs").exists() and not (d / "ckpt").exists()  # nothing was started

@@ -1,0 +1,55 @@
+"""`python -m train --config train/config.json [--model-config m.json] [--set key=value ...]`
+
+Parse, validate (a bad key or value: one line, exit 2, before any data or model is loaded), run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train", description="Train an Octo (Llama-architecture) language model."
+    )
+    parser.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help="training config JSON (default: train/config.json, the seed's)",
+    )
+    parser.add_argument(
+        "--model-config",
+        default=None,
+        help="model config JSON or preset name (seed, tiny); overrides the config's model_config",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (value parsed as JSON); repeatable",
+    )
+    args = parser.parse_args(argv)
+
+    from train.config import ConfigError, TrainConfig, load_model_config
+
+    try:
+        cfg = TrainConfig.load(args.config, args.set)
+        if args.model_config is not None:
+            cfg.model_config = args.model_config
+        model_fields = load_model_config(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from train.run import run
+
+    return run(cfg, model_fields, config_path=args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

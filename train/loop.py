@@ -1,0 +1,412 @@
+"""The Trainer: one optimizer step, evaluation, the run around them, checkpoints and resume.
+
+One step (`train_step`), for micro-batches m = 1..A of token ids (B, T) (labels = ids, shifted in
+the model):
+    loss_m = sum of the token losses of m (model(..., reduction="sum"), fp32)
+    backward of loss_m / N,  N = target tokens of ALL micro-batches of the step (and all ranks)
+so the gradient is that of the mean token loss of the whole step, whatever A and B are. Then the
+global gradient norm, clipping at max_grad_norm, the scheduled lr, and AdamW. A step whose loss or
+gradient norm is not finite is skipped on the device (the fused AdamW's `found_inf`, or the
+GradScaler's), counted, and after max_consecutive_nonfinite in a row the run stops.
+
+No host sync in the hot path: losses, norms and skip counts accumulate in device tensors, read once
+per log interval; the skip counters are copied to the host asynchronously and read one step late
+(waiting only for the previous step, while the current one is queued on the GPU).
+
+`Trainer(cfg, model_cfg, train_data=..., eval_data=...)` then `fit()` is a run; a benchmark can
+build one with synthetic data and call `train_step(micro_batches)` itself (profile=True adds
+per-phase timings, with the syncs that timing needs; without it there are none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from octo import OctoConfig, OctoForCausalLM
+from train.config import TrainConfig
+from train.distributed import DistEnv, all_reduce_sum, init_distributed, no_sync, wrap_model
+from train.metrics import (
+    IntervalMeter,
+    RunLogger,
+    flops_per_token,
+    format_eval_line,
+    format_log_line,
+    matmul_params,
+    perplexity,
+    start_lines,
+)
+from train.optim import LRSchedule, apply_hyperparameters, build_optimizer, planned_steps
+from train.runtime import (
+    maybe_compile,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    set_kernel_backend,
+)
+
+
+@dataclasses.dataclass
+class StepStats:
+    """What one train_step did. Tensors stay on the device (reading them syncs)."""
+
+    loss_sum: torch.Tensor  # () fp32: summed token loss of the step on this rank
+    n_targets: int  # target tokens of the step on this rank: sum over micro-batches of B * (T - 1)
+    grad_norm: torch.Tensor  # () fp32: global gradient norm before clipping
+    skipped: torch.Tensor  # () bool: non-finite loss or gradient norm; the update was not applied
+    lr: float
+    timings: dict[str, float] | None = None  # seconds per phase, only with Trainer(profile=True)
+
+    def loss(self) -> float:
+        """Mean token loss of the step (syncs)."""
+        return float(self.loss_sum) / self.n_targets
+
+
+@dataclasses.dataclass
+class FitResult:
+    status: str  # "completed" | "interrupted" (SIGINT/SIGTERM) | "nonfinite"
+    step: int
+    checkpoint: Path | None  # the last checkpoint written (None on ranks that do not write)
+    signal: str | None = None
+    eval: dict[str, float] | None = None
+
+
+class Trainer:
+    """Builds the model, optimizer, schedule and precision from the config, and trains."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model_cfg: OctoConfig,
+        *,
+        train_data: Iterable[torch.Tensor] | None = None,
+        eval_data: Iterable[torch.Tensor] | None = None,
+        tokenizer: Any = None,
+        model: torch.nn.Module | None = None,
+        device: torch.device | None = None,
+        env: DistEnv | None = None,
+        logger: RunLogger | None = None,
+        profile: bool = False,
+    ) -> None:
+        self.cfg, self.train_data, self.eval_data = cfg, train_data, eval_data
+        self.tokenizer = tokenizer
+        self.profile, self._logger = profile, logger
+        self.device = device if device is not None else resolve_device(cfg)
+        self.env = env if env is not None else init_distributed(self.device)
+        set_kernel_backend(cfg)
+        seed_everything(cfg.seed)
+        self.precision = resolve_precision(cfg, self.device)
+        self.model = (model if model is not None else OctoForCausalLM(model_cfg)).to(self.device)
+        if cfg.use_gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.wrapped = wrap_model(self.model, self.env, cfg.parallelism)
+        self.optimizer = build_optimizer(self.wrapped, cfg, self.device)
+        self._fused = bool(self.optimizer.defaults.get("fused"))
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.scaler = self.precision.make_scaler()
+        self.total_steps, self.steps_source = planned_steps(cfg, train_data, self.env.world_size)
+        self.schedule = LRSchedule.from_config(cfg, self.total_steps)
+        wrapped = self.wrapped
+
+        def forward_loss(ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> () fp32 summed loss
+            return wrapped(ids, labels=ids, reduction="sum").loss
+
+        self._forward_loss = maybe_compile(forward_loss, cfg, self.device)
+        self.step, self.tokens_seen = 0, 0
+        dev = self.device
+        self._consecutive = torch.zeros((), dtype=torch.int64, device=dev)  # skips in a row
+        self._skips = torch.zeros((), dtype=torch.int64, device=dev)  # skips in total
+        self.meter = IntervalMeter(self.device, self.env, self._flops_per_token())
+        self._flags_host = torch.zeros(2, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self._flags_event = torch.cuda.Event() if dev.type == "cuda" else None
+        self.consecutive_nonfinite = self.nonfinite_skips = 0  # host copies (one step late on GPU)
+        self._stop_signal: str | None = None
+
+    @property
+    def log(self) -> RunLogger:
+        if self._logger is None:
+            self._logger = RunLogger(self.cfg.log_dir, enabled=self.env.is_main)
+        return self._logger
+
+    # ----- one optimizer step -------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> StepStats:
+        """Forward+backward over the micro-batches (B, T) int64, then clip and update (see the
+        module docstring). Advances self.step."""
+        cfg, dev, opt = self.cfg, self.device, self.optimizer
+        timings = {} if self.profile else None
+        t0 = self._clock(timings)
+        n_targets = sum(b.shape[0] * (b.shape[1] - 1) for b in micro_batches)
+        scale = self._loss_scale(n_targets)
+        self.wrapped.train()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        for i, ids in enumerate(micro_batches):
+            ids = ids.to(dev, non_blocking=True)
+            with no_sync(self.wrapped, self.env, i == len(micro_batches) - 1):
+                with self.precision.autocast():
+                    loss = self._forward_loss(ids)  # () fp32, summed over the tokens of ids
+                if self.scaler is None:
+                    (loss * scale).backward()
+                else:  # a non-finite loss must give non-finite gradients, so the scaler skips:
+                    poison = loss.detach() - loss.detach() + 1.0  # 1.0 exactly, or NaN
+                    self.scaler.scale(loss * scale * poison).backward()
+            loss_sum += loss.detach()
+        t1 = self._clock(timings)
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if cfg.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self._params if p.grad is not None]
+            )
+        if self.scaler is None:
+            fault = ~(torch.isfinite(loss_sum) & torch.isfinite(norm))
+        else:  # gradient overflow is the scaler's business (it lowers the scale); NaN loss is ours
+            fault = ~torch.isfinite(loss_sum)
+        lr = self.schedule(self.step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        elif self._fused:
+            opt.found_inf = fault.float()  # fused AdamW skips the whole update on device when 1
+            opt.step()
+        elif not bool(fault):  # host sync: only optimizers without the fused kernel
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        self._count(fault, loss_sum, n_targets, norm)
+        self.step += 1
+        self.tokens_seen += sum(b.numel() for b in micro_batches) * self.env.world_size
+        t2 = self._clock(timings)
+        if timings is not None:
+            timings.update(forward_backward=t1 - t0, optimizer=t2 - t1)
+        return StepStats(loss_sum, n_targets, norm, fault, lr, timings)
+
+    def _loss_scale(self, n_targets: int) -> float | torch.Tensor:
+        """1/N with N the step's target tokens over all ranks. DDP/FSDP average gradients over
+        ranks, hence world_size / N there (all_reduce of N: tensor, no host sync)."""
+        if not self.env.enabled:
+            return 1.0 / n_targets
+        n = all_reduce_sum(torch.tensor(float(n_targets), device=self.device), self.env)
+        return self.env.world_size / n
+
+    def _count(self, fault: torch.Tensor, loss_sum, n_targets: int, norm: torch.Tensor) -> None:
+        """Device-side bookkeeping of the step, then the (lagged) host copy of the skip counts."""
+        good = ~fault
+        self._consecutive = torch.where(fault, self._consecutive + 1, 0)
+        self._skips += fault
+        self.meter.add(good, loss_sum, n_targets, norm)
+        if self._flags_event is not None:  # GPU: read the previous step's counts, then send these
+            self._read_flags()
+            self._flags_host.copy_(torch.stack([self._consecutive, self._skips]), non_blocking=True)
+            self._flags_event.record()
+        else:
+            self._flags_host.copy_(torch.stack([self._consecutive, self._skips]))
+            self._read_flags()
+
+    def _read_flags(self) -> None:
+        if self._flags_event is not None:
+            self._flags_event.synchronize()
+        self.consecutive_nonfinite, self.nonfinite_skips = self._flags_host.tolist()
+
+    def _flops_per_token(self) -> float:
+        c = self.model.config
+        n = matmul_params(self.model)
+        return flops_per_token(n, c.num_hidden_layers, self.cfg.block_size, c.hidden_size)
+
+    def _clock(self, timings: dict | None) -> float:
+        if timings is None:
+            return 0.0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    # ----- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        """Mean token loss and perplexity over at most eval_max_batches eval batches (B, T)."""
+        if self.eval_data is None:
+            return None
+        self.wrapped.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, targets
+        for ids in itertools.islice(self.eval_data, self.cfg.eval_max_batches):
+            ids = ids.to(self.device, non_blocking=True)
+            with self.precision.autocast():
+                totals[0] += self._forward_loss(ids)
+            totals[1] += ids.shape[0] * (ids.shape[1] - 1)
+        self.wrapped.train()
+        loss_sum, n = all_reduce_sum(totals, self.env).tolist()
+        if n == 0:
+            return None
+        loss = loss_sum / n
+        return {"step": self.step, "eval_loss": loss, "eval_ppl": perplexity(loss)}
+
+    # ----- the run ------------------------------------------------------------------------------
+
+    def fit(self) -> FitResult:
+        """Train to the planned step (or the end of the data), evaluating, logging and saving on
+        the configured intervals; stop cleanly on SIGINT/SIGTERM or too many non-finite steps."""
+        cfg, log = self.cfg, self.log
+        self._log_start()
+        log.start_progress(self.total_steps, self.step)
+        previous = self._install_signal_handlers()
+        data = iter(self.train_data)
+        self.meter.restart(self.step, self.tokens_seen)
+        status, last_eval, last_ckpt, saved_at = "completed", None, None, None
+        seen_skips = self.nonfinite_skips
+        try:
+            while self.step < self.total_steps:
+                batches = _next_micro_batches(data, cfg.gradient_accumulation_steps)
+                if batches is None:
+                    if self.steps_source == "max_steps":
+                        log.info(f"The data ran out after num_epochs={cfg.num_epochs} at step "
+                                 f"{self.step} of max_steps={cfg.max_steps}; raise num_epochs "
+                                 "to train longer")  # fmt: skip
+                    break
+                self.train_step(batches)
+                log.advance()
+                if self.nonfinite_skips > seen_skips:
+                    seen_skips = self.nonfinite_skips
+                    log.info(f"Step {self.step}: non-finite loss or gradient norm, optimizer step "
+                             f"skipped ({self.consecutive_nonfinite} in a row, "
+                             f"{self.nonfinite_skips} in total)")  # fmt: skip
+                if self.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
+                    status = "nonfinite"
+                    break
+                if self.step % cfg.log_interval_steps == 0:
+                    self._log_interval()
+                if self.step % cfg.eval_interval_steps == 0:
+                    last_eval = self.meter.paused(self._evaluate_and_log)
+                if self.step % cfg.save_interval_steps == 0:
+                    last_ckpt, saved_at = self.meter.paused(self.save_checkpoint), self.step
+                if self._stop_signal is not None:
+                    status = "interrupted"
+                    break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if status == "completed" and (last_eval is None or last_eval["step"] != self.step):
+            last_eval = self._evaluate_and_log()
+        if saved_at != self.step:
+            last_ckpt = self.save_checkpoint()
+        if status == "nonfinite":
+            log.info(f"Stopping at step {self.step}: {self.consecutive_nonfinite} non-finite steps "
+                     f"in a row (max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); the "
+                     f"last good weights are in {last_ckpt}. Lower learning_rate, check the data, "
+                     "or use bf16/fp32 instead of fp16")  # fmt: skip
+        log.record({"type": "end", "status": status, "step": self.step,
+                    "tokens_seen": self.tokens_seen, "nonfinite_skips": self.nonfinite_skips,
+                    "checkpoint": str(last_ckpt) if last_ckpt else None})  # fmt: skip
+        return FitResult(status, self.step, last_ckpt, self._stop_signal, last_eval)
+
+    def _log_interval(self) -> None:
+        """The log line and its JSON record over the steps since the last one (one host sync)."""
+        r = self.meter.record(self.step, self.tokens_seen, self.total_steps)
+        r.update(lr=self.schedule(self.step - 1), nonfinite_skips=self.nonfinite_skips,
+                 epoch=getattr(self.train_data, "epoch", 0))  # fmt: skip
+        self.log.info(format_log_line(r))
+        self.log.record(r)
+
+    def _evaluate_and_log(self) -> dict[str, float] | None:
+        r = self.evaluate()
+        if r is not None:
+            self.log.info(format_eval_line(r))
+            self.log.record({"type": "eval", **r})
+        return r
+
+    def _log_start(self) -> None:
+        log = self.log
+        for line in start_lines(self):
+            log.info(line)
+        c = self.model.config
+        if log.log_path is not None:  # the resolved configs, beside the log
+            self.cfg.save(log.log_path.with_name(log.log_path.stem + "_config.json"))
+            c.to_json_file(log.log_path.with_name(log.log_path.stem + "_model.json"))
+        log.record({"type": "start", "step": self.step, "total_steps": self.total_steps,
+                    "parameters": self.model.num_parameters(), "precision": self.precision.name,
+                    "config": self.cfg.to_dict(), "model_config": c.to_dict()})  # fmt: skip
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGINT/SIGTERM: finish the step, save, exit 0. A second Ctrl-C aborts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+
+        return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    # ----- checkpoints --------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict[str, Any]:
+        """The contract's trainer_state: everything beyond model and optimizer that resume needs."""
+        from train.checkpoint import capture_rng_state
+
+        data = self.train_data
+        return {
+            "step": self.step, "epoch": getattr(data, "epoch", 0), "tokens_seen": self.tokens_seen,
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "data": data.state_dict() if hasattr(data, "state_dict") else None,
+            "rng": capture_rng_state(), "nonfinite_skips": int(self._skips),
+            "batch_size": self.cfg.batch_size, "learning_rate": self.cfg.learning_rate,
+            "world_size": self.env.world_size,
+        }  # fmt: skip
+
+    def save_checkpoint(self) -> Path | None:
+        """checkpoint_dir/checkpoint_step_{step} (train.checkpoint.save_checkpoint); rank 0."""
+        from train.checkpoint import save_checkpoint
+
+        state = self.trainer_state()
+        if not self.env.is_main:
+            return None
+        cfg = self.cfg
+        path = save_checkpoint(
+            cfg.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
+            trainer_state=state, train_config=cfg, tokenizer=self.tokenizer,
+            keep_last=cfg.keep_last_checkpoints, max_shard_size=cfg.max_shard_size,
+        )  # fmt: skip
+        self.log.info(f"Saved checkpoint {path}")
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Continue exactly from a checkpoint folder: weights, optimizer, step, scaler, data
+        position and RNG. A changed batch size or learning rate is a warning."""
+        from train.checkpoint import load_checkpoint, restore_rng_state
+
+        state = load_checkpoint(Path(path), model=self.model, optimizer=self.optimizer)
+        apply_hyperparameters(self.optimizer, self.cfg)
+        self.step, self.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+        self._skips.fill_(int(state.get("nonfinite_skips", 0)))
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("data") is not None and hasattr(self.train_data, "load_state_dict"):
+            self.train_data.load_state_dict(state["data"])
+        if state.get("rng") is not None:
+            restore_rng_state(state["rng"])
+        for key in ("batch_size", "learning_rate"):
+            old, new = state.get(key), getattr(self.cfg, key)
+            if old is not None and old != new:
+                self.log.info(f"warning: {key} was {old} in the checkpoint and is {new} now; "
+                              "continuing with the new value")  # fmt: skip
+        self.log.info(f"Resumed from {path} at step {self.step}")
+
+
+def _next_micro_batches(data: Iterator[torch.Tensor], n: int) -> list[torch.Tensor] | None:
+    """The next n micro-batches, or None when the data ends (a partial step is dropped)."""
+    batches = list(itertools.islice(data, n))
+    return batches if len(batches) == n else None

@@ -1,0 +1,255 @@
+"""What a person sees: the log line, JSON lines, MFU, memory, and the console/progress output.
+
+MFU = model flops per second / the GPU's dense bf16 peak. Model flops per token (training, forward +
+backward) follow PaLM (Chowdhery et al. 2022, appendix B), as nanoGPT does:
+
+    flops/token = 6 * N + 12 * L * T * C
+
+N: parameters that take part in matmuls (all but the input embedding, which is a lookup; a tied
+lm_head counts since it multiplies). 6N: 2 flops per multiply-add, forward 1x + backward 2x.
+12 * L * T * C: attention scores QK^T and the weighted sum AV, 2 * 2 * T * C flops per token per
+layer forward, x3 for forward + backward, at sequence length T = block_size. It counts the full
+T x T matrix; a causal kernel skips about half, so this is the usual convention, not the work done.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s. Matched in order
+# against torch.cuda.get_device_name(): the more specific names first.
+GPU_BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H800", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+]
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of `device` in FLOP/s, or None (CPU, or a GPU not in the table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in GPU_BF16_PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """N of 6N: parameters of OctoForCausalLM except an untied input embedding (a lookup)."""
+    return model.num_parameters(exclude_embeddings=not model.config.tie_word_embeddings)
+
+
+def flops_per_token(n_matmul_params: int, n_layers: int, seq_len: int, hidden: int) -> float:
+    """Training flops per token, forward + backward: 6N + 12 * L * T * C (module docstring)."""
+    return 6.0 * n_matmul_params + 12.0 * n_layers * seq_len * hidden
+
+
+def memory_gib(device: torch.device) -> tuple[float, float] | None:
+    """(peak allocated since the last reset, total) in GiB on a GPU; None on CPU. Resets the peak,
+    so each log line shows its own interval's peak. Reading these needs no device sync."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak, total
+
+
+def _si(x: float) -> str:
+    """412345 -> 412k, 1234 -> 1.2k, 3.4e6 -> 3.40M."""
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 1e4:
+        return f"{x / 1e3:.0f}k"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # exp overflows a double above ~709
+
+
+def format_log_line(r: dict[str, Any]) -> str:
+    """`Step 100: loss=8.1234 ppl=3378.45 lr=3.0e-04 grad_norm=1.02 tok/s=412k mfu=38.1%
+    mem=4.2GB/80GB` (+ ` skipped=N` when steps were skipped, ` eta=...`): mfu and mem only where
+    known (a GPU). GB here are GiB, as nvidia-smi counts."""
+    line = (
+        f"Step {r['step']}: loss={r['loss']:.4f} ppl={r['ppl']:.2f} lr={r['lr']:.1e} "
+        f"grad_norm={r['grad_norm']:.2f} tok/s={_si(r['tokens_per_s'])}"
+    )
+    if r.get("mfu") is not None:
+        line += f" mfu={100 * r['mfu']:.1f}%"
+    if r.get("mem_gib") is not None:
+        line += f" mem={r['mem_gib']:.1f}GB/{r['mem_total_gib']:.0f}GB"
+    if r.get("nonfinite_skips"):
+        line += f" skipped={r['nonfinite_skips']}"
+    if r.get("eta_s") is not None:
+        line += f" eta={_duration(r['eta_s'])}"
+    return line
+
+
+def format_eval_line(r: dict[str, Any]) -> str:
+    return f"Eval at step {r['step']}: loss={r['eval_loss']:.4f} ppl={r['eval_ppl']:.2f}"
+
+
+class IntervalMeter:
+    """The numbers of one log interval: loss, target tokens, gradient norm and finite steps summed
+    on the device (no sync per step), and wall time for tokens/s, MFU and ETA with evaluation and
+    checkpoint time left out."""
+
+    def __init__(self, device: torch.device, env: Any, flops_per_token: float) -> None:
+        self.device, self.env, self.flops_per_token = device, env, flops_per_token
+        self.peak = gpu_peak_flops(device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, N, norm, steps
+        self.restart(0, 0)
+
+    def restart(self, step: int, tokens_seen: int) -> None:
+        self.mark, self.paused_s = (time.perf_counter(), step, tokens_seen), 0.0
+
+    def add(self, good: torch.Tensor, loss_sum: torch.Tensor, n_targets: int, norm: torch.Tensor):
+        """One step's contribution, only when it was good (a skipped step's NaN would spread)."""
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        parts = [torch.where(good, loss_sum, zero), good * n_targets,
+                 torch.where(good, norm.float(), zero), good]  # fmt: skip
+        self.sums += torch.stack(parts).double()
+
+    def paused(self, fn: Any) -> Any:
+        """Run fn() off the clock (evaluation and saving are not training speed)."""
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.paused_s += time.perf_counter() - t
+
+    def record(self, step: int, tokens_seen: int, total_steps: int) -> dict[str, Any]:
+        """The "train" record since the last one: reads the device sums (one sync), resets."""
+        from train.distributed import all_reduce_sum
+
+        sums = self.sums.clone()
+        sums[:2] = all_reduce_sum(sums[:2].clone(), self.env)  # norms are global already
+        loss_sum, n, norm_sum, good = sums.tolist()
+        self.sums.zero_()
+        now = time.perf_counter()
+        t_last, step_last, tokens_last = self.mark
+        dt = max(now - t_last - self.paused_s, 1e-9)
+        tps = (tokens_seen - tokens_last) / dt  # all processes
+        loss = loss_sum / n if n else float("nan")
+        mem = memory_gib(self.device)
+        mfu = tps / self.env.world_size * self.flops_per_token / self.peak if self.peak else None
+        self.restart(step, tokens_seen)
+        return {
+            "type": "train", "step": step, "loss": loss, "ppl": perplexity(loss),
+            "grad_norm": norm_sum / good if good else float("nan"), "tokens_per_s": tps,
+            "mfu": mfu, "mem_gib": mem[0] if mem else None,
+            "mem_total_gib": mem[1] if mem else None, "tokens_seen": tokens_seen,
+            "eta_s": (total_steps - step) * dt / max(step - step_last, 1),
+        }  # fmt: skip
+
+
+def start_lines(t: Any) -> list[str]:
+    """What a run prints first; t is the Trainer (train/loop.py)."""
+    import kernels
+    from train.optim import tokens_per_step
+    from train.runtime import compile_enabled
+
+    cfg, c, dev = t.cfg, t.model.config, t.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    resuming = f", resuming at step {t.step}" if t.step else ""
+    return [
+        f"Octo: {t.model.num_parameters() / 1e6:.2f}M parameters ({c.num_hidden_layers} layers, "
+        f"hidden {c.hidden_size}, {c.num_attention_heads} heads / {c.num_key_value_heads} KV "
+        f"heads, vocab {c.vocab_size})",
+        f"Tokens per step: {cfg.batch_size} x {cfg.block_size} x {cfg.gradient_accumulation_steps}"
+        f" x {t.env.world_size} processes = {tokens_per_step(cfg, t.env.world_size)}",
+        f"Planned steps: {t.total_steps} ({t.steps_source}){resuming}",
+        f"Device: {dev} ({name}); precision: {t.precision.describe()}; torch.compile: "
+        f"{'on' if compile_enabled(cfg, dev) else 'off'}",
+        f"Kernels: {kernels.describe(dev)}",
+        f"Checkpoints: {Path(cfg.checkpoint_dir).resolve()}; logs: {t.log.log_path}",
+    ]
+
+
+class RunLogger:
+    """Console + `{log_dir}/training_YYYYMMDD_HHMMSS.log` (the same lines) + `.jsonl` beside it (one
+    JSON object per event: type "start" | "train" | "eval" | "end"). On a terminal a tqdm bar with
+    ETA runs under the lines; elsewhere (a file, a pipe, CI) only the plain lines. A disabled logger
+    (ranks other than 0) writes nothing."""
+
+    def __init__(
+        self, log_dir: str | Path, enabled: bool = True, stream: TextIO | None = None
+    ) -> None:
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.bar = None
+        self.log_path = self.jsonl_path = None
+        if not enabled:
+            return
+        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"training_{stamp}.log"
+        self.jsonl_path = self.log_path.with_suffix(".jsonl")
+        self._log = open(self.log_path, "a", buffering=1)  # line-buffered; closed in close()
+        self._jsonl = open(self.jsonl_path, "a", buffering=1)
+
+    def start_progress(self, total_steps: int, initial_step: int = 0) -> None:
+        """The tqdm bar (with ETA), on a terminal only."""
+        if self.enabled and getattr(self.stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, unit="step",
+                            file=self.stream, dynamic_ncols=True)  # fmt: skip
+
+    def info(self, msg: str) -> None:
+        """A line for the person: console (above the bar) and the .log file."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=self.stream)
+        else:
+            print(msg, file=self.stream, flush=True)
+        self._log.write(msg + "\n")
+
+    def record(self, event: dict[str, Any]) -> None:
+        """One JSON line (the numbers of a log line, an eval, the start or the end)."""
+        if self.enabled:
+            event = {"time": round(time.time(), 3), **event}
+            self._jsonl.write(json.dumps(event) + "\n")
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self._log.close()
+        self._jsonl.close()

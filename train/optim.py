@@ -1,0 +1,125 @@
+"""AdamW with decay only where it belongs, the learning-rate schedule, and the planned step count.
+
+Schedule, for optimizer step s = 0, 1, ... (the s-th update; peak = learning_rate,
+floor = peak * min_lr_ratio, W = warmup_steps, S = planned steps):
+
+    s < W:           lr = peak * (s + 1) / W                                  (linear warmup)
+    W <= s < S:      p = (s - W) / max(1, S - 1 - W)                          (0 -> 1)
+                     cosine:   lr = floor + (peak - floor) * (1 + cos(pi * p)) / 2
+                     linear:   lr = peak - (peak - floor) * p
+                     constant: lr = peak
+    s >= S:          lr = floor (constant: peak)
+
+so the first update after warmup runs at the peak and the last planned update at the floor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.config import ConfigError, TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices of linear layers decay; norms, biases and embeddings (and a
+    lm_head tied to the embedding) do not: decaying them pulls scales and token vectors toward
+    zero for no regularisation benefit. Each parameter appears once (tied weights shared)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over param_groups, fused (one kernel for all parameters) where torch has it: CUDA and
+    CPU. The fused path also skips a step on device when told `found_inf` (no host sync), which the
+    loop uses for non-finite steps."""
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    groups = param_groups(model, cfg.weight_decay)
+    if device.type in ("cuda", "cpu"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # a dtype or device the fused kernel lacks
+            pass
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Re-impose the config's betas, eps and weight decay (a resumed optimizer state brings the
+    checkpoint's values; the config in force wins). Group 0 decays, group 1 does not."""
+    for i, g in enumerate(optimizer.param_groups):
+        g["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+        g["eps"] = cfg.adam_eps
+        g["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
+
+
+class LRSchedule:
+    """lr(step) by the formula of this module's docstring; stateless apart from its settings
+    (the step itself lives in the trainer's state), so resuming needs only the step."""
+
+    def __init__(
+        self, peak: float, warmup_steps: int, total_steps: int, kind: str = "cosine",
+        min_lr_ratio: float = 0.1,
+    ) -> None:  # fmt: skip
+        self.peak, self.warmup, self.total = peak, warmup_steps, total_steps
+        self.kind, self.floor = kind, peak * min_lr_ratio
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, total_steps: int) -> LRSchedule:
+        return cls(cfg.learning_rate, cfg.warmup_steps, total_steps, cfg.lr_schedule,
+                   cfg.min_lr_ratio)  # fmt: skip
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        if self.kind == "constant":
+            return self.peak
+        if step >= self.total:
+            return self.floor
+        p = min(1.0, (step - self.warmup) / max(1, self.total - 1 - self.warmup))
+        if self.kind == "linear":
+            return self.peak - (self.peak - self.floor) * p
+        return self.floor + (self.peak - self.floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "peak": self.peak, "floor": self.floor,
+                "warmup_steps": self.warmup, "total_steps": self.total}  # fmt: skip
+
+
+def tokens_per_step(cfg: TrainConfig, world_size: int = 1) -> int:
+    """Input tokens consumed by one optimizer step, over all processes."""
+    return cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world_size
+
+
+def planned_steps(cfg: TrainConfig, train_data: object, world_size: int = 1) -> tuple[int, str]:
+    """(optimizer steps the schedule spans, where that number came from): max_steps when set,
+    else num_epochs worth of the data's tokens (TrainData.tokens_per_epoch(), all ranks together).
+    Unknown size (streaming) with no max_steps is a ConfigError saying what to set."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps, "max_steps"
+    count = getattr(train_data, "tokens_per_epoch", None)
+    tokens = count() if callable(count) else None
+    if tokens is None:
+        raise ConfigError(
+            "cannot plan the learning-rate schedule: the size of the training data is unknown "
+            "(streamed); set max_steps, or set pretokenize: true so the tokens are counted"
+        )
+    per_step = tokens_per_step(cfg, world_size)
+    steps = cfg.num_epochs * tokens // per_step
+    if steps < 1:
+        raise ConfigError(
+            f"the training data holds {tokens} tokens per epoch, fewer than one step's {per_step} "
+            "(batch_size x block_size x gradient_accumulation_steps); lower those or add data"
+        )
+    return steps, f"num_epochs={cfg.num_epochs} x {tokens} tokens / {per_step} per step"

@@ -1,0 +1,115 @@
+"""A whole run from a validated config: tokenizer, data, Trainer, resume, fit, and its ending (the
+final model folder and a generated sample, or the line to resume). `python -m train` calls run().
+
+Exit codes: 0 done (also after SIGINT/SIGTERM, with a checkpoint); 1 the run failed (non-finite
+losses, CUDA out of memory); 2 a problem with the config, the data, the tokenizer or a checkpoint,
+reported in one line.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from octo import OctoConfig
+from train.config import ConfigError, TrainConfig
+from train.distributed import cleanup, init_distributed
+from train.loop import Trainer
+from train.runtime import resolve_device, set_kernel_backend
+
+OOM_HINT = (
+    "CUDA out of memory{where}: lower batch_size (raising gradient_accumulation_steps keeps the "
+    "tokens per step), set use_gradient_checkpointing=true, or lower block_size"
+)
+
+
+def run(cfg: TrainConfig, model_fields: dict[str, Any], config_path: str | None = None) -> int:
+    """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code."""
+    from train.checkpoint import CheckpointError, resolve_resume
+    from train.data import DataError
+
+    trainer = None
+    try:
+        set_kernel_backend(cfg)
+        device = resolve_device(cfg)
+        env = init_distributed(device)
+        trainer = build_trainer(cfg, model_fields, device, env)
+        if cfg.resume_from:
+            trainer.resume(resolve_resume(cfg.resume_from))
+        result = trainer.fit()
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:
+        step = f" at step {trainer.step}" if trainer is not None else ""
+        print("error: " + OOM_HINT.format(where=step), file=sys.stderr)
+        return 1
+    log = trainer.log
+    try:
+        if result.status == "interrupted":
+            config = config_path or "train/config.json"
+            log.info(f"Stopped by {result.signal} at step {result.step}; checkpoint saved to "
+                     f"{result.checkpoint}. Resume with: python -m train --config {config} "
+                     f"--set resume_from={result.checkpoint}")  # fmt: skip
+            return 0
+        if result.status == "nonfinite":
+            return 1
+        if env.is_main:
+            final = save_final_model(trainer)
+            log.info(f"Final model: {final} (loads with OctoForCausalLM.from_pretrained and as "
+                     "Llama in transformers)")  # fmt: skip
+            if trainer.tokenizer is not None:
+                log.info(f"Sample from {final}:\n{generate_sample(trainer)}")
+        return 0
+    finally:
+        log.close()
+        cleanup(env)
+
+
+def build_trainer(
+    cfg: TrainConfig, model_fields: dict[str, Any], device: torch.device, env: Any
+) -> Trainer:
+    """Tokenizer, model shape (vocab sized to the tokenizer), data, then the Trainer."""
+    from train.data import build_eval_batches, build_train_data, load_tokenizer, resolve_vocab_size
+
+    tokenizer = load_tokenizer(cfg.tokenizer_name)
+    vocab = resolve_vocab_size(model_fields["vocab_size"], tokenizer)
+    model_cfg = OctoConfig.from_dict({**model_fields, "vocab_size": vocab})
+    train_data = build_train_data(cfg, tokenizer, env.rank, env.world_size)
+    eval_data = build_eval_batches(cfg, tokenizer, env.rank, env.world_size)
+    return Trainer(cfg, model_cfg, train_data=train_data, eval_data=eval_data, tokenizer=tokenizer,
+                   device=device, env=env)  # fmt: skip
+
+
+def save_final_model(trainer: Trainer) -> Path:
+    """{checkpoint_dir}/final: the model (Llama-format safetensors + config.json), the tokenizer
+    and train_config.json; written beside, then renamed, so a half-written folder never stands."""
+    cfg = trainer.cfg
+    final = Path(cfg.checkpoint_dir) / "final"
+    tmp = final.with_name("final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
+    if trainer.tokenizer is not None:
+        trainer.tokenizer.save_pretrained(tmp)
+    cfg.save(tmp / "train_config.json")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def generate_sample(trainer: Trainer) -> str:
+    """cfg.sample_prompt continued by the trained model (top-k 50, top-p 0.95, temperature 0.8),
+    from a generator seeded with cfg.seed, so the same weights print the same sample."""
+    cfg, tok, model = trainer.cfg, trainer.tokenizer, trainer.model
+    ids = torch.tensor([tok.encode(cfg.sample_prompt)], device=trainer.device)  # (1, T0)
+    gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
+    with trainer.precision.autocast():
+        out = model.generate(
+            ids, max_new_tokens=cfg.sample_max_new_tokens, temperature=0.8, top_k=50,
+            top_p=0.95, eos_token_id=tok.eos_token_id, generator=gen,
+        )  # fmt: skip
+    return tok.decode(out[0].tolist(), skip_special_tokens=True)

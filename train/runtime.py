@@ -1,0 +1,111 @@
+"""Device, precision, torch.compile, kernel backend and seeding: each decided here, in one place.
+
+The loop asks this module what to do and never repeats the decision: `resolve_device`,
+`resolve_precision` (autocast dtype and whether a GradScaler is needed), `maybe_compile`,
+`set_kernel_backend`, `seed_everything`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from train.config import ConfigError, TrainConfig
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """cfg.device -> a torch.device. auto: CUDA when available (cuda:LOCAL_RANK under torchrun),
+    else CPU. Asking for CUDA on a machine without it is a ConfigError."""
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available; "
+                              "set device to auto or cpu")  # fmt: skip
+        if want == "cuda":
+            want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = torch.device(want)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on TF32
+        torch.backends.cudnn.allow_tf32 = True
+        return device
+    return torch.device("cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How the step computes: `name` is bf16 | fp16 | fp32. Weights and optimizer state stay fp32
+    (master weights); bf16/fp16 mean autocast of the matmuls; fp16 also needs a GradScaler."""
+
+    name: str
+    device_type: str
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward's context: autocast to bf16/fp16, or nothing for fp32."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def make_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16's gradients underflow without loss scaling; bf16 and fp32 need none."""
+        return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
+
+    def describe(self) -> str:
+        return {
+            "bf16": "bf16 autocast, fp32 master weights",
+            "fp16": "fp16 autocast + GradScaler, fp32 master weights",
+            "fp32": "fp32",
+        }[self.name]
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
+    """cfg.precision wins when set; auto means use_mixed_precision -> bf16 on a GPU that has it,
+    else fp16 (+ GradScaler); fp32 on CPU unless precision asks otherwise (CPU autocast is slow)."""
+    name = cfg.precision
+    if name == "auto":
+        if not cfg.use_mixed_precision or device.type != "cuda":
+            name = "fp32"
+        else:
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision 'bf16' asked for, but this GPU has no bf16; use fp16")
+    return Precision(name, device.type)
+
+
+def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
+    """compile: on | off | auto (= on for CUDA, where it pays; off on CPU)."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Callable:
+    """The only torch.compile of the project's step: `fn` is the forward+loss function, compiled
+    whole (fullgraph=True: the model and its kernels are written to trace without a break, so a
+    break is a bug to see, not to hide). The backward is compiled by AOTAutograd with it."""
+    if not compile_enabled(cfg, device):
+        return fn
+    return torch.compile(fn, fullgraph=True)
+
+
+def set_kernel_backend(cfg: TrainConfig) -> None:
+    """cfg.kernels -> OCTO_KERNELS. auto leaves the environment alone, so OCTO_KERNELS set in the
+    shell still chooses; triton/torch override it."""
+    if cfg.kernels != "auto":
+        os.environ["OCTO_KERNELS"] = cfg.kernels
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (CPU and every CUDA device) from one seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
