@@ -1,0 +1,222 @@
+"""Triton cross-entropy (kernels/cross_entropy.py) against its reference: loss and gradient.
+
+On a machine without a GPU the Triton kernels run on CPU tensors through the interpreter
+(backend="triton"; tests/conftest.py sets TRITON_INTERPRET=1), which proves the math. Tolerances
+follow tests/numerics.py: the error against the reference on upcast inputs is at most 2x the error
+of the reference run on the kernel's dtype, plus a small atol. Both the kernel and the reference do
+their math in fp32 whatever the input dtype, so the inputs are upcast to fp64: measured against
+fp32 math, the baseline would have zero error and any fp32 reordering would fail.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels import cross_entropy, cross_entropy_ref
+from tests.numerics import assert_kernel_close
+
+ce_mod = sys.modules["kernels.cross_entropy"]
+triton_ce = functools.partial(cross_entropy, backend="triton")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _loss_and_grad(fn, logits, labels, reduction="mean", z_loss=0.0, upstream=None):
+    """loss and dL/dlogits of sum(upstream * loss); upstream defaults to 1.7 (or random per row
+    for "none"), so the backward's scaling by dL/dloss is exercised, not only dL/dloss = 1."""
+    x = logits.detach().requires_grad_(True)
+    loss = fn(x, labels, reduction=reduction, z_loss=z_loss)
+    if upstream is None:
+        upstream = torch.full((), 1.7) if reduction != "none" else torch.rand(labels.shape[0])
+    (grad,) = torch.autograd.grad((loss * upstream).sum(), x)
+    return loss.detach(), grad, upstream
+
+
+def check_against_reference(logits, labels, reduction="mean", z_loss=0.0):
+    """Triton loss and gradient vs the reference on upcast inputs, with the tolerance rule."""
+    out, grad, up = _loss_and_grad(triton_ce, logits, labels, reduction, z_loss)
+    ref, ref_grad, _ = _loss_and_grad(
+        cross_entropy_ref, logits.double(), labels, reduction, z_loss, up
+    )
+    base, base_grad, _ = _loss_and_grad(cross_entropy_ref, logits, labels, reduction, z_loss, up)
+    assert out.dtype == torch.float32 and grad.dtype == logits.dtype
+    assert grad.shape == logits.shape
+    assert_kernel_close(out, ref, base, name=f"loss ({reduction})")
+    assert_kernel_close(grad, ref_grad, base_grad, name=f"dlogits ({reduction})")
+
+
+def _labels(n: int, vocab: int, ignore_every: int = 5, dtype=torch.int64) -> torch.Tensor:
+    labels = torch.randint(0, vocab, (n,), dtype=dtype)
+    labels[::ignore_every] = -100
+    if n > 1:
+        labels[1] = vocab - 1  # the last column, at a block edge for most BLOCK_V
+    return labels
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_rows,vocab", [(1, 777), (199, 777), (3, 50257)])
+def test_matches_reference(dtype, n_rows, vocab):
+    # 777 is not a power of two; 50257 (GPT-2) spans several column blocks on a GPU
+    logits = (torch.randn(n_rows, vocab) * 3).to(dtype)
+    labels = _labels(n_rows, vocab)
+    check_against_reference(logits, labels, "sum" if n_rows == 1 else "mean")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_with_z_loss(dtype, reduction):
+    logits = (torch.randn(37, 513) * 2).to(dtype)
+    check_against_reference(logits, _labels(37, 513, ignore_every=4), reduction, z_loss=1e-3)
+
+
+def test_int32_labels():
+    logits = torch.randn(11, 300)
+    check_against_reference(logits, _labels(11, 300, dtype=torch.int32), "mean", z_loss=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["row_slice", "transposed"])
+def test_non_contiguous_logits(layout):
+    vocab = 301
+    if layout == "row_slice":  # row stride 310 != V: read through the stride, no copy
+        logits = torch.randn(23, vocab + 9)[:, :vocab]
+    else:  # column stride != 1: the op copies
+        logits = torch.randn(vocab, 23).t()
+    assert not logits.is_contiguous()
+    check_against_reference(logits.to(torch.bfloat16), _labels(23, vocab), "mean")
+    check_against_reference(logits, _labels(23, vocab), "none")
+
+
+def test_large_magnitude_fp32():
+    # online softmax must subtract the running max: exp(1e4) overflows fp32
+    logits = torch.randn(17, 1000) * 1e4
+    check_against_reference(logits, _labels(17, 1000), "mean")
+    check_against_reference(logits, _labels(17, 1000), "none", z_loss=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_gradient(reduction):
+    logits = torch.randn(6, 130, dtype=torch.bfloat16)
+    labels = torch.full((6,), -100)
+    loss, grad, _ = _loss_and_grad(triton_ce, logits, labels, reduction, z_loss=1e-3)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad.float()).all()
+    assert (loss == 0).all() and (grad == 0).all()
+
+
+def test_custom_ignore_index():
+    logits = torch.randn(9, 64)
+    labels = torch.randint(0, 64, (9,))
+    labels[::3] = 7  # a real class id used as ignore_index
+    out, grad, _ = _loss_and_grad(
+        functools.partial(triton_ce, ignore_index=7), logits, labels, "mean"
+    )
+    ref, ref_grad, _ = _loss_and_grad(
+        functools.partial(cross_entropy_ref, ignore_index=7), logits, labels, "mean"
+    )
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-6)
+    assert (grad[::3] == 0).all()
+
+
+def test_label_outside_vocab_is_nan_on_triton_and_raises_on_reference():
+    logits = torch.randn(4, 50)
+    labels = torch.tensor([3, 50, -100, -1])  # 50 == V and -1 (not ignore_index) are outside
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        cross_entropy_ref(logits, labels)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        cross_entropy(logits, labels, backend="torch")
+    loss, grad, _ = _loss_and_grad(triton_ce, logits, labels, "none")
+    assert torch.isfinite(loss[[0, 2]]).all() and loss[[1, 3]].isnan().all()
+    assert torch.isfinite(grad[[0, 2]]).all() and grad[[1, 3]].isnan().all()
+    assert loss[2] == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_input_raises_one_clear_line(backend):
+    logits, labels = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    cases = [
+        ((logits, labels[:3]), "labels"),  # mismatched rows
+        ((logits[0], labels), "logits must be \\(N, V\\)"),  # wrong rank
+        ((logits, labels.float()), "int64 or int32"),  # label dtype
+        ((logits.long(), labels), "floating point"),  # logits dtype
+        ((logits, labels.to("meta")), "move both"),  # devices
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            cross_entropy(*args, backend=backend)
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(logits, labels, reduction="avg", backend=backend)
+
+
+def test_public_function_dispatch():
+    logits = torch.randn(3, 20, dtype=torch.float64)  # not a kernel dtype: reference, same math
+    labels = torch.randint(0, 20, (3,))
+    torch.testing.assert_close(
+        cross_entropy(logits, labels, backend="triton"), cross_entropy_ref(logits, labels)
+    )
+    assert kernels.cross_entropy is cross_entropy
+    assert not ce_mod.triton_eligible(torch.randn(0, 20))
+
+
+def test_opcheck():
+    logits = torch.randn(5, 70, requires_grad=True)
+    labels = _labels(5, 70, ignore_every=2)
+    torch.library.opcheck(ce_mod.cross_entropy_fwd, (logits, labels, -100, 1e-3))
+    lse = torch.logsumexp(logits.detach(), dim=-1)
+    dloss = torch.ones(1).expand(5)  # the stride-0 gradient of a sum
+    torch.library.opcheck(
+        ce_mod.cross_entropy_bwd, (logits.detach(), labels, lse, dloss, -100, 0.0)
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_compile_fullgraph_matches_eager(reduction):
+    # compiled graphs may hand the backward an expanded stride-0 dL/dloss (grad of a .sum());
+    # the kernel reads it through its stride, so compiled and eager must agree exactly
+    logits = torch.randn(13, 257, dtype=torch.bfloat16)
+    labels = _labels(13, 257, ignore_every=3)
+
+    def step(x, y):
+        loss = triton_ce(x, y, reduction=reduction, z_loss=1e-3)
+        return loss.sum() if reduction == "none" else loss
+
+    x_eager = logits.clone().requires_grad_(True)
+    step(x_eager, labels).backward()
+    x_comp = logits.clone().requires_grad_(True)
+    loss_comp = torch.compile(step, fullgraph=True)(x_comp, labels)
+    loss_comp.backward()
+    torch.testing.assert_close(loss_comp, step(logits, labels), rtol=0, atol=1e-5)
+    torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_reference_seed_shape():
+    logits = (torch.randn(8192, 50257, device="cuda") * 2).to(torch.bfloat16)
+    labels = _labels(8192, 50257).cuda()
+    out, grad, up = _loss_and_grad(triton_ce, logits, labels, "mean", 1e-4, torch.tensor(1.7))
+    ref, ref_grad, _ = _loss_and_grad(cross_entropy_ref, logits.float(), labels, "mean", 1e-4, up)
+    base, base_grad, _ = _loss_and_grad(cross_entropy_ref, logits, labels, "mean", 1e-4, up)
+    assert_kernel_close(out, ref, base, name="loss")
+    assert_kernel_close(grad, ref_grad, base_grad, name="dlogits")
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets_past_2_pow_31():
+    # N * V > 2^31 elements: a row offset computed in int32 would wrap and read the wrong rows
+    n_rows, vocab = 33000, 65536  # 2.16e9 elements, 4.3 GB in bf16
+    assert n_rows * vocab > 2**31
+    logits = torch.randn(n_rows, vocab, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (n_rows,), device="cuda")
+    x = logits.requires_grad_(True)
+    loss = triton_ce(x, labels, reduction="none")
+    tail = slice(n_rows - 4, n_rows)  # rows whose offsets are past 2^31
+    ref = cross_entropy_ref(logits.detach()[tail], labels[tail], reduction="none")
+    torch.testing.assert_close(loss[tail], ref, rtol=0, atol=1e-4)
+    (grad,) = torch.autograd.grad(loss[tail].sum(), x)
+    xt = logits.detach()[tail].float().requires_grad_(True)
+    (ref_grad,) = torch.autograd.grad(cross_entropy_ref(xt, labels[tail], reduction="sum"), xt)
+    torch.testing.assert_close(grad[tail].float(), ref_grad, rtol=0, atol=4e-3)
+    assert (grad[: n_rows - 4] == 0).all()
