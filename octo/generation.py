@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from octo.model import OctoForCausalLM
 
+        if not Path(args.checkpoint).is_dir():
+            raise ValueError(f"checkpoint folder {args.checkpoint} does not exist")
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if args.tokenizer:
