@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One command for a GPU machine (no network needed): environment check, the GPU tests, the kernel
+# benchmarks and the end-to-end training benchmark; writes bench/results/<date>-<gpu>.json/.md.
+#
+#   bash bench/gpu.sh            # everything (under ~10 minutes on one H100)
+#   OUT=/some/dir bash bench/gpu.sh   # also copy the results and logs there
+#
+# Runs from the source tree (PYTHONPATH=.), so it needs no `pip install` of the project: the
+# GPU images have torch, Triton, transformers and pytest-benchmark, but may lack `datasets`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+work=$(mktemp -d)
+status=0
+
+echo "== check.py"
+python3 check.py || status=1
+
+echo "== GPU tests (pytest -m gpu)"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$work/gpu_tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== kernel benchmarks (pytest bench/)"
+python3 -m pytest -q -p no:cacheprovider bench/ --benchmark-json="$work/kernels.json" \
+    --benchmark-min-rounds=3 --benchmark-max-time=0.5 --benchmark-warmup=on 2>&1 \
+    | tee "$work/bench.log" | tail -n 40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== end-to-end training throughput"
+python3 -m bench.train_throughput --out "$work/train_throughput.json" 2>&1 | tee "$work/e2e.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== report"
+python3 -m bench.report --kernels "$work/kernels.json" --e2e "$work/train_throughput.json" \
+    --tests-log "$work/gpu_tests.log" --outdir bench/results || status=1
+if [ -n "${OUT:-}" ]; then
+    cp bench/results/"$(ls -t bench/results | grep -E '\.json$' | head -1)" "$OUT"/ 2>/dev/null
+    cp bench/results/"$(ls -t bench/results | grep -E '\.md$' | head -1)" "$OUT"/ 2>/dev/null
+    cp "$work"/*.log "$OUT"/ 2>/dev/null
+fi
+exit $status
