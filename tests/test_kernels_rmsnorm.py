@@ -82,11 +82,11 @@ def test_expanded_stride0_grad():
     # The grad of .sum() is an expanded stride-0 tensor; the op must not read it as contiguous.
     x, w = torch.randn(5, 3, 96), torch.randn(96)
     rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-6)
-    g = torch.randn(96).expand(5, 3, 96)
-    dx, dw = rms_norm_bwd(g, x, w, rstd)
-    dx_ref, dw_ref = rms_norm_bwd(g.contiguous(), x, w, rstd)
-    torch.testing.assert_close(dx, dx_ref, rtol=0, atol=0)
-    torch.testing.assert_close(dw, dw_ref, rtol=0, atol=0)
+    for g in (torch.randn(()).expand(5, 3, 96), torch.randn(96).expand(5, 3, 96)):
+        dx, dw = rms_norm_bwd(g, x, w, rstd)
+        dx_ref, dw_ref = rms_norm_bwd(g.contiguous(), x, w, rstd)
+        torch.testing.assert_close(dx, dx_ref, rtol=0, atol=0)
+        torch.testing.assert_close(dw, dw_ref, rtol=0, atol=0)
 
 
 def test_opcheck():
