@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     env = env_info()
-    kernels = json.loads(args.kernels.read_text()) if args.kernels and args.kernels.is_file() else {}
+    kernels = (
+        json.loads(args.kernels.read_text()) if args.kernels and args.kernels.is_file() else {}
+    )
     e2e = json.loads(args.e2e.read_text()) if args.e2e and args.e2e.is_file() else {}
     tests_summary = ""
     if args.tests_log and args.tests_log.is_file():
