@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels = (
         json.loads(args.kernels.read_text()) if args.kernels and args.kernels.is_file() else {}
     )
-    e2e = json.loads(args.e2e.read_text()) if args.e2e and args.e2e.is_file() else {}
+    e2e = json.loads(args.e2e.read_text()) if have(args.e2e) else {}
     tests_summary = ""
     if args.tests_log and args.tests_log.is_file():
         tail = [ln for ln in args.tests_log.read_text().splitlines() if ln.strip()]

@@ -5,7 +5,7 @@ on a GPU). `python -m bench.train_throughput` prints the full table."""
 import pytest
 import torch
 
-from bench.train_throughput import CPU_SHAPE, GPU_SHAPE, run_provider
+from bench.train_throughput import CPU_SHAPE, GPU_SHAPE, release, run_provider
 from octo import OctoConfig
 
 pytest.importorskip("transformers")
@@ -24,6 +24,7 @@ def test_train_step_throughput(benchmark, provider):
     result = benchmark.pedantic(
         run_provider, args=(provider, model_cfg, shape, device, 5, 1), rounds=1, iterations=1
     )
+    release(device)
     benchmark.extra_info.update(
         provider=provider, shape=f"{shape}", ms=result["step_ms"],
         tokens_per_s=result["tokens_per_s"], peak_mib=(result["peak_memory_gib"] or 0) * 1024,

@@ -151,12 +151,15 @@ def run_provider(
         "compile": compiled,
         "precision": precision,
     }
-    del trainer, model, data
+    return result
+
+
+def release(device: torch.device) -> None:
+    """Free the last provider's model, optimizer and compiled graphs before the next one."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     torch._dynamo.reset()
-    return result
 
 
 def markdown(results: list[dict], env: dict) -> str:
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         for provider in providers:
             try:
                 r = run_provider(provider, model_cfg, shape, device, steps, profiled)
+                release(device)
             except Exception as e:  # one provider failing must not hide the others' numbers
                 print(f"{provider} @ vocab {vocab}: FAILED: {type(e).__name__}: {e}")
                 results.append({"provider": provider, "vocab_size": vocab, "error": str(e)})
