@@ -46,8 +46,8 @@ def kernel_table(rows: list[dict]) -> str:
     lines = ["| group | case | provider | ms | GB/s | peak MiB |", "|---|---|---|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["group"], str(r["shape"]), r["name"])):
         lines.append(
-            f"| {r['group']} | {r['shape'] or r['name']} | {r['provider']} | {_fmt(r['ms'], '.3f')} "
-            f"| {_fmt(r['gbps'], '.0f')} | {_fmt(r['peak_mib'], '.0f')} |"
+            f"| {r['group']} | {r['shape'] or r['name']} | {r['provider']} "
+            f"| {_fmt(r['ms'], '.3f')} | {_fmt(r['gbps'], '.0f')} | {_fmt(r['peak_mib'], '.0f')} |"
         )
     return "\n".join(lines)
 
@@ -65,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     env = env_info()
-    kernels = (
-        json.loads(args.kernels.read_text()) if args.kernels and args.kernels.is_file() else {}
-    )
+    have = lambda p: p is not None and p.is_file()
+    kernels = json.loads(args.kernels.read_text()) if have(args.kernels) else {}
     e2e = json.loads(args.e2e.read_text()) if have(args.e2e) else {}
     tests_summary = ""
     if args.tests_log and args.tests_log.is_file():
