@@ -232,7 +232,9 @@ def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: dict[i
         file = meta["weight_map"][key]
         if file not in handles:
             handles[file] = safe_open(str(folder / file), framework="pt")
-        return handles[file].get_tensor(key)
+        # get_tensor maps the file lazily (copy-on-write): clone, so the state lives in memory and
+        # does not depend on the checkpoint file staying as it is (rotation, a user's rsync).
+        return handles[file].get_tensor(key).clone()
 
     sd_state: dict[int, dict] = {}
     sd_groups = []
