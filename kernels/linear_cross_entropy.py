@@ -34,6 +34,8 @@ kernels/cross_entropy.py); the reference raises.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels.backend import triton_available, use_triton
@@ -108,6 +110,32 @@ def chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
     return min(chunk, n_rows)
 
 
+@functools.cache
+def _cuda_mm_has_out_dtype() -> bool:
+    """torch.mm(a, b, out_dtype=torch.float32) on bf16/fp16 CUDA tensors (cuBLAS, fp32 output)
+    exists in recent torch; older versions lack it."""
+    try:
+        a = torch.zeros(16, 16, device="cuda", dtype=torch.bfloat16)
+        torch.mm(a, a, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated in fp32 and returned in fp32, whatever the (equal) input dtype: on CUDA
+    cuBLAS writes the fp32 result of the low-precision matmul directly (same speed, no rounding to
+    bf16); on CPU (tests) the operands are upcast. Torch without out_dtype on CUDA: the product is
+    rounded once to the input dtype, then upcast."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        if _cuda_mm_has_out_dtype():
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b).float()
+    return torch.mm(a.float(), b.float())
+
+
 def _chunk_loop(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -118,47 +146,43 @@ def _chunk_loop(
     need_dh: bool,
     need_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Per-row losses (N,) fp32, and, when scale is given, dL/dhidden (N, C) in hidden's dtype and
-    dL/dweight (V, C) in weight's dtype with dL/dloss_i = scale[i] (scale: fp32, (N,) any stride
-    or one element for all rows)."""
+    """Per-row losses (N,) fp32 and, when `scale` is given, fp32 dL/dhidden (N, C) (if need_dh)
+    and fp32 dL/dweight (V, C) (if need_dw) for dL/dloss_i = scale[i] (scale: fp32, (N,) of any
+    stride, or one element for every row)."""
     n_rows, n_hidden = hidden.shape
     vocab = weight.shape[0]
+    want_grad = scale is not None and (need_dh or need_dw)
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(hidden.dtype)  # (V, C), a copy only when weight's dtype differs
         labels = labels.contiguous()
-        want_grad = scale is not None and (need_dh or need_dw)
         loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-        dh = hidden.new_empty(hidden.shape) if want_grad and need_dh else None
-        dw_acc = None  # fp32 (V, C), created by the first chunk
-        chunk = chunk_rows(n_rows, vocab, n_hidden)
+        dh = None
+        if want_grad and need_dh:
+            dh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        dw = None  # fp32 (V, C), started by the first chunk
+        if want_grad and need_dw and n_rows == 0:
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        chunk = chunk_rows(n_rows, vocab, n_hidden) if n_rows else 1
         for start in range(0, n_rows, chunk):
             stop = min(start + chunk, n_rows)
             h_c = hidden[start:stop]  # (n, C)
-            logits = torch.mm(h_c, w.t())  # (n, V), contiguous
+            logits = torch.mm(h_c, w.t())  # (n, V), contiguous, in hidden's dtype
             if not want_grad:
                 loss[start:stop], _ = ce_forward_launch(
                     logits, labels[start:stop], ignore_index, z_loss
                 )
                 continue
             s_c = scale if scale.numel() == 1 else scale[start:stop]
-            # logits becomes G_c = dL/dlogits of the chunk, in place
+            # in place: logits becomes G_c = dL/dlogits of this chunk
             loss[start:stop], _ = ce_forward_launch(
                 logits, labels[start:stop], ignore_index, z_loss, grad=logits, scale=s_c
             )
-            if dh is not None:
-                torch.mm(logits, w, out=dh[start:stop])  # (n, C)
+            if need_dh:
+                dh[start:stop] = _mm_fp32(logits, w)  # (n, C)
             if need_dw:
-                if dw_acc is None:
-                    dw_acc = torch.mm(logits.t(), h_c).float()  # (V, C)
-                elif logits.dtype == torch.float32:
-                    dw_acc.addmm_(logits.t(), h_c)
-                else:
-                    dw_acc += torch.mm(logits.t(), h_c)  # chunk product rounded once, fp32 sum
+                part = _mm_fp32(logits.t(), h_c)  # (V, C) fp32
+                dw = part if dw is None else dw.add_(part)
             del logits
-        dw = None
-        if want_grad and need_dw:
-            dw = dw_acc if dw_acc is not None else torch.zeros_like(weight, dtype=torch.float32)
-            dw = dw.to(weight.dtype)
     return loss, dh, dw
 
 
@@ -187,19 +211,19 @@ def linear_cross_entropy_fwd(
     need_dh: bool,
     need_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (loss fp32: () for "mean"/"sum", (N,) for "none"; dL/dhidden (N, C) or empty;
-    dL/dweight (V, C) or empty). With "mean"/"sum" and need_dh/need_dw, the gradients of the loss
-    itself (dL/dloss = 1) come out of the forward; with "none" they are empty (the backward
-    recomputes them with the per-row dL/dloss_i)."""
+    """-> (loss fp32: () for "mean"/"sum", (N,) for "none"; dL/dhidden (N, C) fp32 or empty;
+    dL/dweight (V, C) fp32 or empty). With "mean"/"sum" and need_dh/need_dw, the gradients of the
+    loss itself (dL/dloss = 1) come out of the forward, in fp32 so that the backward's scaling
+    by dL/dloss rounds to the parameters' dtype only once; with "none" they are empty (the
+    backward recomputes them with the per-row dL/dloss_i)."""
     with_grad = reduction != "none" and (need_dh or need_dw)
     scale = _mean_scale(labels, ignore_index, reduction) if with_grad else None
     per_row, dh, dw = _chunk_loop(
         hidden, weight, labels, ignore_index, z_loss, scale, need_dh, need_dw
     )
     loss = reduce_losses(per_row, labels != ignore_index, reduction)
-    dh = dh if dh is not None else hidden.new_empty(0)
-    dw = dw if dw is not None else weight.new_empty(0)
-    return loss, dh, dw
+    empty = hidden.new_empty(0, dtype=torch.float32)
+    return loss, (dh if dh is not None else empty), (dw if dw is not None else empty.clone())
 
 
 @linear_cross_entropy_fwd.register_fake
@@ -207,8 +231,8 @@ def _(hidden, weight, labels, ignore_index, reduction, z_loss, need_dh, need_dw)
     with_grad = reduction != "none" and (need_dh or need_dw)
     shape = (hidden.shape[0],) if reduction == "none" else ()
     loss = hidden.new_empty(shape, dtype=torch.float32)
-    dh = hidden.new_empty(hidden.shape if with_grad and need_dh else (0,))
-    dw = weight.new_empty(weight.shape if with_grad and need_dw else (0,))
+    dh = hidden.new_empty(hidden.shape if with_grad and need_dh else (0,), dtype=torch.float32)
+    dw = hidden.new_empty(weight.shape if with_grad and need_dw else (0,), dtype=torch.float32)
     return loss, dh, dw
 
 
@@ -224,12 +248,12 @@ def linear_cross_entropy_bwd(
     need_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute the chunks with dL/dloss_i = dloss (N,) (any stride, also 0) -> dL/dhidden
-    (N, C) (or empty), dL/dweight (V, C) (or empty)."""
+    (N, C) in hidden's dtype (or empty), dL/dweight (V, C) in weight's dtype (or empty)."""
     _, dh, dw = _chunk_loop(
         hidden, weight, labels, ignore_index, z_loss, dloss.float(), need_dh, need_dw
     )
-    dh = dh if dh is not None else hidden.new_empty(0)
-    dw = dw if dw is not None else weight.new_empty(0)
+    dh = dh.to(hidden.dtype) if dh is not None else hidden.new_empty(0)
+    dw = dw.to(weight.dtype) if dw is not None else weight.new_empty(0)
     return dh, dw
 
 
@@ -257,8 +281,8 @@ def _backward(ctx, dloss, _ddh, _ddw):
         return None, None, None, None, None, None, None, None
     made_in_forward = (not need_dh or dh.numel() > 0) and (not need_dw or dw.numel() > 0)
     if ctx.reduction != "none" and made_in_forward:
-        gh = dh * dloss if need_dh else None
-        gw = dw * dloss if need_dw else None
+        gh = (dh * dloss).to(hidden.dtype) if need_dh else None
+        gw = (dw * dloss).to(weight.dtype) if need_dw else None
         return gh, gw, None, None, None, None, None, None
     # "none", or a forward that was asked not to make the gradients: recompute the chunks
     rows = dloss
