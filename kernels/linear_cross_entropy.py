@@ -12,21 +12,23 @@ public function):
   of logits ever exists. Per chunk: logits = h_c @ W.T (torch, cuBLAS); the Triton cross-entropy
   forward kernel (kernels/cross_entropy.py, HAS_GRAD) writes each row's loss and overwrites the
   row's logits with its gradient (the buffer is ours alone; every element is read before it is
-  written); then dL/dh_c = G_c @ W into its rows of the (N, C) result, and G_c.T @ h_c is added
-  into an fp32 (V, C) accumulator. With "mean"/"sum" the gradients are made during the forward
-  (dL/dloss is 1 or 1/count, the count read on the device: no host sync), saved, and the backward
-  only scales them by the incoming scalar: 3 matmuls in all, like eager. With "none" the
-  per-row dL/dloss_i is known only in backward, so the backward runs the chunk loop again
-  (octo::linear_cross_entropy_bwd) with those scales: 4 matmuls.
+  written); then dL/dh_c = G_c @ W goes into its rows of an fp32 (N, C) result and G_c.T @ h_c
+  is added into an fp32 (V, C) accumulator. With "mean"/"sum" the gradients are made during the
+  forward (dL/dloss is 1 or 1/count, the count read on the device: no host sync) and saved in
+  fp32; the backward only scales them by the incoming scalar and casts them once to the inputs'
+  dtypes: 3 matmuls in all, like eager. With "none" the per-row dL/dloss_i is known only in
+  backward, so the backward runs the chunk loop again (octo::linear_cross_entropy_bwd) with those
+  scales: 4 matmuls.
 - matmuls run in hidden's dtype (the public function casts hidden to the autocast dtype under
-  autocast, as F.linear would; the weight is cast per call inside the op). dL/dweight leaves the
-  op in weight's dtype: with fp32 master weights it is the fp32 accumulator itself.
-  Precision of dL/dweight with bf16/fp16 matmuls: each chunk's G_c.T @ h_c accumulates in fp32
-  inside cuBLAS and is rounded once to the matmul dtype, then the chunks are summed in fp32.
-- peak extra memory (besides the outputs): one (chunk, V) logits block in the matmul dtype, the
-  fp32 (V, C) accumulator and one (V, C) chunk product; the weight's low-precision copy when it
-  is cast. chunk_rows keeps the block no larger than about twice the weight, so the peak is
-  O(V * C), independent of N (eager holds several (N, V) tensors, fp32 among them).
+  autocast, as F.linear would; the weight is cast per call inside the op). The two gradient
+  matmuls return fp32 from cuBLAS (torch.mm(..., out_dtype=torch.float32)): no chunk product is
+  rounded to bf16 before the fp32 sum, and with fp32 master weights dL/dweight is never rounded
+  to bf16 at all (eager autocast rounds it once).
+- peak extra memory: one (chunk, V) logits block in the matmul dtype, the fp32 (V, C)
+  accumulator plus one fp32 (V, C) chunk product, the fp32 (N, C) dL/dhidden, and the weight's
+  low-precision copy when it is cast. chunk_rows keeps the block no larger than about twice the
+  weight, so the peak is O(V * C + N * C), never O(N * V) (eager holds several (N, V) tensors,
+  fp32 among them).
 Eligible for Triton: hidden fp32/bf16/fp16, weight fp32/bf16/fp16, N > 0, V > 0. Labels outside
 [0, V) other than ignore_index give a NaN loss and NaN gradients on the Triton path (see
 kernels/cross_entropy.py); the reference raises.
