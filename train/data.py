@@ -1,0 +1,208 @@
+"""Everything between a dataset name and a batch of token ids (the trainer's data interface).
+
+    tok = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
+    vocab = resolve_vocab_size(model_cfg_vocab_or_None, tok)
+    train = build_train_data(cfg, tok, rank, world_size)    # iterator of (B, T) int64 batches
+    evals = build_eval_batches(cfg, tok, rank, world_size)  # list of (B, T) int64 batches
+    ckpt["data"] = train.state_dict(); ...; train.load_state_dict(ckpt["data"])
+
+The labels are the ids themselves (the model shifts inside). Documents are tokenized without the
+tokenizer's own special tokens, each followed by EOS, concatenated and cut into block_size blocks
+with no padding (the last partial block and batch of an epoch are dropped). Two modes:
+
+* streaming (default): tokenized on the fly in num_workers DataLoader processes with a seeded
+  shuffle window of buffer_size blocks -- train/data_stream.py;
+* pre-tokenized (pretokenize: true): tokenized once into memory-mapped shards under
+  data_cache_dir, built automatically on first use or by `python -m train.prepare`; each epoch a
+  full seeded permutation of the blocks -- train/data_pretok.py.
+
+Both resume exactly: after load_state_dict the next batches equal an uninterrupted run's.
+Sources (Hub names, local files, globs, folders, the "octo-demo" corpus) are in
+train/data_source.py. Evaluation reads the eval split, or the held-out part of train when
+eval_split is null and eval_holdout_fraction > 0: its first eval_max_batches batches in order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.data_pretok import PretokTrainData, ensure_token_cache, load_part
+from train.data_source import DEMO_NAME, DataError, DocSource, encode_docs
+from train.data_stream import StreamingTrainData
+
+__all__ = [
+    "DataError",
+    "TrainData",
+    "build_eval_batches",
+    "build_train_data",
+    "load_tokenizer",
+    "resolve_vocab_size",
+]
+
+TrainData = StreamingTrainData | PretokTrainData
+
+
+# ----- tokenizer --------------------------------------------------------------------------------
+
+
+def load_tokenizer(name_or_path: str, cache_dir: str | Path = "data_cache"):
+    """A fast (Rust-backed) tokenizer with an EOS token, from a Hub name or a local folder.
+
+    "octo-demo" names the demo tokenizer, trained on the demo corpus under cache_dir/demo on
+    first use (pass cfg.data_cache_dir). Any failure is a one-line DataError.
+    """
+    name = name_or_path
+    if name == DEMO_NAME:
+        from train import demo_corpus
+
+        name = str(demo_corpus.ensure_demo_tokenizer(cache_dir))
+    path = Path(name).expanduser()
+    local = path.exists() or name.startswith(("/", "./", "../", "~"))
+    fix = (
+        "set tokenizer_name to a Hub name (network needed) or a folder with tokenizer.json "
+        "(python -m train.tokenizer trains one)"
+    )
+    if local and not path.is_dir():
+        raise DataError(f"tokenizer folder {name_or_path} does not exist; {fix}")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path) if local else name)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300]
+        raise DataError(
+            f"cannot load tokenizer {name_or_path!r} ({type(e).__name__}: {msg}); {fix}"
+        ) from None
+    if not hasattr(tok, "backend_tokenizer"):
+        raise DataError(f"tokenizer {name_or_path!r} has no fast (Rust) version; {fix}")
+    if tok.eos_token_id is None:
+        raise DataError(
+            f"tokenizer {name_or_path!r} has no EOS token, which ends every document; give it "
+            "one (eos_token in tokenizer_config.json) or train one with python -m train.tokenizer"
+        )
+    return tok
+
+
+def resolve_vocab_size(model_vocab_size: int | None, tokenizer) -> int:
+    """The model's vocab_size: None -> len(tokenizer) rounded up to a multiple of 64 (tensor-core
+    friendly); smaller than the tokenizer -> DataError naming both numbers and both fixes."""
+    n = len(tokenizer)
+    rounded = -(-n // 64) * 64
+    if model_vocab_size is None:
+        return rounded
+    if model_vocab_size < n:
+        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise DataError(
+            f"model vocab_size {model_vocab_size} is smaller than tokenizer {name!r}'s {n} tokens; "
+            f"drop vocab_size from the model config (it then becomes {rounded}), or train a "
+            f"tokenizer of that size (python -m train.tokenizer --config CONFIG --vocab-size "
+            f"{model_vocab_size} --out DIR) and set tokenizer_name to DIR"
+        )
+    return model_vocab_size
+
+
+# ----- sources of a config ----------------------------------------------------------------------
+
+
+def _holdout(cfg) -> float:
+    if cfg.eval_split is not None and cfg.eval_holdout_fraction > 0:
+        raise DataError(
+            f"eval_holdout_fraction {cfg.eval_holdout_fraction} holds out train documents only "
+            f"when eval_split is null, but eval_split is {cfg.eval_split!r}; set one of them"
+        )
+    return cfg.eval_holdout_fraction
+
+
+def train_source(cfg) -> DocSource:
+    """The train documents of cfg (without the held-out ones); not opened yet."""
+    return DocSource(
+        cfg.dataset_name,
+        cfg.train_split,
+        cfg.text_column,
+        holdout_fraction=_holdout(cfg),
+        part="kept",
+        cache_dir=cfg.data_cache_dir,
+        role="train",
+    )
+
+
+def eval_source(cfg) -> DocSource | None:
+    """The eval split, or the held-out part of train, or None (no evaluation)."""
+    holdout = _holdout(cfg)
+    common = dict(cache_dir=cfg.data_cache_dir, role="eval")
+    if cfg.eval_split is not None:
+        return DocSource(cfg.dataset_name, cfg.eval_split, cfg.text_column, **common)
+    if holdout > 0:
+        return DocSource(
+            cfg.dataset_name,
+            cfg.train_split,
+            cfg.text_column,
+            holdout_fraction=holdout,
+            part="heldout",
+            **common,
+        )
+    return None
+
+
+def _check_tokenizer(tokenizer) -> None:
+    if not hasattr(tokenizer, "backend_tokenizer") or tokenizer.eos_token_id is None:
+        raise DataError(
+            "the tokenizer must be a fast tokenizer with an EOS token; use load_tokenizer"
+        )
+
+
+# ----- train and eval data ----------------------------------------------------------------------
+
+
+def build_train_data(cfg, tokenizer, rank: int = 0, world_size: int = 1) -> TrainData:
+    """The training batches of this rank: an iterator of (batch_size, block_size) int64 tensors
+    until num_epochs are done, with .epoch, .state_dict(), .load_state_dict(d),
+    .tokens_per_epoch() (exact when pre-tokenized, else None) and .batches_per_epoch()."""
+    _check_tokenizer(tokenizer)
+    src = train_source(cfg)
+    if cfg.pretokenize:
+        folder = ensure_token_cache(src, tokenizer, cfg.data_cache_dir, progress=rank == 0)
+        return PretokTrainData(cfg, load_part(folder, "kept"), folder, rank, world_size)
+    return StreamingTrainData(cfg, tokenizer, src.open(), rank, world_size)
+
+
+def first_blocks(src: DocSource, tokenizer, block_size: int, n: int) -> np.ndarray:
+    """The first n (or all, if fewer) block_size blocks of src's packed documents: (n, T) int64."""
+    chunks, have = [], 0
+    for texts in src.iter_texts():
+        flat, _ = encode_docs(tokenizer, texts)
+        chunks.append(flat)
+        have += len(flat)
+        if have >= n * block_size:
+            break
+    flat = np.concatenate(chunks) if chunks else np.empty(0, np.int32)
+    n = min(n, len(flat) // block_size)
+    return flat[: n * block_size].astype(np.int64).reshape(n, block_size)
+
+
+def build_eval_batches(cfg, tokenizer, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+    """Eval batches of this rank: global batches 0 .. eval_max_batches-1 of the eval documents
+    packed in order (no shuffle), rank r taking those with index % world_size == r. Identical in
+    both modes and on every call; empty when there is no eval data configured."""
+    _check_tokenizer(tokenizer)
+    src = eval_source(cfg)
+    if src is None:
+        return []
+    B, T = cfg.batch_size, cfg.block_size
+    want = cfg.eval_max_batches * B
+    if cfg.pretokenize:
+        folder = ensure_token_cache(src, tokenizer, cfg.data_cache_dir, progress=rank == 0)
+        tokens = load_part(folder, src.part)
+        blocks = tokens.blocks(0, min(want, len(tokens) // T), T)
+    else:
+        blocks = first_blocks(src.open(), tokenizer, T, want)
+    if len(blocks) < B:
+        raise DataError(
+            f"{src.describe()} has {len(blocks) * T}+ tokens, less than one eval batch "
+            f"(batch_size x block_size = {B * T}); use a bigger eval split or holdout fraction"
+        )
+    n = len(blocks) // B
+    return [torch.from_numpy(blocks[i * B : (i + 1) * B]) for i in range(rank, n, world_size)]

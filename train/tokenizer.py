@@ -1,0 +1,105 @@
+"""Train a byte-level BPE tokenizer on a dataset's text column.
+
+    python -m train.tokenizer --config train/config.json --vocab-size 16000 --out tok16k
+    # then in the config: "tokenizer_name": "tok16k" (and the model's vocab_size may be 16000)
+
+The tokenizer is GPT-2 style: bytes are the base alphabet (every text encodes, nothing is ever
+unknown), pre-tokenized on spaces/punctuation, merges learned by `tokenizers`' BpeTrainer on the
+train documents (held-out ones excluded). Special tokens: EOS "<|endoftext|>" (id 0, ends every
+document) and BOS "<|startoftext|>" (id 1). The total size, special tokens included, is
+--vocab-size (fewer only when the text has fewer distinct merges). The folder is saved with
+tokenizer_class PreTrainedTokenizerFast, so `AutoTokenizer.from_pretrained(DIR)` loads it offline
+on transformers 4.x and 5.x alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from train.data_source import DataError
+
+EOS, BOS = "<|endoftext|>", "<|startoftext|>"
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out: str | Path, *, show_progress: bool = False
+):
+    """Train on texts, save to out, and return the loaded transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 2:
+        raise DataError(
+            f"--vocab-size {vocab_size} is below the {len(alphabet) + 2} a byte-level BPE needs "
+            "(256 bytes + EOS + BOS); choose a larger one"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS, BOS],
+        initial_alphabet=alphabet,
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    out = Path(out)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=BOS).save_pretrained(out)
+    # transformers 5 writes its own class name, which 4.x cannot load: name the common one.
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg.pop("backend", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return AutoTokenizer.from_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.config import ConfigError, TrainConfig
+    from train.data import train_source
+
+    ap = argparse.ArgumentParser(
+        prog="python -m train.tokenizer", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--config", required=True, help="training config JSON (dataset, split, column)")
+    ap.add_argument("--vocab-size", type=int, required=True, help="total tokens, specials included")
+    ap.add_argument("--out", required=True, help="folder to write (tokenizer_name: OUT)")
+    ap.add_argument("--max-docs", type=int, default=None, help="train on the first N documents")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    args = ap.parse_args(argv)
+    try:
+        cfg = TrainConfig.load(args.config, args.set)
+        src = train_source(cfg).open()
+        docs = 0
+
+        def texts():
+            nonlocal docs
+            all_texts = itertools.chain.from_iterable(src.iter_texts())
+            for text in itertools.islice(all_texts, args.max_docs):
+                docs += 1
+                yield text
+
+        t0 = time.perf_counter()
+        tok = train_tokenizer(texts(), args.vocab_size, args.out, show_progress=sys.stderr.isatty())
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"trained a {len(tok)}-token byte-level BPE on {docs} documents of {src.describe()} in "
+        f"{time.perf_counter() - t0:.1f} s -> {args.out}; set tokenizer_name to {args.out!r}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
