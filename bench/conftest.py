@@ -1,0 +1,113 @@
+"""Shared fixtures for the kernel benchmarks (pytest-benchmark).
+
+    def test_x(kernel_bench, copy_bench):
+        kernel_bench(fn, group="rmsnorm fwd+bwd 8192x768 bf16", provider="triton",
+                     shape="8192x768", n_bytes=..., device=x.device)
+        copy_bench(n_bytes, group=..., shape=...)   # the bandwidth ceiling, same group
+
+`kernel_bench` runs one case and records in benchmark.extra_info what bench/report.py reads:
+provider, shape, ms, gbps, peak_mib, plus n_bytes, device and env_info() (hardware, versions,
+commit, date), so every number says what produced it.
+
+Timing on CUDA: `ms` is the median of CUDA-event-timed calls (bench.common.time_cuda: warmup
+first, so torch.compile's compilation is never timed; a synchronize after each call). The host
+clock pytest-benchmark reports is kept too, on a function that synchronizes after each call, so
+its statistics are honest wall times. L2 is not flushed between calls (a layer's input usually
+sits in L2 in training too); at the large shapes the data is far bigger than L2 anyway.
+`gbps` = bytes that must move (the caller's count: each input read once, each output written once,
+the same for every provider) / `ms`. `peak_mib` = peak CUDA memory allocated during one call above
+what was allocated before it (inputs excluded, outputs and temporaries included).
+On the CPU, `ms` is pytest-benchmark's host-clock median and peak_mib is not measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from bench.common import env_info, gbps, peak_memory_mb, time_cuda
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session")
+def bench_device() -> torch.device:
+    """cuda when there is a GPU, else cpu (where only the reference cases run, at small shapes)."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="session")
+def _env() -> dict:
+    return env_info()
+
+
+@pytest.fixture
+def kernel_bench(benchmark, _env) -> Callable[..., None]:
+    """Run one benchmark case; see the module docstring for what is recorded and how."""
+
+    def run(
+        fn: Callable[[], object],
+        *,
+        group: str,
+        provider: str,
+        shape: str,
+        n_bytes: int,
+        device: torch.device | str,
+        **extra: object,
+    ) -> None:
+        device = torch.device(device)
+        benchmark.group = group
+        benchmark.extra_info.update(_env)
+        benchmark.extra_info.update(provider=provider, shape=shape, n_bytes=n_bytes, **extra)
+        benchmark.extra_info["device"] = str(device)
+        if device.type == "cuda":
+            ms = time_cuda(fn, warmup=5, rep=50)
+            peak = peak_memory_mb(fn, device)
+
+            def synced() -> None:
+                fn()
+                torch.cuda.synchronize(device)
+
+            benchmark(synced)
+        else:
+            fn()  # warmup (and torch.compile's compilation) outside the timed rounds
+            benchmark(fn)
+            stats = getattr(benchmark, "stats", None)
+            ms = stats.stats.median * 1e3 if stats is not None else None
+            peak = None
+        benchmark.extra_info["ms"] = ms
+        benchmark.extra_info["gbps"] = gbps(n_bytes, ms) if ms else None
+        benchmark.extra_info["peak_mib"] = peak
+
+    return run
+
+
+@pytest.fixture
+def copy_bench(kernel_bench, bench_device) -> Callable[..., None]:
+    """Benchmark a device-to-device copy that moves n_bytes (reads n_bytes / 2, writes n_bytes / 2)
+    as provider "copy": the bandwidth ceiling for a memory-bound kernel moving n_bytes, measured in
+    the same run and group. CUDA only (skips on the CPU)."""
+
+    def run(n_bytes: int, *, group: str, shape: str) -> None:
+        if bench_device.type != "cuda":
+            pytest.skip("the copy ceiling is measured on a CUDA GPU")
+        src = torch.empty(n_bytes // 2, dtype=torch.uint8, device=bench_device)
+        dst = torch.empty_like(src)
+        kernel_bench(
+            lambda: dst.copy_(src), group=group, provider="copy", shape=shape, n_bytes=n_bytes,
+            device=bench_device,
+        )  # fmt: skip
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def liger():
+    """liger_kernel.transformers.functional when Liger-Kernel imports, else None."""
+    try:
+        from liger_kernel.transformers import functional
+    except Exception:
+        return None
+    return functional
