@@ -28,10 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--set",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key (value parsed as JSON); repeatable",
+        help="override config keys (values parsed as JSON): --set a=1 b=2, repeatable",
     )
     args = parser.parse_args(argv)
 

@@ -33,7 +33,16 @@ import torch
 
 from octo import OctoConfig, OctoForCausalLM
 from train.config import TrainConfig
-from train.distributed import DistEnv, all_reduce_sum, init_distributed, no_sync, wrap_model
+from train.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    any_rank,
+    host_any,
+    init_distributed,
+    no_sync,
+    replicated,
+    wrap_model,
+)
 from train.metrics import (
     IntervalMeter,
     RunLogger,
@@ -107,7 +116,8 @@ class Trainer:
         self.model = (model if model is not None else OctoForCausalLM(model_cfg)).to(self.device)
         if cfg.use_gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        self.wrapped = wrap_model(self.model, self.env, cfg.parallelism)
+        self.wrapped = wrap_model(self.model, self.env, cfg.parallelism,
+                                  self.precision.autocast_dtype)  # fmt: skip
         self.optimizer = build_optimizer(self.wrapped, cfg, self.device)
         self._fused = bool(self.optimizer.defaults.get("fused"))
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -168,10 +178,12 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm(
                 [p.grad for p in self._params if p.grad is not None]
             )
+        norm = replicated(norm)  # FSDP2: a replicated DTensor
         if self.scaler is None:
             fault = ~(torch.isfinite(loss_sum) & torch.isfinite(norm))
         else:  # gradient overflow is the scaler's business (it lowers the scale); NaN loss is ours
             fault = ~torch.isfinite(loss_sum)
+        fault = any_rank(fault, self.env)  # every rank skips the same steps
         lr = self.schedule(self.step)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -268,7 +280,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 batches = _next_micro_batches(data, cfg.gradient_accumulation_steps)
-                if batches is None:
+                if host_any(batches is None, self.env):  # one rank's data ended
                     if self.steps_source == "max_steps":
                         log.info(f"The data ran out after num_epochs={cfg.num_epochs} at step "
                                  f"{self.step} of max_steps={cfg.max_steps}; raise num_epochs "
@@ -290,7 +302,7 @@ class Trainer:
                     last_eval = self.meter.paused(self._evaluate_and_log)
                 if self.step % cfg.save_interval_steps == 0:
                     last_ckpt, saved_at = self.meter.paused(self.save_checkpoint), self.step
-                if self._stop_signal is not None:
+                if host_any(self._stop_signal is not None, self.env):  # a signal on any rank
                     status = "interrupted"
                     break
         finally:
@@ -367,27 +379,29 @@ class Trainer:
         }  # fmt: skip
 
     def save_checkpoint(self) -> Path | None:
-        """checkpoint_dir/checkpoint_step_{step} (train.checkpoint.save_checkpoint); rank 0."""
-        from train.checkpoint import save_checkpoint
+        """checkpoint_dir/checkpoint_step_{step} (train.checkpoint.save_checkpoint's layout);
+        called on every rank (FSDP gathers), written by rank 0 (train/checkpoint_dist.py)."""
+        from train.checkpoint_dist import save_checkpoint_dist
 
-        state = self.trainer_state()
-        if not self.env.is_main:
-            return None
         cfg = self.cfg
-        path = save_checkpoint(
+        path = save_checkpoint_dist(
             cfg.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
-            trainer_state=state, train_config=cfg, tokenizer=self.tokenizer,
-            keep_last=cfg.keep_last_checkpoints, max_shard_size=cfg.max_shard_size,
+            trainer_state=self.trainer_state(), train_config=cfg, env=self.env,
+            tokenizer=self.tokenizer, keep_last=cfg.keep_last_checkpoints,
+            max_shard_size=cfg.max_shard_size,
         )  # fmt: skip
-        self.log.info(f"Saved checkpoint {path}")
+        if path is not None:
+            self.log.info(f"Saved checkpoint {path}")
         return path
 
     def resume(self, path: str | Path) -> None:
         """Continue exactly from a checkpoint folder: weights, optimizer, step, scaler, data
         position and RNG. A changed batch size or learning rate is a warning."""
-        from train.checkpoint import load_checkpoint, restore_rng_state
+        from train.checkpoint import restore_rng_state, resume_warnings
+        from train.checkpoint_dist import load_checkpoint_dist
 
-        state = load_checkpoint(Path(path), model=self.model, optimizer=self.optimizer)
+        state = load_checkpoint_dist(Path(path), model=self.model, optimizer=self.optimizer,
+                                     env=self.env)  # this rank's data position and RNG  # fmt: skip
         apply_hyperparameters(self.optimizer, self.cfg)
         self.step, self.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         self._skips.fill_(int(state.get("nonfinite_skips", 0)))
@@ -398,11 +412,10 @@ class Trainer:
             self.train_data.load_state_dict(state["data"])
         if state.get("rng") is not None:
             restore_rng_state(state["rng"])
-        for key in ("batch_size", "learning_rate"):
-            old, new = state.get(key), getattr(self.cfg, key)
-            if old is not None and old != new:
-                self.log.info(f"warning: {key} was {old} in the checkpoint and is {new} now; "
-                              "continuing with the new value")  # fmt: skip
+        for line in resume_warnings(state, batch_size=self.cfg.batch_size,
+                                    learning_rate=self.cfg.learning_rate,
+                                    world_size=self.env.world_size):  # fmt: skip
+            self.log.info(f"warning: {line}; continuing")
         self.log.info(f"Resumed from {path} at step {self.step}")
 
 

@@ -58,6 +58,9 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any], config_path: str | None 
             return 0
         if result.status == "nonfinite":
             return 1
+        from train.checkpoint_dist import full_model
+
+        trainer.model = full_model(trainer.model, env, trainer.device)  # FSDP: gathered on rank 0
         if env.is_main:
             final = save_final_model(trainer)
             log.info(f"Final model: {final} (loads with OctoForCausalLM.from_pretrained and as "
@@ -76,7 +79,7 @@ def build_trainer(
     """Tokenizer, model shape (vocab sized to the tokenizer), data, then the Trainer."""
     from train.data import build_eval_batches, build_train_data, load_tokenizer, resolve_vocab_size
 
-    tokenizer = load_tokenizer(cfg.tokenizer_name)
+    tokenizer = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
     vocab = resolve_vocab_size(model_fields["vocab_size"], tokenizer)
     model_cfg = OctoConfig.from_dict({**model_fields, "vocab_size": vocab})
     train_data = build_train_data(cfg, tokenizer, env.rank, env.world_size)

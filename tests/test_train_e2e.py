@@ -1,0 +1,152 @@
+"""`python -m train` end to end on CPU: the demo config, shortened (loss falls, the log line, JSON
+metrics, the plot, the final folder in Octo and transformers), and SIGTERM (checkpoint, exit 0, the
+resume line, and the resumed run continuing)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from octo import OctoForCausalLM
+from train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "train" / "configs" / "demo.json"
+LINE = re.compile(
+    r"^Step (\d+): loss=(\d+\.\d{4}) ppl=(\d+\.\d{2}) lr=(\d\.\de[-+]\d\d) grad_norm=(\d+\.\d{2}) "
+    r"tok/s=\d+(\.\d+)?[kM]?( skipped=\d+)? eta=\d+[hm]\d\d[ms]$"
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """The demo corpus and tokenizer, built once for this module (data_cache_dir)."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def command(tmp: Path, cache: Path, *overrides: str) -> list[str]:
+    """The demo config (or, until it exists, the same kind of run spelled out), shortened."""
+    cmd = [sys.executable, "-m", "train"]
+    if DEMO.is_file():
+        cmd += ["--config", str(DEMO)]
+    else:
+        cmd += ["--model-config", "tiny", "--set", "dataset_name=octo-demo",
+                "tokenizer_name=octo-demo", "block_size=64", "batch_size=8",
+                "gradient_accumulation_steps=1", "learning_rate=3e-3", "warmup_steps=5"]  # fmt: skip
+    return cmd + [
+        "--set", f"data_cache_dir={cache}", f"log_dir={tmp / 'logs'}",
+        f"checkpoint_dir={tmp / 'ckpt'}", "num_workers=0", "eval_max_batches=4",
+        "sample_max_new_tokens=16", *overrides,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, cache):
+    tmp = tmp_path_factory.mktemp("demo_run")
+    cmd = command(tmp, cache, "max_steps=60", "log_interval_steps=10", "eval_interval_steps=30",
+                  "save_interval_steps=1000")  # fmt: skip
+    p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (log,) = (tmp / "logs").glob("training_*[0-9].log")
+    records = [json.loads(line) for line in log.with_suffix(".jsonl").read_text().splitlines()]
+    return tmp, p.stdout, log, records
+
+
+def test_loss_falls_and_evals_run(demo_run):
+    _, _, _, records = demo_run
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
+    assert [r["step"] for r in evals] == [30, 60]
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0  # nats: the model learns
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert records[0]["type"] == "start" and records[-1]["type"] == "end"
+    assert records[-1]["status"] == "completed" and records[-1]["step"] == 60
+
+
+def test_log_lines_and_json_agree(demo_run):
+    tmp, stdout, log, records = demo_run
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("Step ")]
+    train = [r for r in records if r["type"] == "train"]
+    assert len(lines) == len(train) == 6
+    for line, r in zip(lines, train):
+        m = LINE.match(line)
+        assert m, line  # no mfu= or mem= on CPU
+        assert int(m[1]) == r["step"] and m[2] == f"{r['loss']:.4f}" and m[3] == f"{r['ppl']:.2f}"
+        assert m[4] == f"{r['lr']:.1e}" and m[5] == f"{r['grad_norm']:.2f}"
+    for key in ("parameters", "Tokens per step", "Planned steps: 60 (max_steps)",
+                "precision: fp32", "Kernels: ", "Checkpoints: "):  # fmt: skip
+        assert key in text, key
+    for line in text.splitlines():  # the console shows the same lines, plain (not a terminal)
+        assert line in stdout
+    assert "\r" not in stdout
+
+
+def test_resolved_config_written(demo_run):
+    tmp, _, log, _ = demo_run
+    cfg = TrainConfig.load(log.with_name(log.stem + "_config.json"))
+    assert cfg.max_steps == 60 and cfg.checkpoint_dir == str(tmp / "ckpt")
+    assert TrainConfig.load(tmp / "ckpt" / "checkpoint_step_60" / "train_config.json") == cfg
+    assert json.loads(log.with_name(log.stem + "_model.json").read_text())["vocab_size"] > 0
+
+
+def test_plot_written(demo_run):
+    _, _, log, _ = demo_run
+    p = subprocess.run([sys.executable, "-m", "train.plot", str(log)], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    png = log.with_suffix(".png")
+    assert p.stdout.strip() == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_final_folder_loads_in_octo_and_transformers(demo_run):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tmp, stdout, _, _ = demo_run
+    final = tmp / "ckpt" / "final"
+    assert f"Sample from {Path('ckpt') / 'final'}" in stdout or f"Sample from {final}" in stdout
+    model = OctoForCausalLM.from_pretrained(final).eval()
+    last = OctoForCausalLM.from_pretrained(tmp / "ckpt" / "checkpoint_step_60")
+    for (k, v), w in zip(model.state_dict().items(), last.state_dict().values()):
+        assert torch.equal(v, w), k
+    tok = AutoTokenizer.from_pretrained(final)
+    ids = torch.tensor([tok.encode("Once upon a time, Lily had a red ball.")])
+    hf = LlamaForCausalLM.from_pretrained(final).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sigterm_saves_exits_0_and_resumes(tmp_path, cache):
+    cmd = command(tmp_path, cache, "max_steps=100000", "log_interval_steps=1",
+                  "save_interval_steps=100000", "eval_interval_steps=100000")  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)  # fmt: skip
+    for line in p.stdout:
+        if line.startswith("Step 3:"):
+            p.send_signal(signal.SIGTERM)
+            break
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    m = re.search(r"Stopped by SIGTERM at step (\d+); checkpoint saved to (\S+)\. Resume with: "
+                  r"(python -m train .* --set resume_from=\S+)$", out, re.M)  # fmt: skip
+    assert m, out
+    step, ckpt = int(m[1]), tmp_path / m[2]
+    assert step >= 3 and (ckpt / "trainer_state.json").is_file()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step
+    assert not (tmp_path / "ckpt" / "final").exists()  # stopped, not finished
+
+    resumed = subprocess.run(cmd + [f"resume_from={ckpt}", f"max_steps={step + 1}"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from {ckpt} at step {step}" in resumed.stdout
+    assert re.search(rf"^Step {step + 1}: ", resumed.stdout, re.M)
+    assert (tmp_path / "ckpt" / f"checkpoint_step_{step + 1}").is_dir()

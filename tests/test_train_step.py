@@ -1,0 +1,232 @@
+"""The Trainer's step on synthetic tokens (CPU, fp32, tiny model): gradient accumulation, the
+schedule, parameter groups, non-finite steps, SIGTERM and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from octo import OctoConfig, OctoForCausalLM
+from train.config import ConfigError, TrainConfig
+from train.loop import Trainer
+from train.optim import LRSchedule, param_groups, planned_steps
+
+VOCAB, T = 96, 32
+MODEL = OctoConfig.preset("tiny", vocab_size=VOCAB, max_position_embeddings=64)
+
+
+def make_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(batch_size=8, block_size=T, gradient_accumulation_steps=1, max_steps=20,
+                warmup_steps=2, learning_rate=3e-3, log_interval_steps=5, eval_interval_steps=1000,
+                save_interval_steps=1000, log_dir=str(tmp_path / "logs"),
+                checkpoint_dir=str(tmp_path / "ckpt"), seed=1)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+class ListData:
+    """A TrainData stand-in: fixed batches, with the position as its state."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches, self.pos, self.epoch = batches, 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.pos >= len(self.batches):
+            raise StopIteration
+        self.pos += 1
+        return self.batches[self.pos - 1]
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.pos = d["pos"]
+
+
+def random_batches(n: int, batch: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, T), generator=g) for _ in range(n)]
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    """8 x 1, 2 x 4 and the uneven 2 + 6 give the gradient of the mean loss over all 8 rows (an
+    uneven split catches a mean of per-micro-batch means; the pre-clip norm is checked against
+    plain autograd, since Adam's first update is blind to the gradient's scale)."""
+    ids = random_batches(1)[0]  # (8, T)
+    torch.manual_seed(1)  # the Trainer seeds cfg.seed=1 before building its model
+    ref = OctoForCausalLM(MODEL)
+    ref(ids, labels=ids).loss.backward()  # mean over all 8 * (T - 1) targets
+    ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
+
+    splits = {"8x1": [ids], "2x4": list(ids.split(2)), "2+6": [ids[:2], ids[2:]]}
+    grads, updates = {}, {}
+    for name, micro in splits.items():
+        tr = Trainer(make_cfg(tmp_path, gradient_accumulation_steps=len(micro)), MODEL)
+        assert torch.equal(tr.model.lm_head.weight, ref.lm_head.weight)  # same initial weights
+        before = [p.detach().clone() for p in tr.model.parameters()]
+        tr.optimizer.register_step_pre_hook(  # the (clipped) gradients the update is made from
+            lambda opt, a, k, name=name: grads.update({name: [p.grad.clone() for p in tr._params]})
+        )
+        stats = tr.train_step(micro)
+        assert stats.n_targets == 8 * (T - 1)
+        torch.testing.assert_close(stats.grad_norm, ref_norm, rtol=1e-5, atol=0, msg=name)
+        updates[name] = [p.detach() - b for p, b in zip(tr.model.parameters(), before)]
+    for name in splits:
+        for g, g0 in zip(grads[name], grads["8x1"]):
+            torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-8, msg=name)
+        # Adam's step is lr * g / (|g| + eps): about lr per element, and for |g| near eps it
+        # amplifies fp32 rounding of g by up to ~1/eps; agreement to 0.1% of lr is the claim.
+        for u, u0 in zip(updates[name], updates["8x1"]):
+            torch.testing.assert_close(u, u0, rtol=0, atol=1e-3 * 3e-3, msg=name)
+
+
+def test_schedule_follows_the_formula():
+    peak, floor, W, S = 1e-3, 1e-4, 10, 110
+    cos = LRSchedule(peak, W, S, "cosine", 0.1)
+    assert cos(0) == pytest.approx(peak / W) and cos(4) == pytest.approx(peak * 5 / W)
+    assert cos(W - 1) == pytest.approx(peak) and cos(W) == pytest.approx(peak)
+    for s in (W, 37, 60, 99, S - 1):
+        p = (s - W) / (S - 1 - W)
+        assert cos(s) == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+    assert cos(S - 1) == pytest.approx(floor) and cos(S + 50) == pytest.approx(floor)
+    lrs = [cos(s) for s in range(W, S)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    lin = LRSchedule(peak, W, S, "linear", 0.1)
+    assert lin(W + 49) == pytest.approx(peak - (peak - floor) * 49 / 99)
+    assert LRSchedule(peak, W, S, "constant", 0.1)(S + 5) == peak
+    assert LRSchedule(peak, 0, S, "cosine", 0.0)(0) == peak  # no warmup: the peak at once
+
+
+def test_trainer_applies_the_scheduled_lr(tmp_path):
+    tr = Trainer(make_cfg(tmp_path, warmup_steps=3, max_steps=6, lr_schedule="linear"), MODEL)
+    for s, ids in enumerate(random_batches(6)):
+        stats = tr.train_step([ids])
+        assert stats.lr == tr.schedule(s) == tr.optimizer.param_groups[0]["lr"]
+    assert tr.step == 6 and stats.lr == pytest.approx(3e-3 * 0.1)
+
+
+def test_planned_steps(tmp_path):
+    class Sized:
+        def tokens_per_epoch(self):
+            return 10_000
+
+    cfg = make_cfg(tmp_path, max_steps=None, num_epochs=3)
+    assert planned_steps(cfg, Sized())[0] == 3 * 10_000 // (8 * T)
+    assert planned_steps(make_cfg(tmp_path, max_steps=7), None)[0] == 7
+    with pytest.raises(ConfigError, match="set max_steps, or set pretokenize: true"):
+        planned_steps(cfg, iter([]))
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    m = OctoForCausalLM(OctoConfig.preset("tiny", attention_bias=True, tie_word_embeddings=True))
+    decay, no_decay = param_groups(m, 0.1)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert {n for n in names.values() if "norm" in n or n.endswith("bias")} <= nd
+    assert "model.embed_tokens.weight" in nd  # tied: lm_head is the same tensor, listed once
+    assert all(p.ndim == 2 and "embed" not in names[id(p)] for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def nan_switch(trainer: Trainer) -> dict:
+    """A forward hook that makes the final norm's output NaN (so the loss) while flag["on"]."""
+    flag = {"on": False}
+    trainer.model.model.norm.register_forward_hook(
+        lambda mod, inp, out: out * float("nan") if flag["on"] else out
+    )
+    return flag
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+    tr = Trainer(make_cfg(tmp_path), MODEL)
+    flag = nan_switch(tr)
+    batches = random_batches(3)
+    tr.train_step([batches[0]])
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    opt_before = {k: v.clone() for k, v in tr.optimizer.state[tr._params[0]].items()}
+    flag["on"] = True
+    stats = tr.train_step([batches[1]])
+    assert bool(stats.skipped) and math.isnan(stats.loss())
+    assert (tr.nonfinite_skips, tr.consecutive_nonfinite, tr.step) == (1, 1, 2)
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the update was not applied
+    for k, v in tr.optimizer.state[tr._params[0]].items():
+        assert torch.equal(v, opt_before[k]), k  # nor Adam's moments or step count
+    flag["on"] = False
+    stats = tr.train_step([batches[2]])
+    assert not bool(stats.skipped) and tr.consecutive_nonfinite == 0 and tr.nonfinite_skips == 1
+    assert not torch.equal(tr.model.lm_head.weight, before["lm_head.weight"])
+
+
+def test_consecutive_nonfinite_stops_with_last_good_checkpoint(tmp_path):
+    cfg = make_cfg(tmp_path, max_consecutive_nonfinite=3, log_interval_steps=1)
+    tr = Trainer(cfg, MODEL, train_data=ListData(random_batches(20)))
+    flag = nan_switch(tr)
+    tr.model.register_forward_pre_hook(lambda m, a: flag.update(on=tr.step >= 2))
+    good_copy = {}
+    orig = tr.train_step
+
+    def step(micro):  # remember the weights after the last good step (step 2)
+        if tr.step == 2:
+            good_copy.update({k: v.clone() for k, v in tr.model.state_dict().items()})
+        return orig(micro)
+
+    tr.train_step = step
+    result = tr.fit()
+    tr.log.close()
+    assert result.status == "nonfinite" and result.step == 5
+    assert tr.nonfinite_skips == 3
+    saved = OctoForCausalLM.from_pretrained(result.checkpoint)
+    for k, v in saved.state_dict().items():
+        assert torch.equal(v, good_copy[k]), k
+    text = tr.log.log_path.read_text()
+    assert "3 non-finite steps in a row" in text and "skipped (3 in a row, 3 in total)" in text
+
+
+def run_losses(tr: Trainer) -> list[float]:
+    tr.fit()
+    tr.log.close()
+    records = [json.loads(line) for line in tr.log.jsonl_path.read_text().splitlines()]
+    return [r["loss"] for r in records if r["type"] == "train"]
+
+
+def test_sigterm_saves_and_resume_is_exact(tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint is written, fit returns "interrupted";
+    a new Trainer resumed from it logs the same per-step losses as an uninterrupted run."""
+    batches = random_batches(12)
+    kw = dict(max_steps=10, log_interval_steps=1, gradient_accumulation_steps=2)
+    straight = run_losses(Trainer(make_cfg(tmp_path / "a", **kw), MODEL,
+                                  train_data=ListData(batches)))  # fmt: skip
+
+    cfg = make_cfg(tmp_path / "b", **kw)
+    tr = Trainer(cfg, MODEL, train_data=ListData(batches))
+    tr.model.register_forward_pre_hook(
+        lambda m, a: os.kill(os.getpid(), signal.SIGTERM) if tr.step == 4 else None
+    )
+    first = run_losses(tr)
+    assert tr._stop_signal == "SIGTERM" and tr.step == 5
+    ckpt = tmp_path / "b" / "ckpt" / "checkpoint_step_5"
+    assert (ckpt / "trainer_state.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(
+        signal.getsignal(signal.SIGTERM)
+    )
+    tr2 = Trainer(make_cfg(tmp_path / "c", **kw), MODEL, train_data=ListData(batches))
+    tr2.resume(ckpt)
+    rest = run_losses(tr2)
+    assert first + rest == straight  # bit-identical, step by step
+
+
+def test_profile_timings_only_when_asked(tmp_path):
+    tr = Trainer(make_cfg(tmp_path), MODEL)
+    assert tr.train_step(random_batches(1)).timings is None
+    tr.profile = True
+    t = tr.train_step(random_batches(1)).timings
+    assert set(t) == {"forward_backward", "optimizer"} and all(v > 0 for v in t.values())
