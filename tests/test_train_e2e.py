@@ -39,7 +39,8 @@ def command(tmp: Path, cache: Path, *overrides: str) -> list[str]:
     else:
         cmd += ["--model-config", "tiny", "--set", "dataset_name=octo-demo",
                 "tokenizer_name=octo-demo", "block_size=64", "batch_size=8",
-                "gradient_accumulation_steps=1", "learning_rate=3e-3", "warmup_steps=5"]  # fmt: skip
+                "gradient_accumulation_steps=1", "learning_rate=3e-3",
+                "warmup_steps=5"]  # fmt: skip
     return cmd + [
         "--set", f"data_cache_dir={cache}", f"log_dir={tmp / 'logs'}",
         f"checkpoint_dir={tmp / 'ckpt'}", "num_workers=0", "eval_max_batches=4",

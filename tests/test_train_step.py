@@ -72,7 +72,9 @@ def test_accumulation_equals_one_big_batch(tmp_path):
         assert torch.equal(tr.model.lm_head.weight, ref.lm_head.weight)  # same initial weights
         before = [p.detach().clone() for p in tr.model.parameters()]
         tr.optimizer.register_step_pre_hook(  # the (clipped) gradients the update is made from
-            lambda opt, a, k, name=name: grads.update({name: [p.grad.clone() for p in tr._params]})
+            lambda opt, a, k, name=name, ps=tr._params: grads.update(
+                {name: [p.grad.clone() for p in ps]}
+            )
         )
         stats = tr.train_step(micro)
         assert stats.n_targets == 8 * (T - 1)
