@@ -14,9 +14,11 @@ Triton path (this file, top to bottom: reference, kernels, launchers, torch.libr
 function):
 - forward: one program normalises ROWS rows held in registers as a (ROWS, BLOCK_C) tile
   (BLOCK_C = next_pow2(C)); x is read once, y written once, rstd (R,) fp32 saved for backward.
-- backward: a grid of at most a few programs per SM; each walks row tiles grid-stride, writes dx
-  and accumulates g * xhat in an fp32 register tile, then stores one fp32 partial row of dL/dw
-  (G, C). The (G, C) partials are summed in fp32 and cast to w's dtype: no atomics, deterministic.
+- backward: a persistent grid of about one wave (2 programs per SM); each walks row tiles
+  grid-stride (prefetching the next tile's dy and x into shared memory while it computes this
+  one), writes dx and accumulates g * xhat in an fp32 register tile, then stores one fp32 partial
+  row of dL/dw (G, C). The (G, C) partials are summed in fp32 and cast to w's dtype: no atomics,
+  deterministic. (Liger-Kernel's backward has the same partials; the prefetch is quack's idea.)
 - both are `torch.library.custom_op`s (octo::rms_norm_fwd / octo::rms_norm_bwd) with fake
   implementations, so `torch.compile(fullgraph=True)` keeps them as opaque calls (no graph break).
   Inputs are made last-dim-contiguous inside the ops: a compiled graph may hand the backward an
@@ -34,6 +36,7 @@ import torch
 from kernels.backend import interpreting, triton_available, use_triton
 
 MAX_HIDDEN = 32768  # one row lives in registers; beyond this the reference runs
+BWD_PIPELINE_SMEM = 128 * 1024  # shared memory the backward may use to prefetch the next tile
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -115,6 +118,7 @@ if triton_available():
         N_COLS: tl.constexpr,
         BLOCK_C: tl.constexpr,
         ROWS: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         n_prog = tl.num_programs(0)
@@ -123,7 +127,9 @@ if triton_available():
         dw_acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
 
         # grid-stride over row tiles: tile pid + i * n_prog (past the end: fully masked)
-        for i in range(0, tl.cdiv(tl.cdiv(n_rows, ROWS), n_prog)):
+        # NUM_STAGES = 2: the next tile's dy and x stream into shared memory (cp.async) while
+        # this one is computed, so more bytes are in flight than registers alone could hold.
+        for i in tl.range(0, tl.cdiv(tl.cdiv(n_rows, ROWS), n_prog), num_stages=NUM_STAGES):
             rows = (pid + i * n_prog) * ROWS + tl.arange(0, ROWS)
             row_ok = rows < n_rows
             mask = row_ok[:, None] & col_ok[None, :]
@@ -207,10 +213,12 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: t
     block_c, rows, _, num_warps = _tiles(n_cols)
     n_prog = max(1, min(triton.cdiv(n_rows, rows), _bwd_grid_cap(x.device)))
     dw_part = torch.empty((n_prog, n_cols), dtype=torch.float32, device=x.device)
+    tile_bytes = rows * block_c * (dy2.element_size() + x2.element_size())
+    stages = 2 if 2 * tile_bytes <= BWD_PIPELINE_SMEM else 1
     _rms_norm_bwd_kernel[(n_prog,)](
         dy2, x2, weight.contiguous(), rstd.contiguous(), dx, dw_part,
         n_rows, dy2.stride(0), x2.stride(0), n_cols,
-        N_COLS=n_cols, BLOCK_C=block_c, ROWS=rows, num_warps=num_warps,
+        N_COLS=n_cols, BLOCK_C=block_c, ROWS=rows, NUM_STAGES=stages, num_warps=num_warps,
     )  # fmt: skip
     dw = dw_part.sum(dim=0).to(weight.dtype)
     return dx, dw
