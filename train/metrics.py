@@ -186,6 +186,10 @@ def start_lines(t: Any) -> list[str]:
         f"heads, vocab {c.vocab_size})",
         f"Tokens per step: {cfg.batch_size} x {cfg.block_size} x {cfg.gradient_accumulation_steps}"
         f" x {t.env.world_size} processes = {tokens_per_step(cfg, t.env.world_size)}",
+        f"Global batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x "
+        f"{t.env.world_size} processes = "
+        f"{cfg.batch_size * cfg.gradient_accumulation_steps * t.env.world_size} sequences per step"
+        + (f" ({cfg.parallelism.upper()})" if t.env.enabled else ""),
         f"Planned steps: {t.total_steps} ({t.steps_source}){resuming}",
         f"Device: {dev} ({name}); precision: {t.precision.describe()}; torch.compile: "
         f"{'on' if compile_enabled(cfg, dev) else 'off'}",
