@@ -56,11 +56,13 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Reference RMSNorm: fp32 math, result cast back to x's dtype. x (..., C), weight (C,)."""
+    """Reference RMSNorm: fp32 math (fp64 for fp64 x), cast back to x's dtype. x (..., C), w (C,).
+
+    fp64 inputs stay fp64 so tests can compute a truth more exact than the fp32 kernels."""
     _check_args(x, weight)
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     rstd = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (xf * rstd * weight.float()).to(x.dtype)
+    return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

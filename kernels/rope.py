@@ -87,14 +87,16 @@ def apply_rope_ref(
     sin: torch.Tensor,
     position_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference RoPE in fp32, cast back. Returns (q_rotated, k_rotated), shapes of q and k."""
+    """Reference RoPE in fp32 (fp64 when q or k is fp64), cast back. Returns (q_rotated,
+    k_rotated), shapes of q and k. fp64 stays fp64 so tests can compute a more exact truth."""
     _check(q, k, cos, sin, position_offset)
     T = q.shape[2]
-    c = cos[..., position_offset : position_offset + T, :].float()
-    s = sin[..., position_offset : position_offset + T, :].float()
+    acc = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
+    c = cos[..., position_offset : position_offset + T, :].to(acc)
+    s = sin[..., position_offset : position_offset + T, :].to(acc)
     if c.dim() == 3:  # (B, T, D) -> (B, 1, T, D), broadcast over heads
         c, s = c.unsqueeze(1), s.unsqueeze(1)
-    qf, kf = q.float(), k.float()
+    qf, kf = q.to(acc), k.to(acc)
     q_out = qf * c + rotate_half(qf) * s
     k_out = kf * c + rotate_half(kf) * s
     return q_out.to(q.dtype), k_out.to(k.dtype)

@@ -4,6 +4,10 @@ Outputs and the q/k gradients, fp32/bf16/fp16, grouped-query heads down to one K
 model's transposed (B, T, H, D) memory layout and other non-contiguous inputs, (B, P, D) tables,
 position offsets (KV-cache decoding), transformers' convention, the torch.library contract
 (opcheck), torch.compile(fullgraph=True) against eager, and bad input.
+
+Tolerance (tests/numerics.py): error against the truth <= 2 x the error of the same-dtype PyTorch
+computation (the reference run on the kernel's dtype) + atol. The truth is the reference on inputs
+upcast to fp64 (it then computes in fp64), so that for fp32 the baseline's own rounding counts too.
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ def _check_against_reference(q, k, cos, sin, offset=0):
     assert _used_kernel(qo) and _used_kernel(ko), "the Triton op did not run"
     torch.autograd.backward([qo, ko], [gq, gk])
     ref = _fwd_bwd(
-        lambda a, b: apply_rope_ref(a, b, cos, sin, offset), q.float(), k.float(), gq.float(),
-        gk.float(),
+        lambda a, b: apply_rope_ref(a, b, cos, sin, offset), q.double(), k.double(), gq.double(),
+        gk.double(),
     )  # fmt: skip
     base = _fwd_bwd(lambda a, b: apply_rope_ref(a, b, cos, sin, offset), q, k, gq, gk)
     outs = (qo, ko, qk.grad, kk.grad)
