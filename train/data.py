@@ -185,24 +185,27 @@ def first_blocks(src: DocSource, tokenizer, block_size: int, n: int) -> np.ndarr
 
 def build_eval_batches(cfg, tokenizer, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
     """Eval batches of this rank: global batches 0 .. eval_max_batches-1 of the eval documents
-    packed in order (no shuffle), rank r taking those with index % world_size == r. Identical in
-    both modes and on every call; empty when there is no eval data configured."""
+    packed in order (no shuffle), rank r taking those with index % world_size == r, the same
+    number on every rank (FSDP's forward is a collective; up to world_size - 1 trailing batches
+    are left out). Identical in both modes and on every call; empty when there is no eval data
+    configured."""
     _check_tokenizer(tokenizer)
     src = eval_source(cfg)
     if src is None:
         return []
     B, T = cfg.batch_size, cfg.block_size
-    want = cfg.eval_max_batches * B
+    want = max(cfg.eval_max_batches, world_size) * B  # at least one batch per rank
     if cfg.pretokenize:
         folder = ensure_token_cache(src, tokenizer, cfg.data_cache_dir, progress=rank == 0)
         tokens = load_part(folder, src.part)
         blocks = tokens.blocks(0, min(want, len(tokens) // T), T)
     else:
         blocks = first_blocks(src.open(), tokenizer, T, want)
-    if len(blocks) < B:
+    if len(blocks) < B * world_size:
         raise DataError(
-            f"{src.describe()} has {len(blocks) * T}+ tokens, less than one eval batch "
-            f"(batch_size x block_size = {B * T}); use a bigger eval split or holdout fraction"
+            f"{src.describe()} has {len(blocks) * T}+ tokens, less than one eval batch per process "
+            f"(batch_size x block_size x {world_size} processes = {B * T * world_size}); use a "
+            "bigger eval split or holdout fraction"
         )
-    n = len(blocks) // B
+    n = len(blocks) // B // world_size * world_size
     return [torch.from_numpy(blocks[i * B : (i + 1) * B]) for i in range(rank, n, world_size)]
