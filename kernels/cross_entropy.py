@@ -15,11 +15,12 @@ and zero for ignored rows.
 
 Triton path (this file, top to bottom: reference, kernels, launchers, torch.library ops, public
 function):
-- forward (octo::cross_entropy_fwd): one program per row walks the vocabulary in BLOCK_V column
-  blocks with an online softmax (running max m and running sum d of exp(x - m)), so any V (256k
-  and beyond) streams through registers; it reads x once and writes loss_i and lse_i (fp32). Row
+- forward (octo::cross_entropy_fwd): a program takes ROWS rows (1 for a large vocabulary, more
+  for a small one) and walks the vocabulary in BLOCK_V column blocks with an online softmax
+  (running max m and running sum d of exp(x - m)), so any V (256k and beyond) streams through
+  registers; it reads x once (ignored rows not at all) and writes loss_i and lse_i (fp32). Row
   offsets are int64 (N * V may pass 2^31); the reduction over rows is plain torch on (N,) fp32.
-- backward (octo::cross_entropy_bwd): one program per row re-reads x, rebuilds
+- backward (octo::cross_entropy_bwd): the same tiling re-reads x, rebuilds
   softmax = exp(x - lse) from the saved lse, and writes dL/dx once, in x's dtype, scaled in the
   kernel by s_i read through a stride (stride 0 for the expanded gradient of "sum"/"mean": no
   copy, no host sync). The true-class term p - 1 is formed in fp32 before the cast.
@@ -46,6 +47,8 @@ from kernels.backend import interpreting, triton_available, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TILE_ELEMENTS_GPU = 8192  # elements of a (ROWS, BLOCK_V) tile; see _tiles
+TILE_ELEMENTS_INTERPRETED = 65536
 
 
 def check_cross_entropy_args(
@@ -132,35 +135,29 @@ if triton_available():
     from kernels.backend import cast_like
 
     @triton.jit
-    def _ce_grad_row(
-        X_ROW,  # this row's logits, column stride 1
-        G_ROW,  # this row's gradient, column stride 1 (may be X_ROW: read before write)
-        y,  # int64 label (already known valid or not)
-        lse,  # fp32
-        scale,  # fp32 dL/dloss of the row (NaN for an out-of-vocabulary label)
+    def _ce_grad_tile(
+        X_ROWS,  # (ROWS, 1) pointers to the rows' logits, column stride 1
+        G_ROWS,  # (ROWS, 1) pointers to the rows' gradients (may equal X_ROWS: read before write)
+        active,  # (ROWS,) rows to compute; the others get zeros
+        y,  # (ROWS,) int64 labels
+        lse,  # (ROWS,) fp32
+        scale,  # (ROWS,) fp32 dL/dloss per row (NaN for an out-of-vocabulary label)
         z_loss,
         V,
+        row_ok,  # (ROWS,) rows inside the tensor
         BLOCK_V: tl.constexpr,
     ):
-        """G_ROW[v] = scale * (exp(x_v - lse) * (1 + 2 z lse) - [v == y]), fp32 math."""
+        """G[v] = scale * (exp(x_v - lse) * (1 + 2 z lse) - [v == y]), fp32 math, per row."""
         cols = tl.arange(0, BLOCK_V)
         coef = 1.0 + 2.0 * z_loss * lse
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            mask = offs < V
-            x = tl.load(X_ROW + offs, mask=mask, other=0.0).to(tl.float32)
-            p = tl.exp2((x - lse) * 1.4426950408889634) * coef
-            g = tl.where(offs == y, p - 1.0, p) * scale  # true class: p - 1 in fp32
-            tl.store(G_ROW + offs, cast_like(g, G_ROW), mask=mask)
-
-    @triton.jit
-    def _ce_zero_row(G_ROW, V, BLOCK_V: tl.constexpr):
-        cols = tl.arange(0, BLOCK_V)
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            tl.store(
-                G_ROW + offs, tl.zeros((BLOCK_V,), dtype=G_ROW.dtype.element_ty), mask=offs < V
-            )
+            col_ok = offs < V
+            x = tl.load(X_ROWS + offs[None, :], mask=active[:, None] & col_ok[None, :], other=0.0)
+            p = tl.exp2((x.to(tl.float32) - lse[:, None]) * 1.4426950408889634) * coef[:, None]
+            g = tl.where(offs[None, :] == y[:, None], p - 1.0, p) * scale[:, None]  # p - 1: fp32
+            g = tl.where(active[:, None], g, 0.0)
+            tl.store(G_ROWS + offs[None, :], cast_like(g, G_ROWS), mask=row_ok[:, None] & col_ok)
 
     @triton.jit
     def _ce_fwd_kernel(
@@ -170,6 +167,7 @@ if triton_available():
         LSE,  # (N,) fp32 out: log-sum-exp, 0 where ignored
         G,  # (N, V) out when HAS_GRAD (may be X itself), row stride stride_g
         SCALE,  # fp32 dL/dloss per row, read at row * stride_s (stride 0: one scalar)
+        n_rows,
         stride_x,
         stride_g,
         stride_s,
@@ -178,40 +176,40 @@ if triton_available():
         z_loss,
         HAS_GRAD: tl.constexpr,
         BLOCK_V: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        X_ROW = X + row * stride_x
-        y = tl.load(LABELS + row).to(tl.int64)
-        if y == ignore_index:
-            tl.store(LOSS + row, 0.0)
-            tl.store(LSE + row, 0.0)
-            if HAS_GRAD:
-                _ce_zero_row(G + row * stride_g, V, BLOCK_V)
-            return
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
+        row_ok = rows < n_rows
+        y = tl.load(LABELS + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+        active = row_ok & (y != ignore_index)  # ignored rows are never read
+        X_ROWS = X + rows[:, None] * stride_x
 
-        # online softmax over column blocks: m = running max, d = sum exp(x - m)
+        # online softmax over column blocks: m = running max, d = sum exp(x - m), per row
         cols = tl.arange(0, BLOCK_V)
-        m = -float("inf")
-        d = 0.0
+        m = tl.full((ROWS,), -float("inf"), tl.float32)
+        d = tl.zeros((ROWS,), tl.float32)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            x = tl.load(X_ROW + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            d = d * tl.exp2((m - m_new) * 1.4426950408889634) + tl.sum(
-                tl.exp2((x - m_new) * 1.4426950408889634), axis=0
+            mask = active[:, None] & (offs < V)[None, :]
+            x = tl.load(X_ROWS + offs[None, :], mask=mask, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            m_safe = tl.where(active, m_new, 0.0)  # inactive rows: all -inf, keep NaN out
+            d = d * tl.exp2((m - m_safe) * 1.4426950408889634) + tl.sum(
+                tl.exp2((x - m_safe[:, None]) * 1.4426950408889634), axis=1
             )
             m = m_new
-        lse = m + tl.log(d)
+        lse = tl.where(active, m + tl.log(tl.where(active, d, 1.0)), 0.0)
 
         in_vocab = (y >= 0) & (y < V)
-        x_y = tl.load(X_ROW + y, mask=in_vocab, other=0.0).to(tl.float32)
-        loss = lse - x_y + z_loss * lse * lse
-        tl.store(LOSS + row, tl.where(in_vocab, loss, float("nan")))
-        tl.store(LSE + row, lse)
+        x_y = tl.load(X + rows * stride_x + y, mask=active & in_vocab, other=0.0).to(tl.float32)
+        loss = tl.where(in_vocab, lse - x_y + z_loss * lse * lse, float("nan"))
+        tl.store(LOSS + rows, tl.where(active, loss, 0.0), mask=row_ok)
+        tl.store(LSE + rows, lse, mask=row_ok)
         if HAS_GRAD:
-            scale = tl.load(SCALE + row * stride_s).to(tl.float32)
+            scale = tl.load(SCALE + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
             scale = tl.where(in_vocab, scale, float("nan"))
-            _ce_grad_row(X_ROW, G + row * stride_g, y, lse, scale, z_loss, V, BLOCK_V)
+            G_ROWS = G + rows[:, None] * stride_g
+            _ce_grad_tile(X_ROWS, G_ROWS, active, y, lse, scale, z_loss, V, row_ok, BLOCK_V)
 
     @triton.jit
     def _ce_bwd_kernel(
@@ -220,6 +218,7 @@ if triton_available():
         LSE,  # (N,) fp32 from the forward
         DLOSS,  # fp32 dL/dloss per row, read at row * stride_s (stride 0: expanded scalar)
         G,  # (N, V) out, row stride stride_g
+        n_rows,
         stride_x,
         stride_g,
         stride_s,
@@ -227,16 +226,19 @@ if triton_available():
         ignore_index,
         z_loss,
         BLOCK_V: tl.constexpr,
+        ROWS: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        y = tl.load(LABELS + row).to(tl.int64)
-        if y == ignore_index:
-            _ce_zero_row(G + row * stride_g, V, BLOCK_V)
-            return
-        lse = tl.load(LSE + row)
-        scale = tl.load(DLOSS + row * stride_s).to(tl.float32)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
+        row_ok = rows < n_rows
+        y = tl.load(LABELS + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+        active = row_ok & (y != ignore_index)
+        lse = tl.load(LSE + rows, mask=active, other=0.0)
+        scale = tl.load(DLOSS + rows * stride_s, mask=active, other=0.0).to(tl.float32)
         scale = tl.where((y >= 0) & (y < V), scale, float("nan"))
-        _ce_grad_row(X + row * stride_x, G + row * stride_g, y, lse, scale, z_loss, V, BLOCK_V)
+        _ce_grad_tile(
+            X + rows[:, None] * stride_x, G + rows[:, None] * stride_g,
+            active, y, lse, scale, z_loss, V, row_ok, BLOCK_V,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,12 +246,15 @@ if triton_available():
 # ----------------------------------------------------------------------------------------------
 
 
-def _blocks(vocab: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): 8K columns per step and 16 elements per thread on a GPU (enough
-    bytes in flight per SM; chosen, not yet tuned); whole rows up to 64K under the interpreter
-    (fewer, slower Python steps)."""
-    block = min(triton.next_power_of_2(vocab), 65536 if interpreting() else 8192)
-    return block, max(4, min(16, block // 512))
+def _tiles(n_rows: int, vocab: int) -> tuple[int, int, int]:
+    """(BLOCK_V, ROWS, num_warps). A program streams ROWS rows through (ROWS, BLOCK_V) tiles of
+    ~8K elements on a GPU (16 per thread: enough bytes in flight per SM; chosen, not yet tuned),
+    so large vocabularies get one row per program and small ones several; under the interpreter
+    tiles of ~64K elements (fewer, slower Python steps)."""
+    target = TILE_ELEMENTS_INTERPRETED if interpreting() else TILE_ELEMENTS_GPU
+    block = min(triton.next_power_of_2(vocab), target)
+    rows = min(max(1, target // block), triton.next_power_of_2(n_rows), 64)
+    return block, rows, max(4, min(16, rows * block // 512))
 
 
 def _cols_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -278,11 +283,11 @@ def ce_forward_launch(
         stride_s = scale.stride(0) if scale.numel() > 1 else 0
     else:
         grad, scale, stride_s = logits, loss, 0  # unused by the kernel
-    block, num_warps = _blocks(vocab)
-    _ce_fwd_kernel[(n_rows,)](
+    block, rows, num_warps = _tiles(n_rows, vocab)
+    _ce_fwd_kernel[(triton.cdiv(n_rows, rows),)](
         logits, labels.contiguous(), loss, lse, grad, scale,
-        logits.stride(0), grad.stride(0), stride_s, vocab, ignore_index, z_loss,
-        HAS_GRAD=has_grad, BLOCK_V=block, num_warps=num_warps,
+        n_rows, logits.stride(0), grad.stride(0), stride_s, vocab, ignore_index, z_loss,
+        HAS_GRAD=has_grad, BLOCK_V=block, ROWS=rows, num_warps=num_warps,
     )  # fmt: skip
     return loss, lse
 
@@ -292,11 +297,11 @@ def _bwd_launch(logits, labels, lse, dloss, ignore_index, z_loss):
     n_rows, vocab = logits.shape
     grad = torch.empty((n_rows, vocab), dtype=logits.dtype, device=logits.device)
     dloss = dloss.float()  # a no-op for the fp32 loss gradient; keeps an expanded stride 0
-    block, num_warps = _blocks(vocab)
-    _ce_bwd_kernel[(n_rows,)](
+    block, rows, num_warps = _tiles(n_rows, vocab)
+    _ce_bwd_kernel[(triton.cdiv(n_rows, rows),)](
         logits, labels.contiguous(), lse.contiguous(), dloss, grad,
-        logits.stride(0), grad.stride(0), dloss.stride(0), vocab, ignore_index, z_loss,
-        BLOCK_V=block, num_warps=num_warps,
+        n_rows, logits.stride(0), grad.stride(0), dloss.stride(0), vocab, ignore_index, z_loss,
+        BLOCK_V=block, ROWS=rows, num_warps=num_warps,
     )  # fmt: skip
     return grad
 

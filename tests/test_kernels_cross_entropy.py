@@ -66,6 +66,21 @@ def test_matches_reference(dtype, n_rows, vocab):
     check_against_reference(logits, labels, "sum" if n_rows == 1 else "mean")
 
 
+@pytest.mark.parametrize("tile", [256, 8192])
+def test_online_softmax_over_column_blocks(monkeypatch, tile):
+    """Tiles as small as a GPU's relative to V: 777 columns in 256-wide blocks (the online
+    softmax rescales its running sum across blocks, one row per program), or the GPU's tiles of
+    8 rows of one 1024-wide block per program; the interpreter otherwise takes whole rows."""
+    monkeypatch.setattr(ce_mod, "TILE_ELEMENTS_INTERPRETED", tile)
+    block, rows, _ = ce_mod._tiles(37, 777)
+    assert (block, rows) == ((256, 1) if tile == 256 else (1024, 8))
+    logits = (torch.randn(37, 777) * 3).to(torch.bfloat16)
+    logits[3, 700] = 30.0  # the row max in the last block: earlier blocks' sums get rescaled
+    labels = _labels(37, 777)
+    check_against_reference(logits, labels, "none", z_loss=1e-3)
+    check_against_reference(logits.float(), labels, "mean")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions_with_z_loss(dtype, reduction):
