@@ -237,6 +237,10 @@ class OctoForCausalLM(nn.Module):
         return_logits: bool | None = None,  # default: only when there are no labels
         reduction: str = "mean",  # of the loss over non-ignored target tokens: mean | sum
     ) -> CausalLMOutput:
+        """Logits and/or the loss. Position t predicts token t+1 (transformers' convention); with
+        labels and no return_logits, the loss comes from kernels.linear_cross_entropy, which never
+        materialises (B, T, V) on the fused path, and .logits is None. Positions count from 0 in
+        every row, padded or not (as transformers' forward does without position_ids)."""
         h = self.hidden_states(input_ids, attention_mask)  # (B, T, C)
         if return_logits is None:
             return_logits = labels is None
