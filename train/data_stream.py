@@ -151,28 +151,31 @@ def stream_batches(
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
-    """The W streams of one rank for one epoch; worker w serves stream (rotation + w) % W."""
+    """The W streams of one rank for one epoch; worker w serves stream (rotation + w) % W.
+
+    Holds copies of what the workers need, not the TrainData (no reference cycle: a dropped
+    TrainData shuts its workers down at once, not whenever the cyclic GC runs)."""
 
     def __init__(self, data: StreamingTrainData) -> None:
         super().__init__()
-        self.d = data
-        self.states = list(data._states)
-        self.epoch, self.rotation = data.epoch, data._next
+        c = data.cfg
+        self.src, self.tokenizer = data.src, data.tokenizer
+        self.kw = dict(
+            block_size=c.block_size, batch_size=c.batch_size, buffer_size=c.buffer_size,
+            seed=c.seed, epoch=data.epoch, num_streams=data.S,
+        )  # fmt: skip
+        self.first, self.W = data.rank * data.W, data.W
+        self.states, self.rotation = list(data._states), data._next
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        d, info = self.d, torch.utils.data.get_worker_info()
-        local = (self.rotation + (info.id if info else 0)) % d.W
+        info = torch.utils.data.get_worker_info()
+        local = (self.rotation + (info.id if info else 0)) % self.W
         for ids, after in stream_batches(
-            d.src,
-            d.tokenizer,
-            block_size=d.cfg.block_size,
-            batch_size=d.cfg.batch_size,
-            buffer_size=d.cfg.buffer_size,
-            seed=d.cfg.seed,
-            epoch=self.epoch,
-            stream=d.rank * d.W + local,
-            num_streams=d.S,
+            self.src,
+            self.tokenizer,
+            stream=self.first + local,
             state=self.states[local],
+            **self.kw,
         ):
             yield {"ids": ids, "stream": local, "state": after}
 
@@ -213,6 +216,9 @@ class StreamingTrainData:
             num_workers=self.cfg.num_workers,
             worker_init_fn=_worker_init,
             prefetch_factor=4,
+            # The workers' base seed comes from this generator, not the global RNG: creating the
+            # loader (again, after a resume) must not move torch's RNG (exact resume).
+            generator=torch.Generator(),
             pin_memory=torch.cuda.is_available() and self.cfg.device != "cpu",
             in_order=True,
         )
