@@ -25,7 +25,8 @@ public function):
   rounded to bf16 before the fp32 sum, and with fp32 master weights dL/dweight is never rounded
   to bf16 at all (eager autocast rounds it once).
 - peak extra memory: one (chunk, V) logits block in the matmul dtype, the fp32 (V, C)
-  accumulator plus one fp32 (V, C) chunk product, the fp32 (N, C) dL/dhidden, and the weight's
+  accumulator (plus one fp32 (V, C) chunk product where torch cannot accumulate in the matmul
+  itself, see _addmm_fp32_), the fp32 (N, C) dL/dhidden, and the weight's
   low-precision copy when it is cast. chunk_rows keeps the block no larger than about twice the
   weight, so the peak is O(V * C + N * C), never O(N * V) (eager holds several (N, V) tensors,
   fp32 among them).
@@ -113,15 +114,26 @@ def chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
 
 
 @functools.cache
-def _cuda_mm_has_out_dtype() -> bool:
-    """torch.mm(a, b, out_dtype=torch.float32) on bf16/fp16 CUDA tensors (cuBLAS, fp32 output)
-    exists in recent torch; older versions lack it."""
+def _cuda_fp32_out_matmuls() -> tuple[bool, bool]:
+    """Whether this torch has, for bf16 CUDA operands, (1) torch.mm(a, b, out_dtype=fp32) and
+    (2) torch.addmm(acc, a, b, out_dtype=fp32, out=acc) accumulating into an fp32 acc (cuBLAS
+    with fp32 output and beta = 1; newer than (1)). Probed once on a small product, values
+    checked, so a torch without them (or with a different aliasing rule) takes the fallback."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(64, 32, device="cuda", generator=g).to(torch.bfloat16)
+    b = torch.randn(32, 16, device="cuda", generator=g).to(torch.bfloat16)
+    want = a.double() @ b.double()
     try:
-        a = torch.zeros(16, 16, device="cuda", dtype=torch.bfloat16)
-        torch.mm(a, a, out_dtype=torch.float32)
+        mm_ok = torch.allclose(torch.mm(a, b, out_dtype=torch.float32).double(), want, atol=1e-4)
     except (TypeError, RuntimeError):
-        return False
-    return True
+        return False, False
+    try:
+        acc = want.float()
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        add_ok = torch.allclose(acc.double(), 2 * want, atol=1e-4)
+    except (TypeError, RuntimeError):
+        add_ok = False
+    return mm_ok, mm_ok and add_ok
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -132,10 +144,21 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == torch.float32:
         return torch.mm(a, b)
     if a.is_cuda:
-        if _cuda_mm_has_out_dtype():
+        if _cuda_fp32_out_matmuls()[0]:
             return torch.mm(a, b, out_dtype=torch.float32)
         return torch.mm(a, b).float()
     return torch.mm(a.float(), b.float())
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, in the matmul's epilogue where torch allows it (no (V, C) temporary,
+    one read + write of acc), else through _mm_fp32 and an add."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _cuda_fp32_out_matmuls()[1]:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(_mm_fp32(a, b))
 
 
 def _chunk_loop(
@@ -181,9 +204,11 @@ def _chunk_loop(
             )
             if need_dh:
                 dh[start:stop] = _mm_fp32(logits, w)  # (n, C)
-            if need_dw:
-                part = _mm_fp32(logits.t(), h_c)  # (V, C) fp32
-                dw = part if dw is None else dw.add_(part)
+            if need_dw:  # (V, C) fp32
+                if dw is None:
+                    dw = _mm_fp32(logits.t(), h_c)
+                else:
+                    _addmm_fp32_(dw, logits.t(), h_c)
             del logits
     return loss, dh, dw
 
