@@ -1,0 +1,136 @@
+"""Exact resume: after load_state_dict the next batches are torch.equal to an uninterrupted run's,
+in both modes, with 0 and 2 workers, shuffled, across file/shard, window and epoch boundaries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("datasets")
+
+from train.config import TrainConfig  # noqa: E402
+from train.data import DataError, build_train_data, train_source  # noqa: E402
+from train.data_pretok import ensure_token_cache, load_part  # noqa: E402
+from train.demo_corpus import generate_stories  # noqa: E402
+from train.tokenizer import train_tokenizer  # noqa: E402
+
+DOCS = list(generate_stories(90, seed=11))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_tokenizer(DOCS, 400, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three files: the streams cross file boundaries (datasets' shards)."""
+    d = tmp_path_factory.mktemp("corpus")
+    for k in range(3):
+        with open(d / f"part{k}.jsonl", "w") as fh:
+            for t in DOCS[30 * k : 30 * k + 30]:
+                fh.write(json.dumps({"text": t}) + "\n")
+    return str(d / "part*.jsonl")
+
+
+def make_cfg(corpus, tmp_path, **kw) -> TrainConfig:
+    base = dict(
+        dataset_name=corpus,
+        eval_split=None,
+        block_size=16,
+        batch_size=4,
+        buffer_size=20,  # windows of 5 batches
+        num_epochs=2,
+        seed=3,
+        num_workers=0,
+        data_cache_dir=str(tmp_path / "cache"),
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def run(cfg, tok, rank=0, world=1):
+    data = build_train_data(cfg, tok, rank, world)
+    out = []
+    for b in data:
+        out.append((data.epoch, b))
+    return out
+
+
+def check_resume(cfg, tok, ref, cuts, rank=0, world=1, compare=10):
+    for k in cuts:
+        data = build_train_data(cfg, tok, rank, world)
+        for _ in range(k):
+            next(data)
+        state = json.loads(
+            json.dumps(data.state_dict())
+        )  # JSON-serialisable, as checkpoints store it
+        resumed = build_train_data(cfg, tok, rank, world)
+        resumed.load_state_dict(state)
+        n = len(ref) - k if k in (cuts[0], cuts[-1]) else min(compare, len(ref) - k)
+        for i in range(n):
+            b = next(resumed)
+            assert resumed.epoch == ref[k + i][0], (k, i)
+            assert torch.equal(b, ref[k + i][1]), (
+                f"resumed after {k} batches: batch {k + i} differs"
+            )
+        if k + n == len(ref):
+            with pytest.raises(StopIteration):
+                next(resumed)
+
+
+def epoch_cuts(ref) -> list[int]:
+    e0 = sum(1 for ep, _ in ref if ep == 0)
+    return sorted({0, 3, 5, 11, e0 - 2, e0 - 1, e0, e0 + 1, e0 + 6, len(ref) - 1, len(ref)})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_resume_is_exact(corpus, tok, tmp_path, workers):
+    cfg = make_cfg(corpus, tmp_path, num_workers=workers)
+    ref = run(cfg, tok)
+    again = run(cfg, tok)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(ref, again)) and len(ref) == len(again)
+    assert {ep for ep, _ in ref} == {0, 1}
+    check_resume(cfg, tok, ref, epoch_cuts(ref))
+
+
+def test_streaming_resume_two_ranks(corpus, tok, tmp_path):
+    cfg = make_cfg(corpus, tmp_path, num_workers=2, num_epochs=1)
+    for rank in range(2):
+        ref = run(cfg, tok, rank, 2)
+        check_resume(cfg, tok, ref, [0, 7, len(ref) - 3], rank, 2)
+
+
+def test_streaming_resume_refuses_another_layout(corpus, tok, tmp_path):
+    data = build_train_data(make_cfg(corpus, tmp_path, num_workers=2), tok)
+    next(data)
+    state = data.state_dict()
+    for change in ({"num_workers": 1}, {"batch_size": 2}, {"seed": 4}, {"pretokenize": True}):
+        other = build_train_data(make_cfg(corpus, tmp_path, **change), tok)
+        with pytest.raises(DataError) as e:
+            other.load_state_dict(state)
+        assert "\n" not in str(e.value) and "set" in str(e.value)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pretokenized_resume_is_exact(corpus, tok, tmp_path, workers):
+    cfg = make_cfg(corpus, tmp_path, pretokenize=True, num_workers=workers)
+    # Shards of 1000 tokens: many blocks span two shards.
+    folder = ensure_token_cache(train_source(cfg), tok, cfg.data_cache_dir, shard_tokens=1000)
+    assert len(load_part(folder, "kept").arrays) > 10
+    ref = run(cfg, tok)
+    assert len(ref) == 2 * build_train_data(cfg, tok).batches_per_epoch()
+    check_resume(cfg, tok, ref, epoch_cuts(ref))
+
+
+def test_pretokenized_resume_two_ranks_and_rank_union(corpus, tok, tmp_path):
+    cfg = make_cfg(corpus, tmp_path, pretokenize=True)
+    single = [b for _, b in run(cfg, tok)]
+    ranks = [run(cfg, tok, r, 2) for r in range(2)]
+    # Global batch g of the single-process order is rank 0's + rank 1's batch g // 2 of 2 ranks.
+    merged = [torch.cat([ranks[0][i][1], ranks[1][i][1]]) for i in range(len(ranks[0]))]
+    per_epoch = len(single) // 2
+    assert torch.equal(merged[0], torch.cat(single[0:2]))
+    assert torch.equal(merged[len(merged) // 2], torch.cat(single[per_epoch : per_epoch + 2]))
+    check_resume(cfg, tok, ranks[1], [0, 5, len(ranks[1]) - 1], 1, 2)

@@ -1,0 +1,59 @@
+"""Tokenize a config's data once into the pre-tokenized cache: python -m train.prepare --config C.
+
+Builds (on all cores, with a progress bar) the memory-mapped token shards of the train split --
+and of the eval split, when the config names one -- under data_cache_dir/pretok/, keyed on
+dataset, split, text column, holdout and tokenizer (train/data_pretok.py). A run with
+`pretokenize: true` then reads them; it also builds them itself on first use, so this command
+is for doing it ahead of time (say, on a CPU machine before a GPU run). Already complete caches
+are left as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.config import ConfigError, TrainConfig
+    from train.data import DataError, eval_source, load_tokenizer, train_source
+    from train.data_pretok import cache_path, ensure_token_cache
+    from train.data_source import COMPLETE
+
+    ap = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="training config JSON")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
+    ap.add_argument("--processes", type=int, default=None, help="tokenizer processes (all cores)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = TrainConfig.load(args.config, args.set)
+        tok = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
+        sources = [train_source(cfg)]
+        ev = eval_source(cfg)
+        if ev is not None and ev.part == "kept":  # a held-out part lives in the train cache
+            sources.append(ev)
+        for src in sources:
+            t0 = time.perf_counter()
+            was = (cache_path(src, tok, cfg.data_cache_dir) / COMPLETE).is_file()
+            folder = ensure_token_cache(src, tok, cfg.data_cache_dir, processes=args.processes)
+            meta = json.loads((Path(folder) / "meta.json").read_text())
+            parts = ", ".join(
+                f"{p}: {v['tokens']:,} tokens of {v['docs']:,} docs in {len(v['shards'])} shards"
+                for p, v in meta["parts"].items()
+                if v["docs"]
+            )
+            how = "already complete" if was else f"built in {time.perf_counter() - t0:.1f} s"
+            print(f"{src.describe()}: {folder} ({meta['dtype']}; {parts}; {how})")
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not cfg.pretokenize:
+        print("note: the config has pretokenize false; set it true to train from this cache")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
