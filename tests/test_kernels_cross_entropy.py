@@ -66,6 +66,11 @@ def test_matches_reference(dtype, n_rows, vocab):
     check_against_reference(logits, labels, "sum" if n_rows == 1 else "mean")
 
 
+def test_vocab_256k():
+    logits = (torch.randn(3, 262144) * 3).to(torch.bfloat16)  # 4 column blocks interpreted
+    check_against_reference(logits, _labels(3, 262144, ignore_every=2), "mean", z_loss=1e-4)
+
+
 @pytest.mark.parametrize("tile", [256, 8192])
 def test_online_softmax_over_column_blocks(monkeypatch, tile):
     """Tiles as small as a GPU's relative to V: 777 columns in 256-wide blocks (the online
@@ -235,3 +240,18 @@ def test_gpu_int64_offsets_past_2_pow_31():
     (ref_grad,) = torch.autograd.grad(cross_entropy_ref(xt, labels[tail], reduction="sum"), xt)
     torch.testing.assert_close(grad[tail].float(), ref_grad, rtol=0, atol=4e-3)
     assert (grad[: n_rows - 4] == 0).all()
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync():
+    """Forward and backward never wait on the GPU (the mean's count stays on the device)."""
+    logits = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = _labels(64, 1000).cuda()
+    triton_ce(logits, labels).backward()  # warm-up: compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for reduction in ("mean", "sum", "none"):
+            triton_ce(logits, labels, reduction=reduction, z_loss=1e-4).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

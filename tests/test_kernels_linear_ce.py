@@ -255,3 +255,20 @@ def test_gpu_peak_memory_quarter_of_eager():
     assert fused <= 0.25 * eager, f"fused peak {fused / 2**20:.0f} MiB vs eager {eager / 2**20:.0f}"
     assert lce_mod.chunk_rows(2500, vocab, n_hidden) == 1024  # 3 chunks: the fp32 accumulation
     check_against_reference(hidden[:2500], weight, labels[:2500], "mean")
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync():
+    """Forward and backward never wait on the GPU (the mean's count stays on the device)."""
+    hidden = torch.randn(3000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(5000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 5000, (3000,), device="cuda")
+    labels[::3] = -100
+    triton_lce(hidden, weight, labels).backward()  # warm-up: kernels, the matmul probe
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for reduction in ("mean", "sum", "none"):
+            triton_lce(hidden, weight, labels, reduction=reduction).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
