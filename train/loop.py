@@ -303,6 +303,7 @@ class Trainer:
                 if self.step % cfg.save_interval_steps == 0:
                     last_ckpt, saved_at = self.meter.paused(self.save_checkpoint), self.step
                 if host_any(self._stop_signal is not None, self.env):  # a signal on any rank
+                    self._stop_signal = self._stop_signal or "a signal to another process"
                     status = "interrupted"
                     break
         finally:
