@@ -1,0 +1,357 @@
+"""Several processes (issue 7): DDP and FSDP2 on CPU with gloo, 2 ranks, through torchrun.
+
+Every distributed run is `torchrun --standalone --nproc_per_node 2 -m train` (or this file as the
+torchrun script, for the fault-injection cases: see `_driver` at the bottom) on a small story
+corpus with its own 512-token BPE, pre-tokenized (its data position is global, so 2 ranks x
+batch 2 read exactly the blocks 1 process x batch 4 reads), tiny model, fp32, eager, reference
+kernels, accumulation 2. The single-process reference runs in this process.
+
+    DDP and FSDP2 vs one process     the same per-step losses, gradient norms, eval losses and
+                                     final weights within fp32 tolerance
+    resume on 2 ranks                bit-identical continuation (losses, weights, AdamW state,
+                                     trainer_state with each rank's data position and RNG)
+    FSDP2 checkpoint in 1 process    loads in OctoForCausalLM and transformers' Llama; a 1-process
+                                     run resumes from it (re-sharding 2 -> 1 ranks) and continues
+                                     as the 1-process reference
+    agreement                        a NaN loss and a SIGTERM on rank 1 only: both ranks skip the
+                                     same step, stop at the same step, keep identical weights
+    a rank that raises               the job ends (bounded), with the error shown
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, MID = 8, 4
+TOL = dict(rtol=1e-5, atol=1e-6)  # fp32: only the order of the sums differs
+
+
+def settings(corpus: dict[str, Path], run_dir: Path, world: int) -> list[str]:
+    """The test config for `world` processes with the same global batch (4 sequences x 2
+    micro-steps) and the same eval blocks (2 x 2 on 2 ranks, 1 x 4 on one)."""
+    return [
+        f"dataset_name={corpus['data']}", f"tokenizer_name={corpus['tokenizer']}",
+        f"data_cache_dir={corpus['cache']}", f"checkpoint_dir={run_dir / 'ckpt'}",
+        f"log_dir={run_dir / 'logs'}", "device=cpu", "precision=fp32", "compile=off",
+        "kernels=torch", "block_size=32", f"batch_size={4 // world}",
+        "gradient_accumulation_steps=2", f"max_steps={STEPS}", f"save_interval_steps={MID}",
+        "eval_interval_steps=3", f"eval_max_batches={world}", "log_interval_steps=1",
+        "warmup_steps=2", "buffer_size=16", "keep_last_checkpoints=10", "sample_max_new_tokens=2",
+        "pretokenize=true", "num_workers=0",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    from train.demo_corpus import generate_stories
+    from train.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("dist_data")
+    data = root / "stories"
+    data.mkdir()
+    for split, n, seed in (("train", 300, 1), ("validation", 30, 2)):
+        with open(data / f"{split}.jsonl", "w") as f:
+            for text in generate_stories(n, seed):
+                f.write(json.dumps({"text": text}) + "\n")
+    texts = [json.loads(line)["text"] for line in open(data / "train.jsonl")]
+    train_tokenizer(texts, 512, root / "tokenizer")
+    return {"data": data, "tokenizer": root / "tokenizer", "cache": root / "cache"}
+
+
+def train_here(corpus, run_dir: Path, *overrides: str) -> None:
+    """`python -m train` on one process, inside this one (the environment is restored after:
+    the run sets OCTO_KERNELS)."""
+    from train.__main__ import main
+
+    saved = dict(os.environ)
+    try:
+        code = main(["--model-config", "tiny", "--set", *settings(corpus, run_dir, 1), *overrides])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert code == 0
+
+
+def torchrun(corpus, run_dir: Path, *overrides: str, script: list[str] | None = None,
+             timeout: float = 240) -> subprocess.CompletedProcess:  # fmt: skip
+    """2 processes through torchrun: `-m train` with the test config, or `script` (this file
+    with a scenario) followed by the same arguments. Returns the finished process."""
+    target = script or ["-m", "train"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *target, "--model-config", "tiny", "--set", *settings(corpus, run_dir, 2),
+           *overrides]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("OCTO_CRASH_AT", "WORLD_SIZE")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    return out
+
+
+def records(run_dir: Path) -> dict[str, dict]:
+    """step -> train record, step -> eval loss, and the end record of run_dir's logs."""
+    out: dict[str, dict] = {"train": {}, "eval": {}, "end": {}}
+    for log in sorted((run_dir / "logs").glob("training_*.jsonl")):
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            if r["type"] == "train":
+                out["train"][r["step"]] = r
+            elif r["type"] == "eval":
+                out["eval"][r["step"]] = r["eval_loss"]
+            elif r["type"] == "end":
+                out["end"] = r
+    return out
+
+
+def tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob(f"{prefix}-*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def assert_close_runs(got_dir: Path, ref_dir: Path, after: int = 0) -> None:
+    """Per-step loss and grad norm, eval losses and the final weights and AdamW moments agree
+    within fp32 tolerance (steps after `after`)."""
+    got, ref = records(got_dir), records(ref_dir)
+    steps = [s for s in ref["train"] if s > after]
+    assert steps and sorted(s for s in got["train"] if s > after) == steps
+    for s in steps:
+        for key in ("loss", "grad_norm"):
+            assert got["train"][s][key] == pytest.approx(ref["train"][s][key], rel=1e-5), (s, key)
+    evals = {s: v for s, v in ref["eval"].items() if s > after}
+    assert evals and {s: v for s, v in got["eval"].items() if s > after} == pytest.approx(evals)
+    a, b = (
+        got_dir / "ckpt" / f"checkpoint_step_{STEPS}",
+        ref_dir / "ckpt" / f"checkpoint_step_{STEPS}",
+    )
+    for prefix in ("model", "optimizer"):
+        ta, tb = tensors(a, prefix), tensors(b, prefix)
+        assert ta.keys() == tb.keys() and ta
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], **TOL, msg=k)
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory) -> Path:
+    """The 1-process reference: batch 4, 8 steps, checkpoints at 4 and 8."""
+    run_dir = tmp_path_factory.mktemp("single")
+    train_here(corpus, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_ranks(corpus, tmp_path_factory):
+    """The 2-rank run of a parallelism (8 steps, checkpoints at 4 and 8), run once per module;
+    returns (run folder, console output)."""
+    runs: dict[str, tuple[Path, str]] = {}
+
+    def get(parallelism: str) -> tuple[Path, str]:
+        if parallelism not in runs:
+            run_dir = tmp_path_factory.mktemp(parallelism)
+            runs[parallelism] = run_dir, ok(torchrun(corpus, run_dir, f"parallelism={parallelism}"))
+        return runs[parallelism]
+
+    return get
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(two_ranks, single, parallelism):
+    run_dir, out = two_ranks(parallelism)
+    assert (
+        f"Global batch: 2 x 2 accumulation x 2 processes = 8 sequences per step "
+        f"({parallelism.upper()})" in out
+    )
+    assert_close_runs(run_dir, single)
+    end = records(run_dir)["end"]
+    assert end["status"] == "completed" and end["step"] == STEPS
+    state = json.loads(
+        (run_dir / "ckpt" / f"checkpoint_step_{STEPS}" / "trainer_state.json").read_text()
+    )
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert state["tokens_seen"] == STEPS * 2 * 2 * 2 * 32
+
+
+def test_fsdp_resume_on_two_ranks_is_exact(corpus, tmp_path):
+    """Streamed data (one position per rank), FSDP2: a run of 8 steps, then a run resumed from
+    its step-4 checkpoint (both in one torchrun job, see _driver): steps 5..8 are bit-identical,
+    and so is everything in the final checkpoint, each rank's data position and RNG included."""
+    out = ok(torchrun(corpus, tmp_path, "parallelism=fsdp", "pretokenize=false",
+                      script=[__file__, "resume"]))  # fmt: skip
+    ref_dir, run_dir = tmp_path / "straight", tmp_path / "resumed"
+    assert f"Resumed from straight/ckpt/checkpoint_step_{MID} at step {MID}" in out
+    got, ref = records(run_dir), records(ref_dir)
+    for kind in ("train", "eval"):
+        want = {s: v for s, v in ref[kind].items() if s > MID}
+        have = {s: v for s, v in got[kind].items() if s > MID}
+        if kind == "train":  # timings differ; the numbers must not
+            keys = ("loss", "grad_norm", "tokens_seen", "nonfinite_skips")
+            want = {s: [r[k] for k in keys] for s, r in want.items()}
+            have = {s: [r[k] for k in keys] for s, r in have.items()}
+        assert have == want and want, kind
+    a = run_dir / "ckpt" / f"checkpoint_step_{STEPS}"
+    b = ref_dir / "ckpt" / f"checkpoint_step_{STEPS}"
+    for prefix in ("model", "optimizer"):
+        ta, tb = tensors(a, prefix), tensors(b, prefix)
+        assert ta.keys() == tb.keys() and ta
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), k
+    sa, sb = (json.loads((d / "trainer_state.json").read_text()) for d in (a, b))
+    assert sa == sb  # step, tokens, schedule, each rank's data position and RNG states
+    positions = [r["data"] for r in sa["ranks"]]
+    assert positions[0]["mode"] == "stream" and positions[0] != positions[1]
+
+
+def test_fsdp_checkpoint_loads_in_one_process(two_ranks, single, corpus, tmp_path):
+    """The FSDP2 run's folders are plain model folders: Octo and transformers load them with the
+    same logits; and a 1-process run resumed from the step-4 checkpoint (2 ranks -> 1: the
+    pre-tokenized position re-shards exactly) continues as the 1-process reference."""
+    from transformers import LlamaForCausalLM
+
+    from octo import OctoForCausalLM
+    from train.checkpoint import verify_checkpoint
+
+    run_dir, _ = two_ranks("fsdp")
+    ckpt = run_dir / "ckpt" / f"checkpoint_step_{STEPS}"
+    verify_checkpoint(ckpt)
+    ids = torch.randint(0, 512, (2, 16))
+    for folder in (ckpt, run_dir / "ckpt" / "final"):
+        octo = OctoForCausalLM.from_pretrained(folder)
+        llama = LlamaForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(octo(ids).logits, llama(ids).logits, rtol=1e-4, atol=1e-4)
+    ref = OctoForCausalLM.from_pretrained(single / "ckpt" / "final").state_dict()
+    for k, v in OctoForCausalLM.from_pretrained(run_dir / "ckpt" / "final").state_dict().items():
+        torch.testing.assert_close(v, ref[k], **TOL, msg=k)
+
+    (tmp_path / "ckpt").mkdir()
+    src = run_dir / "ckpt" / f"checkpoint_step_{MID}"
+    shutil.copytree(src, tmp_path / "ckpt" / src.name)
+    train_here(corpus, tmp_path, f"resume_from={tmp_path / 'ckpt'}")
+    assert_close_runs(tmp_path, single, after=MID)
+
+
+def test_world_size_change_streaming_is_one_clear_error(tmp_path):
+    """A streamed data position belongs to its processes: resuming it on another number of
+    processes is one CheckpointError naming both; the same number gets each rank its own."""
+    from train.checkpoint import CheckpointError
+    from train.checkpoint_dist import rank_state
+    from train.distributed import DistEnv
+
+    ranks = [{"data": {"mode": "stream", "next": r}, "rng": {"r": r}} for r in range(2)]
+    state = {"world_size": 2, "data": ranks[0]["data"], "rng": ranks[0]["rng"], "ranks": ranks}
+    got = rank_state(state, DistEnv(rank=1, local_rank=1, world_size=2), tmp_path)
+    assert got["data"] == {"mode": "stream", "next": 1} and got["rng"] == {"r": 1}
+    for world in (1, 4):
+        with pytest.raises(CheckpointError, match="run on 2 process.*this one has " + str(world)):
+            rank_state(state, DistEnv(world_size=world), tmp_path)
+    pretok = {**state, "data": {"mode": "pretok", "position": 8}}
+    assert rank_state(pretok, DistEnv(), tmp_path)["data"]["position"] == 8
+
+
+def test_ranks_agree_on_nan_skip_and_stop(corpus, tmp_path):
+    """Rank 1 alone sees a NaN loss at step 2 (its gradients stay finite, so nothing else would
+    tell rank 0) and alone gets SIGTERM after step 5: both ranks skip step 2, stop after step 5
+    with a checkpoint, and end with identical weights (DDP)."""
+    r = torchrun(corpus, tmp_path, "parallelism=ddp", script=[__file__, "agree"])
+    out = ok(r)
+    log = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("training_*.log"))
+    assert "Step 2: non-finite loss or gradient norm, optimizer step skipped" in log
+    assert "Stopped by a signal to another process at step 5" in log  # rank 0's log
+    assert records(tmp_path)["end"]["status"] == "interrupted"
+    assert (tmp_path / "ckpt" / "checkpoint_step_5").is_dir()
+    sums = {line.split()[1]: line.split()[2] for line in out.splitlines()
+            if line.startswith("WEIGHTS ")}  # fmt: skip
+    assert len(sums) == 2 and len(set(sums.values())) == 1, sums
+
+
+def test_a_rank_that_raises_ends_the_job(corpus, tmp_path):
+    """Rank 1 raises at step 2 (FSDP2): torchrun ends the whole job, non-zero, the error shown,
+    within the timeout (rank 0, waiting in a collective, does not hang)."""
+    t0 = time.perf_counter()
+    r = torchrun(corpus, tmp_path, "parallelism=fsdp", script=[__file__, "fail"], timeout=120)
+    assert r.returncode != 0
+    assert "injected failure on rank 1 at step 2" in r.stdout + r.stderr
+    assert time.perf_counter() - t0 < 120
+
+
+@pytest.mark.slow
+def test_single_process_checkpoint_starts_fsdp_run(single, corpus, tmp_path):
+    """An FSDP2 run on 2 ranks resumed from the 1-process step-4 checkpoint continues as the
+    1-process run does."""
+    (tmp_path / "ckpt").mkdir()
+    src = single / "ckpt" / f"checkpoint_step_{MID}"
+    shutil.copytree(src, tmp_path / "ckpt" / src.name)
+    ok(torchrun(corpus, tmp_path, "parallelism=fsdp", f"resume_from={tmp_path / 'ckpt'}"))
+    assert_close_runs(tmp_path, single, after=MID)
+
+
+# ----- the torchrun script of the fault-injection cases ---------------------------------------
+
+
+def _driver(scenario: str, argv: list[str]) -> int:
+    """`torchrun ... tests/test_distributed.py SCENARIO --model-config ... --set ...`: the real
+    `python -m train` with one rank's behaviour changed through the Trainer.
+    agree:  rank 1's loss is NaN at step 2 (gradients finite) and it SIGTERMs itself after
+            step 5; each rank prints "WEIGHTS <rank> <checksum>" at the end.
+    fail:   rank 1 raises at step 2.
+    resume: two runs one after the other in one process group: straight/ (8 steps) and
+            resumed/, resumed from straight/'s step-4 checkpoint."""
+    import signal
+
+    from train.__main__ import main
+    from train.loop import Trainer
+
+    rank = int(os.environ["RANK"])
+    step_fn, fit_fn = Trainer.train_step, Trainer.fit
+
+    def train_step(self, micro):
+        if rank == 1 and scenario == "fail" and self.step == 1:
+            raise RuntimeError("injected failure on rank 1 at step 2")
+        if scenario == "agree":
+            forward = self.__dict__.setdefault("_clean_forward", self._forward_loss)
+            poison = rank == 1 and self.step == 1
+            self._forward_loss = (lambda ids: forward(ids) + float("nan")) if poison else forward
+        stats = step_fn(self, micro)
+        if scenario == "agree" and rank == 1 and self.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stats
+
+    def fit(self):
+        result = fit_fn(self)
+        total = sum(float(p.detach().double().sum()) for p in self.model.parameters())
+        print(f"WEIGHTS {rank} {total!r}", flush=True)
+        return result
+
+    Trainer.train_step, Trainer.fit = train_step, fit
+    if scenario == "resume":  # keep the process group for the second run
+        import train.run
+
+        destroy, train.run.cleanup = train.run.cleanup, lambda env: None
+        first = main([*argv, "checkpoint_dir=straight/ckpt", "log_dir=straight/logs"])
+        train.run.cleanup = destroy
+        resume = f"resume_from=straight/ckpt/checkpoint_step_{MID}"
+        return first or main([*argv, "checkpoint_dir=resumed/ckpt", "log_dir=resumed/logs", resume])
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(_driver(sys.argv[1], sys.argv[2:]))
