@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from octo.hf_io import _read_weight_map, parse_size, unwrap_model
 from train.checkpoint_io import (
@@ -51,7 +50,9 @@ from train.checkpoint_io import (
     fsync_tree,
     load_optimizer,
     param_names,
+    read_header,
     read_json,
+    read_tensors,
     save_optimizer,
     write_json,
 )
@@ -347,20 +348,23 @@ def _load_model(path: Path, model: torch.nn.Module) -> None:
     by_file: dict[str, list[str]] = {}
     for k, file in weight_map.items():
         by_file.setdefault(file, []).append(k)
-    handles = {file: safe_open(str(path / file), framework="pt") for file in by_file}
-    for file, keys in by_file.items():
-        for k in keys:
-            shape = tuple(handles[file].get_slice(k).get_shape())
-            if shape != tuple(params[k].shape):
-                raise CheckpointError(
-                    f"{path / file}: tensor {k} has shape {shape} but the model's has "
-                    f"{tuple(params[k].shape)}; resume with the model config the checkpoint was "
-                    "trained with (its config.json), or start a fresh run"
-                )
+    headers = {file: read_header(path / file)[1] for file in by_file}
+    for k in (k for k in params if k in weight_map):  # the model's order: the first mismatch
+        file = weight_map[k]
+        if k not in headers[file]:
+            raise CheckpointError(f"{path / file} lacks tensor {k}, which the index lists")
+        shape = tuple(headers[file][k]["shape"])
+        if shape != tuple(params[k].shape):
+            raise CheckpointError(
+                f"{path / file}: tensor {k} has shape {shape} but the model's has "
+                f"{tuple(params[k].shape)}; resume with the model config the checkpoint was "
+                "trained with (its config.json), or start a fresh run"
+            )
     with torch.no_grad():
         for file, keys in by_file.items():
+            tensors = read_tensors(path / file)
             for k in keys:
-                params[k].copy_(handles[file].get_tensor(k))
+                params[k].copy_(tensors[k])
 
 
 def load_checkpoint(

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -87,9 +86,18 @@ def fsync_tree(root: Path) -> dict[str, int]:
 # ----- integrity ----------------------------------------------------------------------------------
 
 
-def check_safetensors(path: Path) -> None:
-    """Parse the header and check that the data it describes ends exactly at the end of the file:
-    this catches a truncated or overwritten shard without reading the tensors (cheap)."""
+# safetensors dtype names -> torch dtypes (the ones a training checkpoint holds)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_header(path: Path) -> tuple[int, dict[str, dict]]:
+    """(offset of the data, {name: {"dtype", "shape", "data_offsets"}}) of a safetensors file,
+    checking that the data the header describes ends exactly at the end of the file: this
+    catches a truncated or overwritten file without reading the tensors (cheap)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -98,13 +106,43 @@ def check_safetensors(path: Path) -> None:
             raise CheckpointError(f"{path} has no valid safetensors header (corrupt checkpoint)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            header.pop("__metadata__", None)
+            end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
             raise CheckpointError(f"{path} has a malformed safetensors header (corrupt)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise CheckpointError(
             f"{path} is {size} bytes but its header describes {8 + n + end} (truncated or corrupt)"
         )
+    return 8 + n, header
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, in fresh (CPU) memory, read with plain read() calls.
+
+    Why not safetensors' safe_open: it maps the file, and materialising a tensor through the map
+    costs a page fault per 4 KiB; reading 1 GB of optimizer state that way (get_tensor + clone)
+    took ~1.7 s against ~0.15 s with readinto (2-core AMD EPYC VM, warm page cache).
+    """
+    start, header = read_header(path)
+    out = {}
+    with open(path, "rb", buffering=0) as f:
+        for name, info in header.items():
+            if info["dtype"] not in _DTYPES:
+                raise CheckpointError(
+                    f"{path}: tensor {name} has unsupported dtype {info['dtype']}"
+                )
+            begin, end = info["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            view, got = memoryview(raw.numpy()), 0
+            f.seek(start + begin)
+            while got < end - begin:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"{path} ends inside tensor {name} (truncated)")
+                got += n
+            out[name] = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
 
 
 def check_files(ckpt: Path, files: dict[str, int]) -> None:
@@ -117,7 +155,7 @@ def check_files(ckpt: Path, files: dict[str, int]) -> None:
         if size != expected:
             raise CheckpointError(f"{p} is {size} bytes, expected {expected} (truncated/changed)")
         if rel.endswith(".safetensors"):
-            check_safetensors(p)
+            read_header(p)
         elif rel.endswith(".json"):
             read_json(p)
 
@@ -226,15 +264,12 @@ def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: dict[i
             f"{folder / OPTIMIZER_META} has {len(saved_groups)} parameter groups, the optimizer "
             f"{len(optimizer.param_groups)}; resume with the same weight-decay grouping"
         )
-    handles: dict[str, Any] = {}
+    loaded: dict[str, torch.Tensor] = {}
+    for file in sorted(set(meta["weight_map"].values())):
+        loaded.update(read_tensors(folder / file))
 
     def tensor(key: str) -> torch.Tensor:
-        file = meta["weight_map"][key]
-        if file not in handles:
-            handles[file] = safe_open(str(folder / file), framework="pt")
-        # get_tensor maps the file lazily (copy-on-write): clone, so the state lives in memory and
-        # does not depend on the checkpoint file staying as it is (rotation, a user's rsync).
-        return handles[file].get_tensor(key).clone()
+        return loaded[key]
 
     sd_state: dict[int, dict] = {}
     sd_groups = []
