@@ -155,6 +155,9 @@ class TrainConfig:
                 raise ConfigError(f"config file {p} is not valid JSON: {e}") from None
             if not isinstance(d, dict):
                 raise ConfigError(f"config file {p} must hold a JSON object of keys")
+            mc = d.get("model_config")  # a relative path may be relative to the config's folder
+            if isinstance(mc, str) and not Path(mc).exists() and (p.parent / mc).is_file():
+                d["model_config"] = str(p.parent / mc)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"--set {item!r}: expected key=value")
