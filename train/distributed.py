@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,11 +82,24 @@ def init_distributed(device: torch.device) -> DistEnv:
 
 
 def wrap_model(
-    model: nn.Module, env: DistEnv, parallelism: str, param_dtype: torch.dtype | None = None
+    model: nn.Module,
+    env: DistEnv,
+    parallelism: str,
+    param_dtype: torch.dtype | None = None,
+    compile_fn: Callable[[Callable], Callable] | None = None,
 ) -> nn.Module:
     """DDP around the model, or FSDP2 applied to it in place (parallelism "ddp" | "fsdp"), when
     world_size > 1; the model itself otherwise. param_dtype: the autocast dtype of the run
     (bf16/fp16, or None for fp32), the dtype FSDP gathers parameters in.
+
+    compile_fn (train.runtime.maybe_compile for the run, or None): torch.compile cannot trace
+    through DDP's or FSDP2's forward hooks with fullgraph=True, so with several processes the
+    compiled unit goes inside the wrapper, as nanoGPT (DDP) and torchtitan (FSDP2) do: the
+    model's forward under DDP (Dynamo's DDPOptimizer then splits the graph at the gradient
+    buckets, so their all-reduce overlaps the backward), each decoder layer's forward under FSDP2
+    (its all-gather and reduce-scatter hooks run eagerly between the compiled layers). Only
+    `forward` is compiled, so parameter names, hence checkpoints, are unchanged; the caller must
+    then not compile the step function itself.
 
     The model must already be on its device, with the same initial weights on every rank (the
     Trainer seeds every rank alike; DDP also broadcasts rank 0's weights, FSDP2 does not)."""
@@ -93,6 +107,8 @@ def wrap_model(
         return model
     if parallelism == "ddp":
         device = next(model.parameters()).device
+        if compile_fn is not None:
+            model.forward = compile_fn(model.forward)
         return nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
@@ -110,6 +126,8 @@ def wrap_model(
         # One FSDP unit per decoder layer (gathered and freed one at a time: memory ~ one layer
         # unsharded) and the root for the rest (embeddings, final norm, lm_head).
         for layer in model.model.layers:
+            if compile_fn is not None:
+                layer.forward = compile_fn(layer.forward)
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model

@@ -21,6 +21,7 @@ per-phase timings, with the syncs that timing needs; without it there are none).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import signal
 import threading
@@ -116,8 +117,9 @@ class Trainer:
         self.model = (model if model is not None else OctoForCausalLM(model_cfg)).to(self.device)
         if cfg.use_gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        compile_fn = functools.partial(maybe_compile, cfg=cfg, device=self.device)
         self.wrapped = wrap_model(self.model, self.env, cfg.parallelism,
-                                  self.precision.autocast_dtype)  # fmt: skip
+                                  self.precision.autocast_dtype, compile_fn)  # fmt: skip
         self.optimizer = build_optimizer(self.wrapped, cfg, self.device)
         self._fused = bool(self.optimizer.defaults.get("fused"))
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -129,7 +131,8 @@ class Trainer:
         def forward_loss(ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> () fp32 summed loss
             return wrapped(ids, labels=ids, reduction="sum").loss
 
-        self._forward_loss = maybe_compile(forward_loss, cfg, self.device)
+        # Several processes: wrap_model compiled inside DDP/FSDP2 (their hooks do not trace).
+        self._forward_loss = forward_loss if self.env.enabled else compile_fn(forward_loss)
         self.step, self.tokens_seen = 0, 0
         dev = self.device
         self._consecutive = torch.zeros((), dtype=torch.int64, device=dev)  # skips in a row
