@@ -52,8 +52,16 @@ def kernel_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def e2e_table(e2e: dict) -> str:
-    return e2e.get("markdown", "")
+def e2e_table(e2e: dict, env: dict) -> str:
+    """The harness's table, rebuilt from its results with this report's env (commit included)."""
+    ok = [r for r in e2e.get("results", []) if "error" not in r]
+    if not ok:
+        return ""
+    from bench.train_throughput import markdown
+
+    failed = [f"{r['provider']} @ vocab {r['vocab_size']}: {r['error'][:200]}"
+              for r in e2e["results"] if "error" in r]  # fmt: skip
+    return markdown(ok, env) + "".join(f"\nFAILED: {f}\n" for f in failed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e", type=Path, help="bench.train_throughput JSON")
     ap.add_argument("--tests-log", type=Path, help="output of the GPU tests")
     ap.add_argument("--outdir", type=Path, default=Path("bench/results"))
+    ap.add_argument("--commit", help="the commit measured (the GPU copy of the tree has no .git)")
     args = ap.parse_args(argv)
-
-    env = env_info()
     have = lambda p: p is not None and p.is_file()
     kernels = json.loads(args.kernels.read_text()) if have(args.kernels) else {}
     e2e = json.loads(args.e2e.read_text()) if have(args.e2e) else {}
+    env = e2e.get("env") or env_info()  # the GPU machine's facts when its run is given
+    if args.commit:
+        env["commit"] = args.commit
     tests_summary = ""
     if args.tests_log and args.tests_log.is_file():
         tail = [ln for ln in args.tests_log.read_text().splitlines() if ln.strip()]
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## End-to-end training throughput",
         "",
-        e2e_table(e2e) or "(not run)",
+        e2e_table(e2e, env) or "(not run)",
         "",
         "## Kernels",
         "",

@@ -60,6 +60,8 @@ def _shape(shape_name: str, device: torch.device) -> tuple[int, int, int]:
 def test_linear_cross_entropy(
     benchmark, kernel_bench, bench_device, liger, shape_name, provider, pass_
 ):
+    if shape_name == "large" and (pass_ == "fwd" or provider == "liger"):
+        pytest.skip("large shape: fwd+bwd of triton/eager/compile only (keeps bench/gpu.sh short)")
     rows, hidden, vocab = _shape(shape_name, bench_device)
     n_bytes = _n_bytes(rows, hidden, vocab, pass_)
     shape = f"{rows}x{hidden}->{vocab} {str(DTYPE).removeprefix('torch.')}"

@@ -93,7 +93,7 @@ def run_provider(
     cfg = TrainConfig(
         **shape, precision=precision, device=str(device), max_steps=10_000, warmup_steps=10,
         compile="on" if (octo and compiled) else "off",
-        kernels="triton" if provider == "octo-triton-compiled" else "torch" if octo else "auto",
+        kernels="triton" if provider.startswith("octo-triton") else "torch" if octo else "auto",
         log_dir="/tmp/octo-bench-logs",
     )  # fmt: skip
     model = None if octo else HFLlamaAdapter(model_cfg, compiled=compiled)
@@ -102,12 +102,16 @@ def run_provider(
     data = _batches(cfg, model_cfg.vocab_size, device)
     accum = cfg.gradient_accumulation_steps
 
+    losses = []  # (device tensors) the first steps' mean losses: providers must agree
+
     def step(profile: bool = False) -> tuple[float, dict | None]:
         t0 = time.perf_counter()
         micro = [next(data) for _ in range(accum)]
         wait = time.perf_counter() - t0
         trainer.profile = profile
         stats = trainer.train_step(micro)
+        if len(losses) < 5:
+            losses.append(stats.loss_sum / stats.n_targets)
         return wait, stats.timings
 
     if device.type == "cuda":
@@ -147,6 +151,7 @@ def run_provider(
         else None,
         "first_step_s": first_step_s,
         "phase_ms": {k: 1e3 * v / max(profiled_steps, 1) for k, v in phases.items()},
+        "first_losses": [float(x) for x in losses],
         "kernels": cfg.kernels,
         "compile": compiled,
         "precision": precision,
@@ -207,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = args.preset if args.preset != "auto" else ("seed" if device.type == "cuda" else "tiny")
     if device.type == "cuda":
         vocabs, shape, steps, profiled = [16000, 50304], GPU_SHAPE, args.steps or 20, 5
-        providers = ["octo-triton-compiled", "octo-reference-eager", "hf-llama-eager",
-                     "hf-llama-compiled"]  # fmt: skip
+        providers = ["octo-triton-compiled", "octo-reference-eager",
+                     "hf-llama-eager", "hf-llama-compiled"]  # fmt: skip
     else:
         vocabs, shape, steps, profiled = [256], CPU_SHAPE, args.steps or 10, 3
         providers = ["octo-reference-compiled", "octo-reference-eager", "hf-llama-eager"]
@@ -233,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
                 + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "")
             )
             results.append(r)
+            if args.out:  # after every provider, so a run cut short still leaves its numbers
+                with open(args.out, "w") as f:
+                    json.dump({"env": env, "results": results}, f, indent=2)
     ok = [r for r in results if "error" not in r]
+    for r in ok:  # same seed, same tokens: every provider's first losses should agree
+        print(f"first losses {r['provider']} @ {r['vocab_size']}: "
+              + " ".join(f"{x:.5f}" for x in r["first_losses"]))  # fmt: skip
     md = markdown(ok, env)
     print(md)
     if args.out:

@@ -91,7 +91,9 @@ def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
 def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Callable:
     """The only torch.compile of the project's step: `fn` is the forward+loss function, compiled
     whole (fullgraph=True: the model and its kernels are written to trace without a break, so a
-    break is a bug to see, not to hide). The backward is compiled by AOTAutograd with it."""
+    break is a bug to see, not to hide). The backward is compiled by AOTAutograd with it.
+    (CUDA graphs, mode="reduce-overhead", were tried on an H100 and failed with gradient
+    accumulation: bench/NOTES.md.)"""
     if not compile_enabled(cfg, device):
         return fn
     return torch.compile(fn, fullgraph=True)
