@@ -4,6 +4,10 @@ save_checkpoint / load_checkpoint side by side with torch.save / torch.load of t
 the local disk under pytest's tmp_path, in one run.
 
     pytest bench/test_bench_checkpoint.py --benchmark-only --benchmark-group-by=group
+    python -m bench.test_bench_checkpoint [rounds]   # the same, providers interleaved per round
+
+On a shared machine the load drifts over the minutes one provider's rounds take; the second form
+alternates the providers within each round, so each sees the same conditions (min and median).
 
 Providers:
     octo          save_checkpoint: sharded safetensors + JSON, every file fsynced, marker, rename;
@@ -20,8 +24,13 @@ Each case records env_info() and its GB/s (state bytes / time) in extra_info.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +46,10 @@ ROUNDS = 5
 
 @pytest.fixture(scope="module")
 def seed_state():
+    return _seed_state()
+
+
+def _seed_state():
     """The seed model and an AdamW whose state exists (one step on random gradients)."""
     torch.manual_seed(0)
     model = OctoForCausalLM(OctoConfig.preset("seed"))
@@ -112,13 +125,51 @@ def test_load(benchmark, seed_state, tmp_path, provider):
     else:
         path = tmp_path / "state.pt"
         _torch_save(path, model, opt, trainer_state, fsync=False)
-
-        def run():
-            state = torch.load(path, weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            return state["trainer"]
+        run = lambda: _torch_load(path, model, opt)
 
     assert run() == trainer_state  # the load is real: it returns what was saved
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
     _gbps(benchmark, nbytes)
+
+
+def main(rounds: int = 5) -> None:
+    """Save and load of every provider, interleaved within each round; prints a Markdown table."""
+    model, opt, trainer_state, nbytes = _seed_state()
+    times: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("OCTO_BENCH_DIR")) as d:
+        d = Path(d)
+        cases = {
+            "save octo": lambda: _octo_save(d / "octo", model, opt, trainer_state),
+            "save torch": lambda: _torch_save(d / "t.pt", model, opt, trainer_state, False),
+            "save torch_fsync": lambda: _torch_save(d / "t.pt", model, opt, trainer_state, True),
+            "load octo": lambda: load_checkpoint(
+                d / "octo" / "checkpoint_step_1", model=model, optimizer=opt
+            ),
+            "load torch": lambda: _torch_load(d / "t.pt", model, opt),
+        }
+        for _ in range(rounds):
+            for name, fn in cases.items():
+                if name == "save octo":
+                    shutil.rmtree(d / "octo", ignore_errors=True)
+                t0 = time.perf_counter()
+                fn()
+                times.setdefault(name, []).append(time.perf_counter() - t0)
+    print(json.dumps(env_info()))
+    state = "seed model fp32 + AdamW exp_avg, exp_avg_sq"
+    print(f"state: {nbytes / 1e9:.3f} GB ({state}); {rounds} rounds")
+    print("| case | min s | median s | GB/s at median |\n|---|---|---|---|")
+    for name, ts in times.items():
+        ts = sorted(ts)
+        med = ts[len(ts) // 2]
+        print(f"| {name} | {ts[0]:.3f} | {med:.3f} | {nbytes / med / 1e9:.2f} |")
+
+
+def _torch_load(path, model, opt):
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return state["trainer"]
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)

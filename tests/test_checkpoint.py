@@ -163,6 +163,17 @@ def test_folder_is_self_contained(tmp_path, trained, gpt2_tokenizer_dir):
     assert AutoTokenizer.from_pretrained(ckpt)("Hello world")["input_ids"] == [15496, 995]
 
 
+def test_load_into_other_dtype_casts(tmp_path, trained):
+    """Parameters that cannot take the file's bytes directly (here bf16 ones) get a cast copy."""
+    model, opt = trained
+    ckpt = save(tmp_path, 2, model, opt)
+    other, _ = make(seed=3)
+    other.to(torch.bfloat16)
+    load_checkpoint(ckpt, model=other, optimizer=None)
+    for (n, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), n
+
+
 def test_rng_state_round_trip():
     state = json.loads(json.dumps(capture_rng_state()))  # JSON-safe and lossless
     draws = (random.random(), np.random.rand(3).tolist(), torch.rand(3), torch.randn(2))

@@ -360,11 +360,8 @@ def _load_model(path: Path, model: torch.nn.Module) -> None:
                 f"{tuple(params[k].shape)}; resume with the model config the checkpoint was "
                 "trained with (its config.json), or start a fresh run"
             )
-    with torch.no_grad():
-        for file, keys in by_file.items():
-            tensors = read_tensors(path / file)
-            for k in keys:
-                params[k].copy_(tensors[k])
+    for file, keys in by_file.items():
+        read_tensors(path / file, into={k: params[k] for k in keys})
 
 
 def load_checkpoint(

@@ -117,23 +117,41 @@ def read_header(path: Path) -> tuple[int, dict[str, dict]]:
     return 8 + n, header
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, in fresh (CPU) memory, read with plain read() calls.
+def read_tensors(
+    path: Path, into: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read with plain read() calls. A tensor named in `into`
+    (CPU, contiguous, the file's dtype and shape: a model's parameter) receives the bytes
+    directly, with no second pass over them; any other lands in fresh CPU memory (and is then
+    copied into its `into` tensor, if it has one). Returns {name: tensor}.
 
     Why not safetensors' safe_open: it maps the file, and materialising a tensor through the map
     costs a page fault per 4 KiB; reading 1 GB of optimizer state that way (get_tensor + clone)
     took ~1.7 s against ~0.15 s with readinto (2-core AMD EPYC VM, warm page cache).
+    Bytes written into a parameter bypass autograd's version counter: load before training.
     """
     start, header = read_header(path)
+    into = into or {}
     out = {}
     with open(path, "rb", buffering=0) as f:
         for name, info in header.items():
-            if info["dtype"] not in _DTYPES:
-                raise CheckpointError(
-                    f"{path}: tensor {name} has unsupported dtype {info['dtype']}"
-                )
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has unknown dtype {info['dtype']}")
             begin, end = info["data_offsets"]
-            raw = torch.empty(end - begin, dtype=torch.uint8)
+            dest = into.get(name)
+            direct = (
+                dest is not None
+                and dest.device.type == "cpu"
+                and dest.dtype == dtype
+                and list(dest.shape) == info["shape"]
+                and dest.is_contiguous()
+            )
+            raw = (
+                dest.detach().view(-1).view(torch.uint8)
+                if direct
+                else torch.empty(end - begin, dtype=torch.uint8)
+            )
             view, got = memoryview(raw.numpy()), 0
             f.seek(start + begin)
             while got < end - begin:
@@ -141,7 +159,13 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
                 if not n:
                     raise CheckpointError(f"{path} ends inside tensor {name} (truncated)")
                 got += n
-            out[name] = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+            if direct:
+                out[name] = dest
+            else:
+                out[name] = raw.view(dtype).reshape(info["shape"])
+                if dest is not None:
+                    with torch.no_grad():
+                        dest.copy_(out[name])
     return out
 
 
