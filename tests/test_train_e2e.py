@@ -51,8 +51,8 @@ def command(tmp: Path, cache: Path, *overrides: str) -> list[str]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, cache):
     tmp = tmp_path_factory.mktemp("demo_run")
-    cmd = command(tmp, cache, "max_steps=60", "log_interval_steps=10", "eval_interval_steps=30",
-                  "save_interval_steps=1000")  # fmt: skip
+    cmd = command(tmp, cache, "max_steps=40", "warmup_steps=10", "log_interval_steps=10",
+                  "eval_interval_steps=20", "save_interval_steps=1000")  # fmt: skip
     p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     (log,) = (tmp / "logs").glob("training_*[0-9].log")
@@ -64,12 +64,12 @@ def test_loss_falls_and_evals_run(demo_run):
     _, _, _, records = demo_run
     train = [r for r in records if r["type"] == "train"]
     evals = [r for r in records if r["type"] == "eval"]
-    assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
-    assert [r["step"] for r in evals] == [30, 60]
+    assert [r["step"] for r in train] == [10, 20, 30, 40]
+    assert [r["step"] for r in evals] == [20, 40]
     assert train[-1]["loss"] < train[0]["loss"] - 1.0  # nats: the model learns
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert records[0]["type"] == "start" and records[-1]["type"] == "end"
-    assert records[-1]["status"] == "completed" and records[-1]["step"] == 60
+    assert records[-1]["status"] == "completed" and records[-1]["step"] == 40
 
 
 def test_log_lines_and_json_agree(demo_run):
@@ -77,13 +77,13 @@ def test_log_lines_and_json_agree(demo_run):
     text = log.read_text()
     lines = [line for line in text.splitlines() if line.startswith("Step ")]
     train = [r for r in records if r["type"] == "train"]
-    assert len(lines) == len(train) == 6
+    assert len(lines) == len(train) == 4
     for line, r in zip(lines, train):
         m = LINE.match(line)
         assert m, line  # no mfu= or mem= on CPU
         assert int(m[1]) == r["step"] and m[2] == f"{r['loss']:.4f}" and m[3] == f"{r['ppl']:.2f}"
         assert m[4] == f"{r['lr']:.1e}" and m[5] == f"{r['grad_norm']:.2f}"
-    for key in ("parameters", "Tokens per step", "Planned steps: 60 (max_steps)",
+    for key in ("parameters", "Tokens per step", "Planned steps: 40 (max_steps)",
                 "precision: fp32", "Kernels: ", "Checkpoints: "):  # fmt: skip
         assert key in text, key
     for line in text.splitlines():  # the console shows the same lines, plain (not a terminal)
@@ -94,8 +94,8 @@ def test_log_lines_and_json_agree(demo_run):
 def test_resolved_config_written(demo_run):
     tmp, _, log, _ = demo_run
     cfg = TrainConfig.load(log.with_name(log.stem + "_config.json"))
-    assert cfg.max_steps == 60 and cfg.checkpoint_dir == str(tmp / "ckpt")
-    assert TrainConfig.load(tmp / "ckpt" / "checkpoint_step_60" / "train_config.json") == cfg
+    assert cfg.max_steps == 40 and cfg.checkpoint_dir == str(tmp / "ckpt")
+    assert TrainConfig.load(tmp / "ckpt" / "checkpoint_step_40" / "train_config.json") == cfg
     assert json.loads(log.with_name(log.stem + "_model.json").read_text())["vocab_size"] > 0
 
 
@@ -116,7 +116,7 @@ def test_final_folder_loads_in_octo_and_transformers(demo_run):
     final = tmp / "ckpt" / "final"
     assert f"Sample from {Path('ckpt') / 'final'}" in stdout or f"Sample from {final}" in stdout
     model = OctoForCausalLM.from_pretrained(final).eval()
-    last = OctoForCausalLM.from_pretrained(tmp / "ckpt" / "checkpoint_step_60")
+    last = OctoForCausalLM.from_pretrained(tmp / "ckpt" / "checkpoint_step_40")
     for (k, v), w in zip(model.state_dict().items(), last.state_dict().values()):
         assert torch.equal(v, w), k
     tok = AutoTokenizer.from_pretrained(final)

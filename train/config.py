@@ -130,12 +130,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a dict; an unknown key names the nearest valid one."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in names:
-                near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-                hint = f"did you mean {near[0]!r}?" if near else "see the README for the valid keys"
-                raise ConfigError(f"{source}: unknown key {key!r}; {hint}")
+        _check_keys(cls, d, source)
         return cls(**d)
 
     @classmethod
@@ -158,15 +153,18 @@ class TrainConfig:
             mc = d.get("model_config")  # a relative path may be relative to the config's folder
             if isinstance(mc, str) and not Path(mc).exists() and (p.parent / mc).is_file():
                 d["model_config"] = str(p.parent / mc)
+        _check_keys(cls, d, str(path))
+        sets: dict[str, Any] = {}
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"--set {item!r}: expected key=value")
             key, raw = item.split("=", 1)
             try:
-                d[key.strip()] = json.loads(raw)
+                sets[key.strip()] = json.loads(raw)
             except json.JSONDecodeError:
-                d[key.strip()] = raw
-        return cls.from_dict(d, source=str(path) if path else "--set")
+                sets[key.strip()] = raw
+        _check_keys(cls, sets, "--set")
+        return cls(**{**d, **sets})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -174,6 +172,16 @@ class TrainConfig:
     def save(self, path: str | Path) -> None:
         """Write the resolved config (every key, defaults included) as JSON."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _check_keys(cls: type, d: dict[str, Any], source: str) -> None:
+    """ConfigError for the first key that is not a field, naming the nearest field."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]!r}?" if near else "see the README for the valid keys"
+            raise ConfigError(f"{source}: unknown key {key!r}; {hint}")
 
 
 def load_model_config(cfg: TrainConfig, override: str | None = None) -> dict[str, Any]:

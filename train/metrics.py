@@ -42,15 +42,17 @@ GPU_BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
 ]
 
 
+def peak_tflops(gpu_name: str) -> float | None:
+    """Dense bf16 peak (TFLOP/s) of a GPU by its torch.cuda.get_device_name(); None if unknown."""
+    return next((tf for key, tf in GPU_BF16_PEAK_TFLOPS if key in gpu_name), None)
+
+
 def gpu_peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak of `device` in FLOP/s, or None (CPU, or a GPU not in the table)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in GPU_BF16_PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    return None
+    tflops = peak_tflops(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops is not None else None
 
 
 def matmul_params(model: torch.nn.Module) -> int:

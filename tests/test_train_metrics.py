@@ -1,0 +1,87 @@
+"""train/metrics.py and the command-line wrappers: the log line, MFU's flop count and GPU table,
+the out-of-memory line, and `python train/train.py` / `./train.sh` doing what `python -m train`
+does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from octo import OctoConfig, OctoForCausalLM
+from train.metrics import flops_per_token, format_log_line, matmul_params, peak_tflops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_log_line_gpu_and_cpu():
+    r = {"step": 100, "loss": 8.12344, "ppl": 3378.454, "lr": 3e-4, "grad_norm": 1.0234,
+         "tokens_per_s": 412_345.0, "mfu": 0.3814, "mem_gib": 4.21,
+         "mem_total_gib": 79.6}  # fmt: skip
+    assert format_log_line(r) == (
+        "Step 100: loss=8.1234 ppl=3378.45 lr=3.0e-04 grad_norm=1.02 tok/s=412k mfu=38.1% "
+        "mem=4.2GB/80GB"
+    )
+    cpu = {**r, "mfu": None, "mem_gib": None, "tokens_per_s": 1234.0, "eta_s": 3725.0,
+           "nonfinite_skips": 2}  # fmt: skip
+    assert format_log_line(cpu) == (
+        "Step 100: loss=8.1234 ppl=3378.45 lr=3.0e-04 grad_norm=1.02 tok/s=1.2k skipped=2 eta=1h02m"
+    )
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    cfg = OctoConfig.preset("seed", vocab_size=16000)
+    model = OctoForCausalLM(cfg)
+    n = matmul_params(model)  # all but the (untied) input embedding
+    assert n == model.num_parameters() - 16000 * 768
+    c, kv = 768, 3 * 64  # hidden, key/value width (3 KV heads of 64)
+    per_layer = c * c * 2 + c * kv * 2 + 3 * c * 3072 + 2 * c  # q, o; k, v; MLP; two norms
+    assert n == 12 * per_layer + c + 16000 * c  # + final norm + lm_head
+    assert flops_per_token(n, 12, 512, 768) == 6 * n + 12 * 12 * 512 * 768
+    tied = OctoForCausalLM(OctoConfig.preset("tiny", tie_word_embeddings=True))
+    assert matmul_params(tied) == tied.num_parameters()  # the shared matrix multiplies (lm_head)
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.0),
+    ("NVIDIA GeForce GTX 1080", None),
+])  # fmt: skip
+def test_gpu_peak_table(name, tflops):
+    assert peak_tflops(name) == tflops
+
+
+def test_out_of_memory_is_one_line_naming_the_knobs(monkeypatch, capsys):
+    import train.run as run_mod
+    from train.config import TrainConfig
+
+    class OOMTrainer:
+        step = 7
+
+        def fit(self):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(run_mod, "build_trainer", lambda *a: OOMTrainer())
+    assert run_mod.run(TrainConfig(device="cpu"), {}) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: CUDA out of memory at step 7")
+    for knob in ("batch_size", "gradient_accumulation_steps", "use_gradient_checkpointing",
+                 "block_size"):  # fmt: skip
+        assert knob in err
+
+
+@pytest.mark.parametrize("launcher", [["python", "train/train.py"], ["./train.sh"],
+                                      ["python", "-m", "train"]])  # fmt: skip
+def test_entry_points_agree(launcher, tmp_path):
+    """The three spellings parse and validate alike (a config error needs no torch, so fast)."""
+    cmd = [sys.executable if launcher[0] == "python" else launcher[0], *launcher[1:]]
+    p = subprocess.run([*cmd, "--set", "lerning_rate=1e-3", "batch_size=2"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 2
+    assert (
+        p.stderr.strip()
+        == "error: --set: unknown key 'lerning_rate'; did you mean 'learning_rate'?"
+    )
