@@ -325,6 +325,110 @@ def test_compiled_two_ranks_match_one_process(
     assert_close_runs(tmp_path, single, atol=weights_atol)
 
 
+# ----- GPU: the same machinery under NCCL, bf16, torch.compile and the Triton kernels -------------
+# The GPU images have no `datasets`, so these runs feed the Trainer synthetic token batches (rank r
+# takes rows [r B, (r+1) B) of each global batch) instead of the data pipeline. With one GPU,
+# torchrun --nproc_per_node 1 still wraps the model (a group of one): the code path of N GPUs.
+
+GPU_RUN = dict(device="auto", precision="bf16", compile="auto", kernels="auto")
+# bf16 tolerances, from the CPU analogue (bf16 autocast, FSDP2 bf16 gathers vs 1 process, lr 3e-3,
+# 8 steps): loss gaps <= 6.7e-5 relative, gradient norm gaps <= 1.2e-3. A wrong gradient scale
+# (world_size, accumulation) moves the norm by >= 2x and the loss visibly at this lr.
+GPU_TOL = {"loss": 1e-3, "grad_norm": 1e-2}
+
+
+class SyntheticData:
+    """This rank's rows of seeded random global batches (8, 64) of 512-token ids; resumable."""
+
+    def __init__(self, rank: int, world: int, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        self.batches = [torch.randint(0, 512, (8, 64), generator=g)[rows] for _ in range(n)]
+        self.pos, self.epoch = 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.pos == len(self.batches):
+            raise StopIteration
+        self.pos += 1
+        return self.batches[self.pos - 1]
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.pos = d["pos"]
+
+
+def synthetic_run(run_dir: Path, parallelism: str, world: int, run: dict, resume: str = "") -> None:
+    """12 steps of the tiny model on SyntheticData, checkpoints at 6 and 12, in this process
+    (which torchrun may have started: then it joins the group)."""
+    from octo import OctoConfig
+    from train.config import TrainConfig
+    from train.distributed import cleanup, init_distributed
+    from train.loop import Trainer
+    from train.runtime import resolve_device
+
+    cfg = TrainConfig(
+        batch_size=8 // world, block_size=64, gradient_accumulation_steps=2, max_steps=12,
+        warmup_steps=2, learning_rate=3e-3, log_interval_steps=1, eval_interval_steps=1000,
+        save_interval_steps=6, log_dir=str(run_dir / "logs"), checkpoint_dir=str(run_dir / "ckpt"),
+        parallelism=parallelism, seed=1, **run,
+    )  # fmt: skip
+    device = resolve_device(cfg)
+    env = init_distributed(device)
+    data = SyntheticData(env.rank, env.world_size, 24)
+    model = OctoConfig.preset("tiny", vocab_size=512, max_position_embeddings=64)
+    tr = Trainer(cfg, model, train_data=data, device=device, env=env)
+    if resume:
+        tr.resume(resume)
+    tr.fit()
+    tr.log.close()
+    cleanup(env)
+
+
+def assert_tol_runs(got_dir: Path, ref_dir: Path, tol: dict[str, float], after: int = 0) -> None:
+    got, ref = records(got_dir)["train"], records(ref_dir)["train"]
+    steps = [s for s in ref if s > after]
+    assert steps and sorted(s for s in got if s > after) == steps
+    for s in steps:
+        for key, rel in tol.items():
+            assert got[s][key] == pytest.approx(ref[s][key], rel=rel), (s, key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_gpu_parallel_matches_one_gpu(tmp_path, parallelism):
+    """bf16, torch.compile, Triton kernels, NCCL: DDP / FSDP2 on min(GPUs, 2) ranks follow the
+    plain 1-GPU run; a resume from step 6 continues it; the FSDP2 checkpoint loads in
+    transformers."""
+    world = min(torch.cuda.device_count(), 2)
+    synthetic_run(tmp_path / "ref", "ddp", 1, GPU_RUN)
+    for name, extra in (
+        ("run", []),
+        ("resumed", [str(tmp_path / "run" / "ckpt" / "checkpoint_step_6")]),
+    ):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(world), __file__, "synthetic", parallelism, str(tmp_path / name),
+               *extra]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        ok(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=580))
+    assert_tol_runs(tmp_path / "run", tmp_path / "ref", GPU_TOL)
+    assert_tol_runs(tmp_path / "resumed", tmp_path / "run", GPU_TOL, after=6)
+    from transformers import LlamaForCausalLM
+
+    from octo import OctoForCausalLM
+
+    ckpt = tmp_path / "run" / "ckpt" / "checkpoint_step_12"
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        a = OctoForCausalLM.from_pretrained(ckpt)(ids).logits
+        b = LlamaForCausalLM.from_pretrained(ckpt).eval()(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 # ----- the torchrun script of the fault-injection cases ---------------------------------------
 
 
@@ -335,8 +439,14 @@ def _driver(scenario: str, argv: list[str]) -> int:
             step 5; each rank prints "WEIGHTS <rank> <checksum>" at the end.
     fail:   rank 1 raises at step 2.
     resume: two runs one after the other in one process group: straight/ (8 steps) and
-            resumed/, resumed from straight/'s step-4 checkpoint."""
+            resumed/, resumed from straight/'s step-4 checkpoint.
+    synthetic PARALLELISM RUN_DIR [CHECKPOINT]: synthetic_run with GPU_RUN (the GPU test)."""
     import signal
+
+    if scenario == "synthetic":
+        world = int(os.environ["WORLD_SIZE"])
+        synthetic_run(Path(argv[1]), argv[0], world, GPU_RUN, argv[2] if len(argv) > 2 else "")
+        return 0
 
     from train.__main__ import main
     from train.loop import Trainer

@@ -6,10 +6,12 @@ collectives the training loop needs.
              --nproc_per_node N -m train --config ...            (M nodes)
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python -m train` has none of them and
-every function here is then a no-op (the loop calls them unconditionally). Backends: NCCL for CUDA
-tensors and gloo for CPU tensors in one default group ("cpu:gloo,cuda:nccl"), gloo alone on CPU.
+every function here is then a no-op (the loop calls them unconditionally). torchrun with a single
+process (--nproc_per_node 1) does join a group of one and wrap the model: the code path of N
+ranks, which lets one GPU check it. Backends: NCCL for CUDA tensors and gloo for CPU tensors in
+one default group ("cpu:gloo,cuda:nccl"), gloo alone on CPU.
 
-parallelism (TrainConfig), when WORLD_SIZE > 1:
+parallelism (TrainConfig), under torchrun:
   ddp   every rank holds the whole model, optimizer state and gradients; gradients are averaged
         with one all-reduce per optimizer step (`no_sync` on the other accumulation micro-steps).
   fsdp  FSDP2: `fully_shard` on each decoder layer and on the root, so parameters, gradients and
@@ -46,6 +48,7 @@ class DistEnv:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    group: bool = False  # in a process group (launched by torchrun), even one of a single process
 
     @property
     def is_main(self) -> bool:
@@ -53,15 +56,16 @@ class DistEnv:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Wrap the model, reduce and agree through the process group."""
+        return self.world_size > 1 or self.group
 
 
 def init_distributed(device: torch.device) -> DistEnv:
     """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and join the process group;
-    a single process (no WORLD_SIZE, or 1) gets DistEnv() and no group. Idempotent: a second call
-    (the Trainer's, after run()'s) returns the same DistEnv."""
+    a process not launched by torchrun (no RANK, WORLD_SIZE unset or 1) gets DistEnv() and no
+    group. Idempotent: a second call (the Trainer's, after run()'s) returns the same DistEnv."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and "RANK" not in os.environ:
         return DistEnv()
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -70,7 +74,7 @@ def init_distributed(device: torch.device) -> DistEnv:
             "processes with torchrun (torchrun --nproc_per_node N -m train ...), or unset "
             "WORLD_SIZE for one process"
         )
-    env = DistEnv(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world)
+    env = DistEnv(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world, True)
     if not dist.is_initialized():
         if device.type == "cuda":
             # One group, two backends: NCCL for the CUDA tensors (gradients, losses), gloo for the
@@ -88,8 +92,8 @@ def wrap_model(
     param_dtype: torch.dtype | None = None,
     compile_fn: Callable[[Callable], Callable] | None = None,
 ) -> nn.Module:
-    """DDP around the model, or FSDP2 applied to it in place (parallelism "ddp" | "fsdp"), when
-    world_size > 1; the model itself otherwise. param_dtype: the autocast dtype of the run
+    """DDP around the model, or FSDP2 applied to it in place (parallelism "ddp" | "fsdp"), under
+    torchrun; the model itself otherwise. param_dtype: the autocast dtype of the run
     (bf16/fp16, or None for fp32), the dtype FSDP gathers parameters in.
 
     compile_fn (train.runtime.maybe_compile for the run, or None): torch.compile cannot trace
