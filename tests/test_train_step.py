@@ -232,3 +232,18 @@ def test_profile_timings_only_when_asked(tmp_path):
     tr.profile = True
     t = tr.train_step(random_batches(1)).timings
     assert set(t) == {"forward_backward", "optimizer"} and all(v > 0 for v in t.values())
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(tmp_path):
+    """compile=on (torch.compile(fullgraph=True) of the forward+loss, reference kernels on CPU)
+    gives the eager losses and evaluation, step for step, within fp32 tolerance."""
+    batches = random_batches(6, batch=4)
+    out = {}
+    for mode in ("off", "on"):
+        cfg = make_cfg(tmp_path / mode, compile=mode, batch_size=4, gradient_accumulation_steps=2)
+        tr = Trainer(cfg, MODEL, eval_data=batches[:2])
+        losses = [tr.train_step(batches[2 * i : 2 * i + 2]).loss() for i in range(3)]
+        out[mode] = (losses, tr.evaluate()["eval_loss"])
+    assert out["on"][0] == pytest.approx(out["off"][0], rel=1e-5)
+    assert out["on"][1] == pytest.approx(out["off"][1], rel=1e-5)
