@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per provider")
     ap.add_argument("--preset", default="auto", choices=["auto", "seed", "tiny"])
     ap.add_argument("--providers", default=None, help="comma-separated subset")
+    ap.add_argument("--vocabs", default=None, help="comma-separated (GPU default: 16000,50304)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = args.preset if args.preset != "auto" else ("seed" if device.type == "cuda" else "tiny")
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         providers = ["octo-reference-compiled", "octo-reference-eager", "hf-llama-eager"]
     if args.providers:
         providers = args.providers.split(",")
+    if args.vocabs:
+        vocabs = [int(v) for v in args.vocabs.split(",")]
     env = env_info()
     results = []
     for vocab in vocabs:
