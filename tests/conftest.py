@@ -46,7 +46,10 @@ def gpt2_tokenizer_dir(shared_data, tmp_path_factory) -> Path:
     from transformers import GPT2TokenizerFast
 
     out = tmp_path_factory.mktemp("gpt2_tok")
-    vocab, merges = str(shared_data / "gpt2" / "vocab.json"), str(shared_data / "gpt2" / "merges.txt")
+    vocab, merges = (
+        str(shared_data / "gpt2" / "vocab.json"),
+        str(shared_data / "gpt2" / "merges.txt"),
+    )
     # transformers 5 names the files vocab=/merges= and silently ignores vocab_file=/merges_file=
     # (leaving a 1-token tokenizer); 4.x is the other way round.
     if "vocab" in inspect.signature(GPT2TokenizerFast.__init__).parameters:
@@ -57,3 +60,23 @@ def gpt2_tokenizer_dir(shared_data, tmp_path_factory) -> Path:
     tok.save_pretrained(out)
     return out
 
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """A folder with train.jsonl / validation.jsonl of generated stories, its 512-token BPE, and
+    a data cache shared by the runs (for tests that run `python -m train` end to end)."""
+    import json
+
+    from train.demo_corpus import generate_stories
+    from train.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("stories")
+    data = root / "stories"
+    data.mkdir()
+    for split, n, seed in (("train", 300, 1), ("validation", 30, 2)):
+        with open(data / f"{split}.jsonl", "w") as f:
+            for text in generate_stories(n, seed):
+                f.write(json.dumps({"text": text}) + "\n")
+    texts = [json.loads(line)["text"] for line in open(data / "train.jsonl")]
+    train_tokenizer(texts, 512, root / "tokenizer")
+    return {"data": data, "tokenizer": root / "tokenizer", "cache": root / "cache"}

@@ -20,11 +20,16 @@ def assert_kernel_close(
     atol: float | None = None,
 ) -> None:
     """out: the kernel's result; ref_fp32: the fp32 reference on upcast inputs; baseline: the
-    same computation in the kernel's dtype (PyTorch). Max abs error of out <= 2 x baseline's + atol."""
-    assert out.shape == ref_fp32.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
+    same computation in the kernel's dtype (PyTorch).
+    Passes when max abs error of out <= 2 x baseline's + atol."""
+    assert out.shape == ref_fp32.shape, (
+        f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
+    )
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     ref = ref_fp32.double()
     err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
     base_err = (baseline.double() - ref).abs().max().item() if out.numel() else 0.0
     tol = 2 * base_err + (ATOL.get(out.dtype, 1e-5) if atol is None else atol)
-    assert err <= tol, f"{name}: max abs error {err:.3e} > 2 x baseline {base_err:.3e} + atol = {tol:.3e}"
+    assert err <= tol, (
+        f"{name}: max abs error {err:.3e} > 2 x baseline {base_err:.3e} + atol = {tol:.3e}"
+    )

@@ -40,25 +40,6 @@ MODES = {
 }
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    """A folder with train.jsonl / validation.jsonl of generated stories, its 512-token BPE, and
-    a data cache shared by the runs."""
-    from train.demo_corpus import generate_stories
-    from train.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("resume_data")
-    data = root / "stories"
-    data.mkdir()
-    for split, n, seed in (("train", 300, 1), ("validation", 30, 2)):
-        with open(data / f"{split}.jsonl", "w") as f:
-            for text in generate_stories(n, seed):
-                f.write(json.dumps({"text": text}) + "\n")
-    texts = [json.loads(line)["text"] for line in open(data / "train.jsonl")]
-    train_tokenizer(texts, 512, root / "tokenizer")
-    return {"data": data, "tokenizer": root / "tokenizer", "cache": root / "cache"}
-
-
 def train(corpus, run_dir: Path, *overrides: str, env: dict | None = None, check=True, popen=False):
     """`python -m train` with the test config plus overrides (later --set values win), logs and
     checkpoints in run_dir. The data mode is stream_0_workers unless overridden."""

@@ -51,23 +51,6 @@ def settings(corpus: dict[str, Path], run_dir: Path, world: int) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    from train.demo_corpus import generate_stories
-    from train.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("dist_data")
-    data = root / "stories"
-    data.mkdir()
-    for split, n, seed in (("train", 300, 1), ("validation", 30, 2)):
-        with open(data / f"{split}.jsonl", "w") as f:
-            for text in generate_stories(n, seed):
-                f.write(json.dumps({"text": text}) + "\n")
-    texts = [json.loads(line)["text"] for line in open(data / "train.jsonl")]
-    train_tokenizer(texts, 512, root / "tokenizer")
-    return {"data": data, "tokenizer": root / "tokenizer", "cache": root / "cache"}
-
-
 def train_here(corpus, run_dir: Path, *overrides: str) -> None:
     """`python -m train` on one process, inside this one (the environment is restored after:
     the run sets OCTO_KERNELS)."""

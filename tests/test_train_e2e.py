@@ -114,7 +114,8 @@ def test_final_folder_loads_in_octo_and_transformers(demo_run):
 
     tmp, stdout, _, _ = demo_run
     final = tmp / "ckpt" / "final"
-    assert f"Sample from {Path('ckpt') / 'final'}" in stdout or f"Sample from {final}" in stdout
+    assert f"Samples from {Path('ckpt') / 'final'}" in stdout or f"Samples from {final}" in stdout
+    assert "[1] Once upon a time" in stdout and "[3] Once upon a time" in stdout  # a few stories
     model = OctoForCausalLM.from_pretrained(final).eval()
     last = OctoForCausalLM.from_pretrained(tmp / "ckpt" / "checkpoint_step_40")
     for (k, v), w in zip(model.state_dict().items(), last.state_dict().values()):

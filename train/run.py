@@ -66,7 +66,7 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any], config_path: str | None 
             log.info(f"Final model: {final} (loads with OctoForCausalLM.from_pretrained and as "
                      "Llama in transformers)")  # fmt: skip
             if trainer.tokenizer is not None:
-                log.info(f"Sample from {final}:\n{generate_sample(trainer)}")
+                log.info(f"Samples from {final}:\n{generate_sample(trainer)}")
         return 0
     finally:
         log.close()
@@ -104,15 +104,18 @@ def save_final_model(trainer: Trainer) -> Path:
     return final
 
 
-def generate_sample(trainer: Trainer) -> str:
-    """cfg.sample_prompt continued by the trained model (top-k 50, top-p 0.95, temperature 0.8),
-    from a generator seeded with cfg.seed, so the same weights print the same sample."""
+def generate_sample(trainer: Trainer, n_samples: int = 3) -> str:
+    """n_samples continuations of cfg.sample_prompt by the trained model (top-k 50, top-p 0.95,
+    temperature 0.8), one batch, from a generator seeded with cfg.seed, so the same weights print
+    the same samples."""
     cfg, tok, model = trainer.cfg, trainer.tokenizer, trainer.model
-    ids = torch.tensor([tok.encode(cfg.sample_prompt)], device=trainer.device)  # (1, T0)
+    prompt = tok.encode(cfg.sample_prompt)
+    ids = torch.tensor([prompt] * n_samples, device=trainer.device)  # (n, T0)
     gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
     with trainer.precision.autocast():
         out = model.generate(
             ids, max_new_tokens=cfg.sample_max_new_tokens, temperature=0.8, top_k=50,
             top_p=0.95, eos_token_id=tok.eos_token_id, generator=gen,
         )  # fmt: skip
-    return tok.decode(out[0].tolist(), skip_special_tokens=True)
+    texts = [tok.decode(row.tolist(), skip_special_tokens=True).strip() for row in out]
+    return "\n\n".join(f"[{i + 1}] {t}" for i, t in enumerate(texts))
