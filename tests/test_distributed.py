@@ -452,7 +452,10 @@ def _driver(scenario: str, argv: list[str]) -> int:
     def fit(self):
         result = fit_fn(self)
         total = sum(float(p.detach().double().sum()) for p in self.model.parameters())
-        print(f"WEIGHTS {rank} {total!r}", flush=True)
+        # one write with its newline: ranks share the pipe, and print() writes the text and the
+        # newline separately, so another rank's output could land between them
+        sys.stdout.write(f"WEIGHTS {rank} {total!r}\n")
+        sys.stdout.flush()
         return result
 
     Trainer.train_step, Trainer.fit = train_step, fit
