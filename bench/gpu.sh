@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 work="${OUT:-$(mktemp -d)}"   # logs and raw JSON (OUT: keep them)
 # Per-phase limits in seconds, so one slow phase cannot eat the others' time.
-T_TESTS=${T_TESTS:-150} T_BENCH=${T_BENCH:-240} T_E2E=${T_E2E:-300}
+T_TESTS=${T_TESTS:-100} T_BENCH=${T_BENCH:-280} T_E2E=${T_E2E:-240}
 status=0
 
 echo "== check.py"

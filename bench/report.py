@@ -64,6 +64,17 @@ def e2e_table(e2e: dict, env: dict) -> str:
     return markdown(ok, env) + "".join(f"\nFAILED: {f}\n" for f in failed)
 
 
+def _read_json(path: Path | None) -> dict:
+    """A results file, or {} when it is absent or was cut short (a phase hit its time limit)."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        print(f"warning: {path} is empty or truncated; its section is left out")
+        return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", type=Path, help="pytest-benchmark JSON")
@@ -72,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outdir", type=Path, default=Path("bench/results"))
     ap.add_argument("--commit", help="the commit measured (the GPU copy of the tree has no .git)")
     args = ap.parse_args(argv)
-    have = lambda p: p is not None and p.is_file()
-    kernels = json.loads(args.kernels.read_text()) if have(args.kernels) else {}
-    e2e = json.loads(args.e2e.read_text()) if have(args.e2e) else {}
+    kernels = _read_json(args.kernels)
+    e2e = _read_json(args.e2e)
     env = e2e.get("env") or env_info()  # the GPU machine's facts when its run is given
     if args.commit:
         env["commit"] = args.commit
