@@ -37,9 +37,11 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any], config_path: str | None 
         set_kernel_backend(cfg)
         device = resolve_device(cfg)
         env = init_distributed(device)
+        # a bad resume_from is reported before any data is built
+        resume = resolve_resume(cfg.resume_from) if cfg.resume_from else None
         trainer = build_trainer(cfg, model_fields, device, env)
-        if cfg.resume_from:
-            trainer.resume(resolve_resume(cfg.resume_from))
+        if resume is not None:
+            trainer.resume(resume)
         result = trainer.fit()
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -109,8 +111,8 @@ def generate_sample(trainer: Trainer, n_samples: int = 3) -> str:
     temperature 0.8), one batch, from a generator seeded with cfg.seed, so the same weights print
     the same samples."""
     cfg, tok, model = trainer.cfg, trainer.tokenizer, trainer.model
-    prompt = tok.encode(cfg.sample_prompt)
-    ids = torch.tensor([prompt] * n_samples, device=trainer.device)  # (n, T0)
+    prompt = tok.encode(cfg.sample_prompt) or [tok.bos_token_id or tok.eos_token_id or 0]
+    ids = torch.tensor([prompt] * n_samples, dtype=torch.long, device=trainer.device)  # (n, T0)
     gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
     with trainer.precision.autocast():
         out = model.generate(
