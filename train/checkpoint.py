@@ -307,7 +307,13 @@ def resolve_resume(resume_from: str | Path) -> Path:
             f"{p} is the temporary folder of an interrupted save; resume from its parent {p.parent}"
         )
     if _FINAL.fullmatch(p.name) or (p / MARKER).exists() or (p / "trainer_state.json").exists():
-        verify_checkpoint(p)
+        try:
+            verify_checkpoint(p)
+        except CheckpointError as e:  # named explicitly: an error, with the way out
+            raise CheckpointError(
+                f"{e}; resume from an earlier checkpoint, or from the parent folder {p.parent} "
+                "(its newest intact checkpoint)"
+            ) from None
         return p
     candidates = []
     for child in p.iterdir():
