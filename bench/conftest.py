@@ -58,6 +58,11 @@ def kernel_bench(benchmark, _env) -> Callable[..., None]:
         **extra: object,
     ) -> None:
         device = torch.device(device)
+        if provider == "liger":
+            try:
+                fn()
+            except Exception as e:  # an API change in Liger must not sink the whole run
+                pytest.skip(f"liger_kernel failed on this case: {type(e).__name__}: {e}")
         benchmark.group = group
         benchmark.extra_info.update(_env)
         benchmark.extra_info.update(provider=provider, shape=shape, n_bytes=n_bytes, **extra)

@@ -82,11 +82,6 @@ def test_rmsnorm(kernel_bench, copy_bench, bench_device, liger, shape_name, prov
         def fn():  # autograd.grad, not .backward: no accumulation into .grad between calls
             return torch.autograd.grad(op(x, w), (x, w), g)
 
-    if provider == "liger":
-        try:
-            fn()
-        except Exception as e:  # an API change in Liger must not sink the whole run
-            pytest.skip(f"liger_kernel failed on this case: {type(e).__name__}: {e}")
     kernel_bench(
         fn, group=group, provider=provider, shape=shape, n_bytes=n_bytes, device=bench_device,
         **{"pass": pass_, "dtype": str(DTYPE)},

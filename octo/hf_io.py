@@ -105,8 +105,9 @@ def _write_json(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
-    """Greedy, in state-dict order (transformers' rule): a new shard starts when the next tensor
+def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Names grouped into shards of at most max_bytes each (also used for optimizer state).
+    Greedy, in state-dict order (transformers' rule): a new shard starts when the next tensor
     would overflow the current one; a tensor larger than max_bytes gets a shard of its own."""
     shards: list[list[str]] = [[]]
     size = 0
@@ -161,7 +162,7 @@ def save_pretrained(
 
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
-    plan = _plan_shards(tensors, max_bytes)
+    plan = plan_shards(tensors, max_bytes)
     names = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
     # Shards of an earlier save into this folder would be read as part of this one.
     for old in out.iterdir():

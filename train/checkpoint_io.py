@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from octo.hf_io import plan_shards
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or used; one line naming the file and the fix."""
@@ -244,16 +246,7 @@ def save_optimizer(
                     entries[k] = {"value": v}
             if entries:
                 state[name] = entries
-    # Partition in insertion order into shards of <= max_shard_size bytes.
-    shards: list[list[str]] = [[]]
-    used = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and used + nbytes > max_shard_size:
-            shards.append([])
-            used = 0
-        shards[-1].append(key)
-        used += nbytes
+    shards = plan_shards(tensors, max_shard_size)  # insertion order, <= max_shard_size bytes
     n = len(shards)
     files = [f"optimizer-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     weight_map = {key: files[k] for k, keys in enumerate(shards) for key in keys}
