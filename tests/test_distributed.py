@@ -31,6 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fakes import ListData
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, MID = 8, 4
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32: only the order of the sums differs
@@ -320,29 +322,13 @@ GPU_RUN = dict(device="auto", precision="bf16", compile="auto", kernels="auto")
 GPU_TOL = {"loss": 1e-3, "grad_norm": 1e-2}
 
 
-class SyntheticData:
+class SyntheticData(ListData):
     """This rank's rows of seeded random global batches (8, 64) of 512-token ids; resumable."""
 
     def __init__(self, rank: int, world: int, n: int) -> None:
         g = torch.Generator().manual_seed(0)
         rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
-        self.batches = [torch.randint(0, 512, (8, 64), generator=g)[rows] for _ in range(n)]
-        self.pos, self.epoch = 0, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        if self.pos == len(self.batches):
-            raise StopIteration
-        self.pos += 1
-        return self.batches[self.pos - 1]
-
-    def state_dict(self) -> dict:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.pos = d["pos"]
+        super().__init__([torch.randint(0, 512, (8, 64), generator=g)[rows] for _ in range(n)])
 
 
 def synthetic_run(run_dir: Path, parallelism: str, world: int, run: dict, resume: str = "") -> None:

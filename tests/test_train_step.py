@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from octo import OctoConfig, OctoForCausalLM
+from tests.fakes import ListData
 from train.config import ConfigError, TrainConfig
 from train.loop import Trainer
 from train.optim import LRSchedule, param_groups, planned_steps
@@ -26,28 +27,6 @@ def make_cfg(tmp_path, **kw) -> TrainConfig:
                 save_interval_steps=1000, log_dir=str(tmp_path / "logs"),
                 checkpoint_dir=str(tmp_path / "ckpt"), seed=1)  # fmt: skip
     return TrainConfig(**{**base, **kw})
-
-
-class ListData:
-    """A TrainData stand-in: fixed batches, with the position as its state."""
-
-    def __init__(self, batches: list[torch.Tensor]) -> None:
-        self.batches, self.pos, self.epoch = batches, 0, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        if self.pos >= len(self.batches):
-            raise StopIteration
-        self.pos += 1
-        return self.batches[self.pos - 1]
-
-    def state_dict(self) -> dict:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.pos = d["pos"]
 
 
 def random_batches(n: int, batch: int = 8, seed: int = 0) -> list[torch.Tensor]:

@@ -1,0 +1,27 @@
+"""Stand-ins shared by tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ListData:
+    """A TrainData stand-in: fixed batches, with the position as its state."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches, self.pos, self.epoch = batches, 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.pos >= len(self.batches):
+            raise StopIteration
+        self.pos += 1
+        return self.batches[self.pos - 1]
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.pos = d["pos"]
