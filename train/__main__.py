@@ -6,8 +6,11 @@ Parse, validate (a bad key or value: one line, exit 2, before any data or model 
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
 
@@ -52,5 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     return run(cfg, model_fields, config_path=args.config)
 
 
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code`. A process that joined a process group (torchrun) runs its
+    atexit handlers, flushes stdout/stderr and leaves through os._exit, skipping the interpreter's
+    finalization: a Gloo worker thread may still be releasing the last collective's tensors then
+    (after the work completed and the caller moved on), the release needs the GIL, a thread that
+    asks for it during finalization is ended, and the C++ runtime aborts the process with
+    "terminate called without an active exception" after a run that succeeded
+    (pytorch/pytorch#179291; seen here on CPU under load, core dump in
+    c10d::ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork). Gloo is used on GPUs too, for the
+    host-side flags."""
+    distributed = sys.modules.get("train.distributed")  # not imported: no group, torch unloaded
+    if distributed is None or not distributed.joined_group():
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

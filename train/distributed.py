@@ -41,6 +41,9 @@ from torch import nn
 from train.config import ConfigError
 
 
+_joined_group = False  # set by init_distributed: see joined_group
+
+
 @dataclasses.dataclass
 class DistEnv:
     """Where this process stands: rank in [0, world_size), local_rank on its node."""
@@ -75,6 +78,8 @@ def init_distributed(device: torch.device) -> DistEnv:
             "WORLD_SIZE for one process"
         )
     env = DistEnv(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world, True)
+    global _joined_group
+    _joined_group = True
     if not dist.is_initialized():
         if device.type == "cuda":
             # One group, two backends: NCCL for the CUDA tensors (gradients, losses), gloo for the
@@ -213,3 +218,9 @@ def cleanup(env: DistEnv) -> None:
     """Destroy the process group, if this process joined one."""
     if env.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def joined_group() -> bool:
+    """True once this process has joined a process group (even one destroyed since): it must
+    then end through train.__main__.exit_process, not a plain interpreter exit."""
+    return _joined_group
