@@ -40,7 +40,6 @@ from torch import nn
 
 from train.config import ConfigError
 
-
 _joined_group = False  # set by init_distributed: see joined_group
 
 
