@@ -439,8 +439,8 @@ def _driver(scenario: str, argv: list[str]) -> int:
     def fit(self):
         result = fit_fn(self)
         total = sum(float(p.detach().double().sum()) for p in self.model.parameters())
-        # one write with its newline: ranks share the pipe, and print() writes the text and the
-        # newline separately, so another rank's output could land between them
+        # one write with its newline: ranks share the pipe, and under torchrun's `python -u`
+        # print() writes the text and the newline separately
         sys.stdout.write(f"WEIGHTS {rank} {total!r}\n")
         sys.stdout.flush()
         return result

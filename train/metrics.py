@@ -238,7 +238,11 @@ class RunLogger:
         if self.bar is not None:
             self.bar.write(msg, file=self.stream)
         else:
-            print(msg, file=self.stream, flush=True)
+            # one write with its newline: torchrun runs Python unbuffered (-u), where print()
+            # writes the text and the newline separately and another process's line (the ranks
+            # share the pipe) can land between them
+            self.stream.write(msg + "\n")
+            self.stream.flush()
         self._log.write(msg + "\n")
 
     def record(self, event: dict[str, Any]) -> None:
