@@ -3,6 +3,14 @@
 A kernel's output passes when its error against the fp32 reference (computed on upcast inputs) is
 at most 2x the error of the same-dtype PyTorch computation plus a small atol. The same-dtype
 baseline is the reference run on the low-precision inputs (which rounds like PyTorch would).
+
+For outputs computed entry by entry without cancellation (the logits gradient of a
+cross-entropy: softmax minus one-hot, scaled), `elementwise=True` also holds each entry to its own
+magnitude: its error may be 2x the baseline's error there or REL_ULPS units of the dtype's
+precision of the entry, whichever is larger. The max alone cannot see wrong small entries: a
+gradient over 50257 classes is mostly ~1e-7, below the fp32 atol, so a kernel that zeroed half of
+it would pass. Outputs that are sums with cancellation (matmul and norm gradients, rotations)
+have errors relative to their terms, not to themselves, and keep the max rule only.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import torch
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+REL_ULPS = {torch.float32: 64.0, torch.bfloat16: 1.0, torch.float16: 1.0}
 
 
 def assert_kernel_close(
@@ -18,10 +27,12 @@ def assert_kernel_close(
     baseline: torch.Tensor,
     name: str = "output",
     atol: float | None = None,
+    elementwise: bool = False,
 ) -> None:
     """out: the kernel's result; ref_fp32: the fp32 reference on upcast inputs; baseline: the
     same computation in the kernel's dtype (PyTorch).
-    Passes when max abs error of out <= 2 x baseline's + atol."""
+    Passes when max abs error of out <= 2 x baseline's + atol; with elementwise, also when each
+    entry's error <= 2 x max(baseline's error there, REL_ULPS x eps(dtype) x |reference there|)."""
     assert out.shape == ref_fp32.shape, (
         f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
     )
@@ -33,3 +44,16 @@ def assert_kernel_close(
     assert err <= tol, (
         f"{name}: max abs error {err:.3e} > 2 x baseline {base_err:.3e} + atol = {tol:.3e}"
     )
+    if not elementwise or not out.numel():
+        return
+    errs, base_errs = (out.double() - ref).abs(), (baseline.double() - ref).abs()
+    rel = REL_ULPS.get(out.dtype, 64.0) * torch.finfo(out.dtype).eps * ref.abs()
+    bound = 2 * torch.maximum(base_errs, rel) + torch.finfo(out.dtype).tiny
+    bad = errs > bound
+    if bad.any():
+        i = int(torch.argmax((errs - bound).flatten()))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {out.numel()} entries beyond their own bound; worst "
+            f"at flat index {i}: got {out.flatten()[i].item():.6e}, reference "
+            f"{ref.flatten()[i].item():.6e}, baseline {baseline.flatten()[i].item():.6e}"
+        )
