@@ -88,6 +88,24 @@ def clean_key(name: str) -> str:
     return name[len("module.") :] if name.startswith("module.") else name
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors.torch.save_file (metadata format "pt"), with a failed write raised as the
+    OSError it is. The library reports a full disk as SafetensorError("... No space left on
+    device (os error 28)"), which is no OSError and carries no errno, so a caller could neither
+    tell it from a bug nor say what to do."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
 def _fsync_path(path: Path) -> None:
     """Flush a written file (or a directory entry list) to disk."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
@@ -134,8 +152,6 @@ def save_pretrained(
     Tensors keep their dtype; config.json records it. A tied lm_head is not written (it is
     embed_tokens), exactly as transformers does, so safetensors never sees shared memory.
     """
-    from safetensors.torch import save_file
-
     inner = unwrap_model(model)
     cfg: OctoConfig = inner.config
     max_bytes = parse_size(max_shard_size)
@@ -170,7 +186,7 @@ def save_pretrained(
             old.unlink()
     weight_map = {}
     for file_name, keys in zip(names, plan):
-        save_file({k: tensors[k] for k in keys}, str(out / file_name), metadata={"format": "pt"})
+        save_safetensors({k: tensors[k] for k in keys}, out / file_name)
         _fsync_path(out / file_name)
         weight_map.update(dict.fromkeys(keys, file_name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())

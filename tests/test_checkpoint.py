@@ -4,11 +4,16 @@ CPU, tiny model."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import pickle
 import random
+import resource
+import signal
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,26 +283,36 @@ def test_unsaveable_trainer_state_is_a_clear_error(tmp_path, trained):
 
 
 def _enospc(monkeypatch, where: str):
-    """Make one write of a save fail as a full disk does: half the bytes land, then ENOSPC."""
+    """Make one write of a save fail as a full disk does: half the bytes land, then the error
+    each writer really raises (safetensors: SafetensorError naming "os error 28"; Python's own
+    writes: OSError ENOSPC)."""
     import safetensors.torch
+    from safetensors import SafetensorError
 
-    def partial_then_enospc(path, nbytes=1000):
+    def partial(path, nbytes=1000):
         with open(path, "wb") as f:
             f.write(b"\0" * nbytes)
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    if where == "model_shard":  # octo.hf_io imports save_file from safetensors.torch at call time
-        monkeypatch.setattr(
-            safetensors.torch, "save_file", lambda t, p, **k: partial_then_enospc(p)
-        )
-    elif where == "optimizer_shard":
-        monkeypatch.setattr(checkpoint_io, "save_file", lambda t, p, **k: partial_then_enospc(p))
+    if where in ("model_shard", "optimizer_shard"):  # both are written by octo.hf_io's helper
+        real_save_file = safetensors.torch.save_file
+        prefix = "model-" if where == "model_shard" else "optimizer-"
+
+        def save_file(tensors, path, **kw):
+            if not Path(path).name.startswith(prefix):
+                return real_save_file(tensors, path, **kw)
+            partial(path)
+            raise SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
+
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     else:  # the marker: everything else written
         real = checkpoint_io.write_json
 
         def write_json(path, obj):
             if path.name == MARKER:
-                partial_then_enospc(path, 10)
+                partial(path, 10)
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
             real(path, obj)
 
         monkeypatch.setattr("train.checkpoint.write_json", write_json)
@@ -321,6 +336,54 @@ def test_full_disk_is_one_clear_error_and_leaves_no_trace(tmp_path, trained, mon
     assert resolve_resume(tmp_path) == first
     save(tmp_path, 2, model, opt, keep_last=1)  # the disk has room again: saving works
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_step_2"]
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past nbytes fail with EFBIG in this process (RLIMIT_FSIZE, SIGXFSZ ignored): a real
+    write error from the real writers (safetensors' Rust code included), where a full disk
+    cannot be made on a test machine."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_real_write_error_in_a_shard_is_one_clear_error(tmp_path, trained):
+    """safetensors' own failed write (not a stand-in) comes out as one CheckpointError line with
+    the system's reason and the fix; the earlier checkpoint is untouched."""
+    model, opt = trained
+    first = save(tmp_path, 1, model, opt, keep_last=1)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    biggest = max(p.stat().st_size for p in first.glob("*.safetensors"))
+    with file_size_limit(biggest // 2), pytest.raises(CheckpointError) as e:
+        save(tmp_path, 2, model, opt, keep_last=1)
+    msg = str(e.value)
+    assert "\n" not in msg and "File too large" in msg and "ulimit -f" in msg, msg
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_step_1"]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+
+
+def test_final_model_write_error_keeps_the_previous_final(tmp_path, trained):
+    """save_final_model: a failed write is one CheckpointError line, no final.tmp is left, and a
+    final folder from before stays whole."""
+    from train.run import save_final_model
+
+    model, _ = trained
+    cfg = TrainConfig(checkpoint_dir=str(tmp_path), max_shard_size="400KB")
+    trainer = types.SimpleNamespace(cfg=cfg, model=model, tokenizer=None)
+    final = save_final_model(trainer)
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    with file_size_limit(1000), pytest.raises(CheckpointError) as e:
+        save_final_model(trainer)
+    assert "\n" not in str(e.value) and "final model" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    assert save_final_model(trainer) == final  # room again: the folder is replaced
 
 
 # ----- resolve_resume -----------------------------------------------------------------------------

@@ -140,6 +140,34 @@ def restore_rng_state(state: dict) -> None:
 # ----- save ---------------------------------------------------------------------------------------
 
 
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Put the complete folder `tmp` at `final` (renames on one file system). A folder already
+    at `final` is renamed aside first and removed only once `tmp` stands in its place, so a crash
+    at any point leaves a complete copy under one of the two names."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+def write_error_fix(e: OSError) -> str:
+    """What to do about a failed checkpoint write, by its errno."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space or set checkpoint_dir to a larger disk"
+    if e.errno == errno.EFBIG:
+        return (
+            "a file is larger than this system allows: raise the file-size limit (ulimit -f) "
+            "or lower max_shard_size"
+        )
+    return "check that checkpoint_dir is writable"
+
+
 def _remove(path: Path) -> None:
     """Remove a checkpoint folder: rename it to a transient name first, so a crash half-way
     leaves something the next save cleans up, never a half-deleted folder that looks complete."""
@@ -223,26 +251,14 @@ def save_checkpoint(
         what = "the checkpoint folder (rename)"
         if final.exists():  # saved this step before (e.g. a resumed run): replace it
             log.warning("%s exists; replacing it", final)
-            old = final.with_name(final.name + ".old")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            fsync_dir(root)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        fsync_dir(root)
+        replace_folder(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            fix = (
-                "free disk space or set checkpoint_dir to a larger disk"
-                if e.errno in (errno.ENOSPC, errno.EDQUOT)
-                else "check that checkpoint_dir is writable"
-            )
             raise CheckpointError(
                 f"saving checkpoint {final} failed while writing {what}: "
-                f"{e.strerror or e}; {fix}. The partial save was removed; earlier checkpoints "
-                "are intact"
+                f"{e.strerror or e}; {write_error_fix(e)}. The partial save was removed; earlier "
+                "checkpoints are intact"
             ) from e
         raise
     _crash_point("before_rotate", step)

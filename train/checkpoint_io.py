@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from octo.hf_io import plan_shards
+from octo.hf_io import plan_shards, save_safetensors
 
 
 class CheckpointError(ValueError):
@@ -253,7 +252,7 @@ def save_optimizer(
     for k, keys in enumerate(shards):
         # safetensors writes from host memory: copy one shard at a time off the accelerator.
         shard = {key: tensors[key].detach().to("cpu").contiguous() for key in keys}
-        save_file(shard, folder / files[k], metadata={"format": "pt"})
+        save_safetensors(shard, folder / files[k])
         del shard
         after_shard(k)
     meta = {

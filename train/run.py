@@ -64,7 +64,11 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any], config_path: str | None 
 
         trainer.model = full_model(trainer.model, env, trainer.device)  # FSDP: gathered on rank 0
         if env.is_main:
-            final = save_final_model(trainer)
+            try:
+                final = save_final_model(trainer)
+            except CheckpointError as e:  # a full disk at the very end: the checkpoints stand
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             log.info(f"Final model: {final} (loads with OctoForCausalLM.from_pretrained and as "
                      "Llama in transformers)")  # fmt: skip
             if trainer.tokenizer is not None:
@@ -93,16 +97,26 @@ def build_trainer(
 def save_final_model(trainer: Trainer) -> Path:
     """{checkpoint_dir}/final: the model (Llama-format safetensors + config.json), the tokenizer
     and train_config.json; written beside, then renamed, so a half-written folder never stands."""
+    from train.checkpoint import CheckpointError, replace_folder, write_error_fix
+    from train.checkpoint_io import fsync_tree
+
     cfg = trainer.cfg
     final = Path(cfg.checkpoint_dir) / "final"
     tmp = final.with_name("final.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
-    if trainer.tokenizer is not None:
-        trainer.tokenizer.save_pretrained(tmp)
-    cfg.save(tmp / "train_config.json")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
+        if trainer.tokenizer is not None:
+            trainer.tokenizer.save_pretrained(tmp)
+        cfg.save(tmp / "train_config.json")
+        fsync_tree(tmp)
+        replace_folder(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"saving the final model to {final} failed: {e.strerror or e}; {write_error_fix(e)}. "
+            "The checkpoints are intact"
+        ) from e
     return final
 
 
