@@ -46,6 +46,7 @@ def cfg_for(dataset, tmp_path, **kw) -> TrainConfig:
         num_workers=0,
         buffer_size=0,
         data_cache_dir=str(tmp_path / "cache"),
+        pretokenize=False,  # streamed unless a test asks (null would pre-tokenize: no max_steps)
     )
     return TrainConfig(**{**base, **kw})
 

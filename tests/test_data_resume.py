@@ -46,6 +46,7 @@ def make_cfg(corpus, tmp_path, **kw) -> TrainConfig:
         seed=3,
         num_workers=0,
         data_cache_dir=str(tmp_path / "cache"),
+        pretokenize=False,  # streamed unless a test asks (null would pre-tokenize: no max_steps)
     )
     return TrainConfig(**{**base, **kw})
 

@@ -93,16 +93,47 @@ def test_trainer_applies_the_scheduled_lr(tmp_path):
     assert tr.step == 6 and stats.lr == pytest.approx(3e-3 * 0.1)
 
 
-def test_planned_steps(tmp_path):
-    class Sized:
-        def tokens_per_epoch(self):
-            return 10_000
+class ArrayTokens:
+    """A token cache in memory, with the two reads PretokTrainData makes."""
 
-    cfg = make_cfg(tmp_path, max_steps=None, num_epochs=3)
-    assert planned_steps(cfg, Sized())[0] == 3 * 10_000 // (8 * T)
+    def __init__(self, n: int) -> None:
+        self.ids = torch.arange(n) % VOCAB
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read(self, start, out):
+        out[:] = self.ids[start : start + len(out)].numpy()
+
+    def blocks(self, first, n, block_size):
+        return self.ids[first * block_size : (first + n) * block_size].reshape(n, -1).numpy()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_planned_steps_are_the_steps_the_data_yields(tmp_path, world):
+    """num_epochs of pre-tokenized data on 1 or 2 ranks: the schedule spans exactly the optimizer
+    steps each rank's batches make (2 ranks once planned half of them: they counted one rank's
+    tokens against the global step)."""
+    from train.data_pretok import PretokTrainData
+
+    cfg = make_cfg(tmp_path, max_steps=None, num_epochs=3, batch_size=2,
+                   gradient_accumulation_steps=2)  # fmt: skip
+    data = PretokTrainData(cfg, ArrayTokens(10_000), tmp_path, rank=world - 1, world_size=world)
+    yielded = sum(1 for _ in data)
+    steps, _ = planned_steps(cfg, data, world)
+    assert steps == yielded // 2 and steps == 3 * (10_000 // T // (2 * world)) // 2
     assert planned_steps(make_cfg(tmp_path, max_steps=7), None)[0] == 7
     with pytest.raises(ConfigError, match="set max_steps, or set pretokenize: true"):
         planned_steps(cfg, iter([]))
+
+
+def test_pretokenize_null_counts_tokens_when_no_max_steps(tmp_path):
+    """The seed's config sets neither max_steps nor pretokenize: it must read a counted cache
+    (num_epochs needs a length); with max_steps set, or pretokenize given, that decides."""
+    assert make_cfg(tmp_path, max_steps=None).pretokenized
+    assert not make_cfg(tmp_path, max_steps=10).pretokenized
+    assert not make_cfg(tmp_path, max_steps=None, pretokenize=False).pretokenized
+    assert make_cfg(tmp_path, max_steps=10, pretokenize=True).pretokenized
 
 
 def test_no_weight_decay_on_norms_biases_embeddings():

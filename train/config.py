@@ -59,7 +59,9 @@ class TrainConfig:
     kernels: str = "auto"  # auto | triton | torch (OCTO_KERNELS)
     num_workers: int = 2  # DataLoader worker processes for tokenization
     buffer_size: int = 10000  # shuffle buffer, in blocks (0 = no shuffle)
-    pretokenize: bool = False  # tokenize once into memory-mapped shards under data_cache_dir
+    # tokenize once into memory-mapped shards under data_cache_dir, or stream; null: see
+    # `pretokenized`
+    pretokenize: bool | None = None
     data_cache_dir: str = "data_cache"
     eval_holdout_fraction: float = 0.0  # with eval_split null: this fraction of train docs
     keep_last_checkpoints: int = 3
@@ -72,6 +74,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def pretokenized(self) -> bool:
+        """Read a pre-tokenized cache (True) or stream (False). pretokenize null picks: a cache
+        when max_steps is null, because only counted tokens give num_epochs a number of steps (the
+        seed's config), the stream otherwise (training starts at once)."""
+        return self.max_steps is None if self.pretokenize is None else self.pretokenize
 
     # ----- validation -------------------------------------------------------------------------
 

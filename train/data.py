@@ -10,11 +10,12 @@ The labels are the ids themselves (the model shifts inside). Documents are token
 tokenizer's own special tokens, each followed by EOS, concatenated and cut into block_size blocks
 with no padding (the last partial block and batch of an epoch are dropped). Two modes:
 
-* streaming (default): tokenized on the fly in num_workers DataLoader processes with a seeded
-  shuffle window of buffer_size blocks -- train/data_stream.py;
-* pre-tokenized (pretokenize: true): tokenized once into memory-mapped shards under
-  data_cache_dir, built automatically on first use or by `python -m train.prepare`; each epoch a
-  full seeded permutation of the blocks -- train/data_pretok.py.
+* streaming (pretokenize false, or null with max_steps set): tokenized on the fly in num_workers
+  DataLoader processes with a seeded shuffle window of buffer_size blocks -- train/data_stream.py;
+* pre-tokenized (pretokenize true, or null with max_steps null, as in the seed's config): tokenized
+  once into memory-mapped shards under data_cache_dir, built automatically on first use or by
+  `python -m train.prepare`; each epoch a full seeded permutation of the blocks --
+  train/data_pretok.py.
 
 Both resume exactly: after load_state_dict the next batches equal an uninterrupted run's.
 Sources (Hub names, local files, globs, folders, the "octo-demo" corpus) are in
@@ -66,15 +67,18 @@ def load_tokenizer(name_or_path: str, cache_dir: str | Path = "data_cache"):
         "(python -m train.tokenizer trains one)"
     )
     if local and not path.is_dir():
-        raise DataError(f"tokenizer folder {name_or_path} does not exist; {fix}")
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DataError(f"tokenizer folder {name_or_path} {what}; {fix}")
     try:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path) if local else name)
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
+        # Not local: only the Hub was tried. Say so, since a mistyped folder name lands here too.
+        where = "" if local else ": no local file or folder of that name exists, and the Hub failed"
         raise DataError(
-            f"cannot load tokenizer {name_or_path!r} ({type(e).__name__}: {msg}); {fix}"
+            f"cannot load tokenizer {name_or_path!r}{where} ({type(e).__name__}: {msg}); {fix}"
         ) from None
     if not hasattr(tok, "backend_tokenizer"):
         raise DataError(f"tokenizer {name_or_path!r} has no fast (Rust) version; {fix}")
@@ -163,7 +167,7 @@ def build_train_data(cfg, tokenizer, rank: int = 0, world_size: int = 1) -> Trai
     .tokens_per_epoch() (exact when pre-tokenized, else None) and .batches_per_epoch()."""
     _check_tokenizer(tokenizer)
     src = train_source(cfg)
-    if cfg.pretokenize:
+    if cfg.pretokenized:
         folder = ensure_token_cache(src, tokenizer, cfg.data_cache_dir, progress=rank == 0)
         return PretokTrainData(cfg, load_part(folder, "kept"), folder, rank, world_size)
     return StreamingTrainData(cfg, tokenizer, src.open(), rank, world_size)
@@ -195,7 +199,7 @@ def build_eval_batches(cfg, tokenizer, rank: int = 0, world_size: int = 1) -> li
         return []
     B, T = cfg.batch_size, cfg.block_size
     want = max(cfg.eval_max_batches, world_size) * B  # at least one batch per rank
-    if cfg.pretokenize:
+    if cfg.pretokenized:
         folder = ensure_token_cache(src, tokenizer, cfg.data_cache_dir, progress=rank == 0)
         tokens = load_part(folder, src.part)
         blocks = tokens.blocks(0, min(want, len(tokens) // T), T)

@@ -104,22 +104,25 @@ def tokens_per_step(cfg: TrainConfig, world_size: int = 1) -> int:
 
 def planned_steps(cfg: TrainConfig, train_data: object, world_size: int = 1) -> tuple[int, str]:
     """(optimizer steps the schedule spans, where that number came from): max_steps when set,
-    else num_epochs worth of the data's tokens (TrainData.tokens_per_epoch(), all ranks together).
+    else num_epochs worth of the data: the batches one rank yields per epoch
+    (TrainData.batches_per_epoch(), the same on every rank) over the accumulation steps.
     Unknown size (streaming) with no max_steps is a ConfigError saying what to set."""
     if cfg.max_steps is not None:
         return cfg.max_steps, "max_steps"
-    count = getattr(train_data, "tokens_per_epoch", None)
-    tokens = count() if callable(count) else None
-    if tokens is None:
+    count = getattr(train_data, "batches_per_epoch", None)
+    batches = count() if callable(count) else None
+    if batches is None:
         raise ConfigError(
             "cannot plan the learning-rate schedule: the size of the training data is unknown "
             "(streamed); set max_steps, or set pretokenize: true so the tokens are counted"
         )
+    steps = cfg.num_epochs * batches // cfg.gradient_accumulation_steps
+    tokens = batches * cfg.batch_size * cfg.block_size * world_size
     per_step = tokens_per_step(cfg, world_size)
-    steps = cfg.num_epochs * tokens // per_step
     if steps < 1:
         raise ConfigError(
             f"the training data holds {tokens} tokens per epoch, fewer than one step's {per_step} "
-            "(batch_size x block_size x gradient_accumulation_steps); lower those or add data"
+            "(batch_size x block_size x gradient_accumulation_steps x processes); lower those or "
+            "add data"
         )
     return steps, f"num_epochs={cfg.num_epochs} x {tokens} tokens / {per_step} per step"

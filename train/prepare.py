@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not cfg.pretokenize:
-        print("note: the config has pretokenize false; set it true to train from this cache")
+    if not cfg.pretokenized:
+        print("note: this config streams its data (pretokenize false, or null with max_steps set); "
+              "set pretokenize true to train from this cache")  # fmt: skip
     return 0
 
 
