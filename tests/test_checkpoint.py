@@ -8,9 +8,11 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import pickle
 import random
 import resource
+import shutil
 import signal
 import types
 from pathlib import Path
@@ -384,6 +386,25 @@ def test_final_model_write_error_keeps_the_previous_final(tmp_path, trained):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
     assert save_final_model(trainer) == final  # room again: the folder is replaced
+
+
+def test_crash_while_replacing_a_checkpoint_keeps_it(tmp_path, trained):
+    """A save of step N over an existing checkpoint_step_N renames the old one aside, then the new
+    one in: a crash between the two leaves .old and .tmp, both complete, and no step N. The next
+    resume and the next save restore .old instead of skipping or deleting it."""
+    model, opt = trained
+    save(tmp_path, 2, model, opt)
+    four = save(tmp_path, 4, model, opt)
+    before = {p.name: p.read_bytes() for p in four.iterdir()}
+    shutil.copytree(four, tmp_path / "checkpoint_step_4.tmp")
+    os.rename(four, tmp_path / "checkpoint_step_4.old")
+    assert resolve_resume(tmp_path) == four
+    assert {p.name: p.read_bytes() for p in four.iterdir()} == before
+    os.rename(four, tmp_path / "checkpoint_step_4.old")
+    save(tmp_path, 6, model, opt)  # a save cleans up: it must restore, not delete
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_step_2", "checkpoint_step_4", "checkpoint_step_6"
+    ]  # fmt: skip
 
 
 # ----- resolve_resume -----------------------------------------------------------------------------

@@ -178,7 +178,27 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
+def _recover_replaced(root: Path) -> None:
+    """Undo the one crash that could lose a complete checkpoint: replace_folder renamed
+    checkpoint_step_N aside to .old and died before the new one took its place. A verified .old
+    with no checkpoint_step_N beside it is renamed back (a partly removed one fails verification
+    and is left for _clean_stale)."""
+    for p in sorted(root.iterdir()):
+        m = _TRANSIENT.fullmatch(p.name)
+        final = root / f"checkpoint_step_{m.group(1)}" if m else None
+        if m is None or m.group(2) != "old" or not p.is_dir() or final.exists():
+            continue
+        try:
+            verify_checkpoint(p)
+        except CheckpointError:
+            continue
+        log.warning("restoring %s as %s: a save replacing it was interrupted", p.name, final.name)
+        os.rename(p, final)
+        fsync_dir(root)
+
+
 def _clean_stale(root: Path) -> None:
+    _recover_replaced(root)
     for p in sorted(root.iterdir()):
         if _TRANSIENT.fullmatch(p.name) and p.is_dir():
             log.warning("removing %s, left by an interrupted checkpoint save", p)
@@ -331,6 +351,7 @@ def resolve_resume(resume_from: str | Path) -> Path:
                 "(its newest intact checkpoint)"
             ) from None
         return p
+    _recover_replaced(p)
     candidates = []
     for child in p.iterdir():
         m = _FINAL.fullmatch(child.name) or _TRANSIENT.fullmatch(child.name)
