@@ -107,11 +107,30 @@ def test_streaming_resume_refuses_another_layout(corpus, tok, tmp_path):
     data = build_train_data(make_cfg(corpus, tmp_path, num_workers=2), tok)
     next(data)
     state = data.state_dict()
-    for change in ({"num_workers": 1}, {"batch_size": 2}, {"seed": 4}, {"pretokenize": True}):
+    for change in ({"num_workers": 1}, {"seed": 4}, {"pretokenize": True}):
         other = build_train_data(make_cfg(corpus, tmp_path, **change), tok)
         with pytest.raises(DataError) as e:
             other.load_state_dict(state)
         assert "\n" not in str(e.value) and "set" in str(e.value)
+
+
+def test_streaming_resume_with_another_batch_size_warns_and_goes_on(corpus, tok, tmp_path, caplog):
+    """Issue 6: a changed batch size is a warning, not an error. The stream restarts its current
+    shuffle window in batches of the new size: with buffer 20 both sizes make 20-block windows,
+    so the blocks from that window on are the uninterrupted run's, in its order."""
+    data = build_train_data(make_cfg(corpus, tmp_path), tok)  # 4 x 16, windows of 5 batches
+    straight = [next(data) for _ in range(12)]
+    data = build_train_data(make_cfg(corpus, tmp_path), tok)
+    for _ in range(7):  # two batches into the second window
+        next(data)
+    state = data.state_dict()
+    other = build_train_data(make_cfg(corpus, tmp_path, batch_size=2), tok)
+    with caplog.at_level("WARNING", logger="train.data_stream"):
+        other.load_state_dict(state)
+    assert "batch_size changed from 4 to 2" in caplog.text and "batch_size 4" in caplog.text
+    got = torch.cat([next(other) for _ in range(14)])
+    assert got.shape == (28, 16)
+    torch.testing.assert_close(got, torch.cat(straight[5:12]), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -27,6 +27,7 @@ uninterrupted run's.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import deque
@@ -37,6 +38,8 @@ import numpy as np
 import torch
 
 from train.data_source import DataError, DocSource, encode_docs
+
+log = logging.getLogger(__name__)
 
 
 def new_stream_state() -> dict[str, Any]:
@@ -293,10 +296,23 @@ class StreamingTrainData:
                 f"the checkpoint's data position is for {d.get('mode')!r} mode, this run streams; "
                 "set pretokenize back to what the checkpoint's run used"
             )
+        streams = [dict(s) if s else None for s in d["streams"]]
         for key, now in self._identity().items():
             was = d.get(key)
             if key == "holdout":
                 was = list(was) if was is not None else None
+            if key == "batch_size" and was is not None and was != now:
+                # The windows are cut anew in batches of the new size from where each stream's
+                # current window starts: its blocks already seen come again (at most one window
+                # per stream), nothing is skipped.
+                log.warning(
+                    "batch_size changed from %s to %s: each data stream restarts its current "
+                    "shuffle window, so up to %s blocks per stream are seen again; resume with "
+                    "batch_size %s to continue exactly",
+                    was, now, window_size(self.cfg.buffer_size, was), was,
+                )  # fmt: skip
+                streams = [s and {**s, "emitted": 0} for s in streams]
+                continue
             if was != now:
                 hint = " (world_size x num_workers)" if key == "num_streams" else ""
                 raise DataError(
@@ -305,4 +321,4 @@ class StreamingTrainData:
                 )
         self._it = None  # stops any running workers
         self.epoch, self._next, self._batches = d["epoch"], d["next"], d["batches"]
-        self._states = [dict(s) if s else None for s in d["streams"]]
+        self._states = streams
