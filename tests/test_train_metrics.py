@@ -85,3 +85,25 @@ def test_entry_points_agree(launcher, tmp_path):
         p.stderr.strip()
         == "error: --set: unknown key 'lerning_rate'; did you mean 'learning_rate'?"
     )
+
+
+def test_module_warnings_reach_the_run_log_once(tmp_path):
+    """A warning of a train.* module (a corrupt checkpoint skipped, a changed batch size) is a
+    "warning: ..." line on rank 0's console and in its .log file; ranks other than 0 drop it; after
+    close() nothing is routed any more."""
+    import io
+    import logging
+
+    from train.metrics import RunLogger
+
+    console = io.StringIO()
+    run_log = RunLogger(tmp_path, stream=console)
+    other_rank = RunLogger(tmp_path / "r1", enabled=False)
+    logging.getLogger("train.checkpoint").warning("skipping %s: truncated", "checkpoint_step_4")
+    logging.getLogger("train.checkpoint").info("not shown")
+    run_log.close()
+    other_rank.close()
+    logging.getLogger("train.checkpoint").warning("after close")
+    line = "warning: skipping checkpoint_step_4: truncated\n"
+    assert console.getvalue() == line
+    assert run_log.log_path.read_text() == line

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import sys
 import time
@@ -200,6 +201,19 @@ def start_lines(t: Any) -> list[str]:
     ]
 
 
+class _WarningsToRunLog(logging.Handler):
+    """The warnings of the project's modules (logging.getLogger("train.*"): a corrupt checkpoint
+    skipped, a changed batch size) as "warning: ..." lines of the run's console and .log file.
+    Without it Python prints them bare on stderr and the log file never has them."""
+
+    def __init__(self, run_log: RunLogger) -> None:
+        super().__init__(logging.WARNING)
+        self.run_log = run_log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_log.info(f"warning: {record.getMessage()}")
+
+
 class RunLogger:
     """Console + `{log_dir}/training_YYYYMMDD_HHMMSS.log` (the same lines) + `.jsonl` beside it (one
     JSON object per event: type "start" | "train" | "eval" | "end"). On a terminal a tqdm bar with
@@ -213,6 +227,10 @@ class RunLogger:
         self.stream = stream or sys.stdout
         self.bar = None
         self.log_path = self.jsonl_path = None
+        # rank 0 shows the modules' warnings in its log; the other ranks' (the same ones) are
+        # dropped rather than printed bare once per process
+        self._handler = _WarningsToRunLog(self) if enabled else logging.NullHandler()
+        logging.getLogger("train").addHandler(self._handler)
         if not enabled:
             return
         stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
@@ -256,6 +274,7 @@ class RunLogger:
             self.bar.update(steps)
 
     def close(self) -> None:
+        logging.getLogger("train").removeHandler(self._handler)
         if not self.enabled:
             return
         if self.bar is not None:
