@@ -68,7 +68,7 @@ def cache_tokens(cfg, tok, part="kept") -> np.ndarray:
 
 def test_cache_holds_the_corpus_and_reads_like_streaming(tok, tmp_path):
     path = write(tmp_path / "d.jsonl", DOCS)
-    cfg = make_cfg(path, tmp_path, eval_holdout_fraction=0.2, eval_max_batches=4)
+    cfg = make_cfg(path, tmp_path, eval_holdout_fraction=0.2, eval_max_batches=4, num_epochs=2)
     data = build_train_data(cfg, tok)
     kept = [d for i, d in enumerate(DOCS) if (i + 1) // 5 == i // 5]
     held = [d for i, d in enumerate(DOCS) if (i + 1) // 5 > i // 5]
@@ -82,6 +82,10 @@ def test_cache_holds_the_corpus_and_reads_like_streaming(tok, tmp_path):
     got = [tuple(b) for b in torch.cat(epoch).tolist()]
     assert not Counter(got) - Counter(blocks) and len(blocks) - len(got) < 4  # at most B-1 left
     assert got != blocks[: len(got)]  # shuffled
+    # The next epoch: the blocks again, in another order (each epoch has its own permutation, and
+    # drops its own last < B blocks).
+    again = [tuple(b) for b in torch.cat([next(data) for _ in range(len(epoch))]).tolist()]
+    assert data.epoch == 1 and not Counter(again) - Counter(blocks) and again != got
     # Without shuffling, the same batches as streaming; eval batches are the same in both modes.
     plain = dict(buffer_size=0, eval_holdout_fraction=0.2, eval_max_batches=4)
     seq = list(build_train_data(make_cfg(path, tmp_path, **plain), tok))

@@ -103,6 +103,21 @@ def test_streaming_resume_two_ranks(corpus, tok, tmp_path):
         check_resume(cfg, tok, ref, [0, 7, len(ref) - 3], rank, 2)
 
 
+def test_streaming_ranks_are_the_streams_of_one_process(corpus, tok, tmp_path):
+    """Issue 7: each rank streams its own part of the documents. 2 ranks x 1 worker are the same 2
+    streams (stream s reads the documents j with j % 2 == s) as 1 process x 2 workers, which hands
+    them out in turn: the process's batches are rank 0's and rank 1's, interleaved, exactly."""
+    one = run(make_cfg(corpus, tmp_path, num_workers=2, num_epochs=1), tok)
+    two = make_cfg(corpus, tmp_path, num_workers=0, num_epochs=1)
+    ranks = [run(two, tok, r, 2) for r in range(2)]
+    n = min(len(r) for r in ranks)
+    assert n > 5
+    for i in range(n):
+        for r in range(2):
+            assert torch.equal(one[2 * i + r][1], ranks[r][i][1]), (i, r)
+    assert not torch.equal(ranks[0][0][1], ranks[1][0][1])
+
+
 def test_streaming_resume_refuses_another_layout(corpus, tok, tmp_path):
     data = build_train_data(make_cfg(corpus, tmp_path, num_workers=2), tok)
     next(data)
