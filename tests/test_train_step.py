@@ -68,6 +68,23 @@ def test_accumulation_equals_one_big_batch(tmp_path):
             torch.testing.assert_close(u, u0, rtol=0, atol=1e-3 * 3e-3, msg=name)
 
 
+@pytest.mark.parametrize("max_norm", [0.01, 0.0])
+def test_gradients_are_clipped_to_max_grad_norm(tmp_path, max_norm):
+    """The optimizer steps from gradients of global norm max_grad_norm when they were larger (the
+    logged grad_norm stays the pre-clip norm); max_grad_norm 0 leaves them as they are."""
+    ids = random_batches(1)[0]
+    tr = Trainer(make_cfg(tmp_path, max_grad_norm=max_norm), MODEL)
+    seen = {}
+    tr.optimizer.register_step_pre_hook(
+        lambda opt, a, k: seen.update(norm=torch.nn.utils.get_total_norm(
+            [p.grad for p in tr._params]))
+    )  # fmt: skip
+    stats = tr.train_step([ids])
+    assert float(stats.grad_norm) > 0.1
+    want = max_norm if max_norm else float(stats.grad_norm)
+    assert float(seen["norm"]) == pytest.approx(want, rel=1e-5)
+
+
 def test_schedule_follows_the_formula():
     peak, floor, W, S = 1e-3, 1e-4, 10, 110
     cos = LRSchedule(peak, W, S, "cosine", 0.1)
