@@ -70,9 +70,10 @@ def test_matches_reference_over_chunks(small_chunks, dtype, reduction):
     check_against_reference(hidden, weight, labels, reduction, z_loss=1e-3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n_rows,vocab,n_hidden", [(1, 777, 24), (199, 777, 24), (3, 50257, 32)])
-def test_matches_reference_shapes(n_rows, vocab, n_hidden):
-    hidden, weight, labels = _inputs(n_rows, vocab, n_hidden, torch.bfloat16, ignore_every=7)
+def test_matches_reference_shapes(n_rows, vocab, n_hidden, dtype):
+    hidden, weight, labels = _inputs(n_rows, vocab, n_hidden, dtype, ignore_every=7)
     check_against_reference(hidden, weight, labels, "sum" if n_rows == 1 else "mean")
 
 

@@ -75,11 +75,16 @@ def test_hidden_16384():
     _check_against_reference(torch.randn(3, 16384), 1 + 0.2 * torch.randn(16384))
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs(dtype):
     # Row-strided view (no copy: the kernel takes the row stride) and a transposed view (copied
     # inside the op because its last dim is not contiguous); a strided weight.
-    _check_against_reference(torch.randn(33, 2 * 760)[:, :760], torch.randn(760))
-    _check_against_reference(torch.randn(760, 33).t(), torch.randn(2 * 760)[::2])
+    rows = torch.randn(33, 2 * 760).to(dtype)[:, :760]
+    transposed = torch.randn(760, 33).to(dtype).t()
+    strided_w = torch.randn(2 * 760).to(dtype)[::2]
+    assert not (rows.is_contiguous() or transposed.is_contiguous() or strided_w.is_contiguous())
+    _check_against_reference(rows, torch.randn(760).to(dtype))
+    _check_against_reference(transposed, strided_w)
 
 
 def test_expanded_stride0_grad():

@@ -64,8 +64,8 @@ def _check_against_reference(q, k, cos, sin, offset=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "B, Hq, Hkv, T, D",
-    [(2, 4, 1, 7, 64), (1, 12, 3, 33, 64), (3, 6, 6, 5, 96)],
-    ids=["one_kv_head", "gqa_12_3", "mha_d96"],
+    [(2, 4, 1, 7, 64), (1, 12, 3, 33, 64), (3, 6, 6, 5, 96), (1, 4, 2, 1, 64), (1, 4, 1, 199, 64)],
+    ids=["one_kv_head", "gqa_12_3", "mha_d96", "one_token", "tokens_199"],
 )
 def test_matches_reference(B, Hq, Hkv, T, D, dtype):
     q = torch.randn(B, Hq, T, D, dtype=dtype)
