@@ -76,11 +76,16 @@ def torchrun(corpus, run_dir: Path, *overrides: str, script: list[str] | None = 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *target, "--model-config", "tiny", "--set", *settings(corpus, run_dir, 2),
            *overrides]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("OCTO_CRASH_AT", "WORLD_SIZE")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=run_dir, env=rank_env(), capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
+
+
+def rank_env() -> dict[str, str]:
+    """The ranks' environment: this one without a fault injection or WORLD_SIZE, the checkout
+    importable, one thread per rank on CPU (2 ranks share 2 cores)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OCTO_CRASH_AT", "WORLD_SIZE")}
+    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def ok(r: subprocess.CompletedProcess) -> str:
@@ -300,23 +305,33 @@ def test_compiled_two_ranks_match_one_process(
     single, corpus, tmp_path, parallelism, kernels, weights_atol
 ):
     """compile=on: DDP compiles the model's forward inside the wrapper, FSDP2 each layer's; the
-    runs match the eager 1-process reference. DDP's whole-model graph takes the loss too, which
-    traces with the Triton kernels (interpreted here) but not with kernels=torch (its label check
-    branches on a data-dependent value; the kernels' issue). Triton's linear + cross-entropy
-    sums in another order than the reference, and AdamW turns a tiny gradient's last-bit
-    difference into up to a whole step's update for that weight: measured 1.2e-6 on 1 of 11264
-    weights, against the 2.4e-3 (lr x steps) a weight can move, hence atol 1e-5 there."""
+    runs match the eager 1-process reference. Both kernel backends trace with fullgraph=True
+    (the reference cross-entropy skips its host-syncing label check while compiling), so the two
+    cases split them over the wrappers: DDP's whole-model graph, which takes the loss too, with
+    the Triton kernels (interpreted here), FSDP2's per-layer graphs with the references.
+    Triton's linear + cross-entropy sums in another order than the reference, and AdamW turns a
+    tiny gradient's last-bit difference into up to a whole step's update for that weight:
+    measured 1.2e-6 on 1 of 11264 weights, against the 2.4e-3 (lr x steps) a weight can move,
+    hence atol 1e-5 there."""
     ok(torchrun(corpus, tmp_path, f"parallelism={parallelism}", "compile=on", f"kernels={kernels}",
                 timeout=580))  # fmt: skip
     assert_close_runs(tmp_path, single, atol=weights_atol)
 
 
-# ----- GPU: the same machinery under NCCL, bf16, torch.compile and the Triton kernels -------------
-# The GPU images have no `datasets`, so these runs feed the Trainer synthetic token batches (rank r
-# takes rows [r B, (r+1) B) of each global batch) instead of the data pipeline. With one GPU,
-# torchrun --nproc_per_node 1 still wraps the model (a group of one): the code path of N GPUs.
+# ----- synthetic runs: the Trainer on token batches, without the data pipeline ----------------
+# The GPU images have no `datasets`, so the GPU runs (NCCL, bf16, torch.compile, Triton kernels)
+# feed the Trainer synthetic token batches (rank r takes rows [r B, (r+1) B) of each global batch)
+# instead of the data pipeline; their CPU twin and the DDP communication count use the same runs.
+# With one GPU, torchrun --nproc_per_node 1 still wraps the model (a group of one): the code path
+# of N GPUs.
 
 GPU_RUN = dict(device="auto", precision="bf16", compile="auto", kernels="auto")
+# The GPU run's settings on CPU (gloo): bf16 autocast, and FSDP2's MixedPrecisionPolicy (bf16
+# gathered parameters, fp32 gradient reduction); compile and kernels "auto" resolve to eager and
+# the references on CPU.
+CPU_BF16_RUN = {**GPU_RUN, "device": "cpu"}
+CPU_FP32_RUN = {**CPU_BF16_RUN, "precision": "fp32"}
+RUNS = {"gpu": GPU_RUN, "cpu_bf16": CPU_BF16_RUN, "cpu_fp32": CPU_FP32_RUN}
 # bf16 tolerances, from the CPU analogue (bf16 autocast, FSDP2 bf16 gathers vs 1 process, lr 3e-3,
 # 8 steps): loss gaps <= 6.7e-5 relative, gradient norm gaps <= 1.2e-3. A wrong gradient scale
 # (world_size, accumulation) moves the norm by >= 2x and the loss visibly at this lr.
@@ -332,9 +347,12 @@ class SyntheticData(ListData):
         super().__init__([torch.randint(0, 512, (8, 64), generator=g)[rows] for _ in range(n)])
 
 
-def synthetic_run(run_dir: Path, parallelism: str, world: int, run: dict, resume: str = "") -> None:
-    """12 steps of the tiny model on SyntheticData, checkpoints at 6 and 12, in this process
-    (which torchrun may have started: then it joins the group)."""
+def synthetic_run(
+    run_dir: Path, parallelism: str, world: int, run: dict, resume: str = "", steps: int = 12
+) -> None:
+    """`steps` steps (12: checkpoints at 6 and 12) of the tiny model on SyntheticData, 2
+    micro-steps each, in this process (which torchrun may have started: then it joins the
+    group). run: one of RUNS."""
     from octo import OctoConfig
     from train.config import TrainConfig
     from train.distributed import cleanup, init_distributed
@@ -342,14 +360,14 @@ def synthetic_run(run_dir: Path, parallelism: str, world: int, run: dict, resume
     from train.runtime import resolve_device
 
     cfg = TrainConfig(
-        batch_size=8 // world, block_size=64, gradient_accumulation_steps=2, max_steps=12,
+        batch_size=8 // world, block_size=64, gradient_accumulation_steps=2, max_steps=steps,
         warmup_steps=2, learning_rate=3e-3, log_interval_steps=1, eval_interval_steps=1000,
         save_interval_steps=6, log_dir=str(run_dir / "logs"), checkpoint_dir=str(run_dir / "ckpt"),
         parallelism=parallelism, seed=1, **run,
     )  # fmt: skip
     device = resolve_device(cfg)
     env = init_distributed(device)
-    data = SyntheticData(env.rank, env.world_size, 24)
+    data = SyntheticData(env.rank, env.world_size, 2 * steps)
     model = OctoConfig.preset("tiny", vocab_size=512, max_position_embeddings=64)
     tr = Trainer(cfg, model, train_data=data, device=device, env=env)
     if resume:
@@ -357,6 +375,13 @@ def synthetic_run(run_dir: Path, parallelism: str, world: int, run: dict, resume
     tr.fit()
     tr.log.close()
     cleanup(env)
+
+
+def synthetic_torchrun(world: int, *args: str) -> str:
+    """torchrun of `world` ranks on this file's `synthetic` / `nosync` scenarios; the output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(world), __file__, *args]  # fmt: skip
+    return ok(subprocess.run(cmd, env=rank_env(), capture_output=True, text=True, timeout=580))
 
 
 def assert_tol_runs(got_dir: Path, ref_dir: Path, tol: dict[str, float], after: int = 0) -> None:
@@ -368,23 +393,13 @@ def assert_tol_runs(got_dir: Path, ref_dir: Path, tol: dict[str, float], after: 
             assert got[s][key] == pytest.approx(ref[s][key], rel=rel), (s, key)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
-def test_gpu_parallel_matches_one_gpu(tmp_path, parallelism):
-    """bf16, torch.compile, Triton kernels, NCCL: DDP / FSDP2 on min(GPUs, 2) ranks follow the
-    plain 1-GPU run; a resume from step 6 continues it; the FSDP2 checkpoint loads in
-    transformers."""
-    world = min(torch.cuda.device_count(), 2)
-    synthetic_run(tmp_path / "ref", "ddp", 1, GPU_RUN)
-    for name, extra in (
-        ("run", []),
-        ("resumed", [str(tmp_path / "run" / "ckpt" / "checkpoint_step_6")]),
-    ):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(world), __file__, "synthetic", parallelism, str(tmp_path / name),
-               *extra]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        ok(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=580))
+def assert_parallel_matches_one_process(tmp_path: Path, run: str, parallelism: str, world: int):
+    """RUNS[run] with `parallelism` on `world` ranks follows the 1-process run within GPU_TOL; a
+    resume from step 6 continues it; the step-12 checkpoint loads in transformers."""
+    synthetic_run(tmp_path / "ref", "ddp", 1, RUNS[run])
+    synthetic_torchrun(world, "synthetic", run, parallelism, str(tmp_path / "run"))
+    ckpt6 = str(tmp_path / "run" / "ckpt" / "checkpoint_step_6")
+    synthetic_torchrun(world, "synthetic", run, parallelism, str(tmp_path / "resumed"), ckpt6)
     assert_tol_runs(tmp_path / "run", tmp_path / "ref", GPU_TOL)
     assert_tol_runs(tmp_path / "resumed", tmp_path / "run", GPU_TOL, after=6)
     from transformers import LlamaForCausalLM
@@ -399,6 +414,63 @@ def test_gpu_parallel_matches_one_gpu(tmp_path, parallelism):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_gpu_parallel_matches_one_gpu(tmp_path, parallelism):
+    """bf16, torch.compile, Triton kernels, NCCL: DDP / FSDP2 on min(GPUs, 2) ranks follow the
+    plain 1-GPU run; a resume from step 6 continues it; the FSDP2 checkpoint loads in
+    transformers."""
+    assert_parallel_matches_one_process(
+        tmp_path, "gpu", parallelism, min(torch.cuda.device_count(), 2)
+    )
+
+
+def test_fsdp_bf16_two_ranks_match_one_process(tmp_path):
+    """The GPU test's bf16 FSDP2 case on CPU (gloo, 2 ranks, eager, reference kernels): bf16
+    gathered parameters and fp32 gradient reduction follow the 1-process bf16 run within GPU_TOL
+    (measured on the 2-core CPU: losses within 2.1e-5 relative, gradient norms within 7.6e-4),
+    and so does the resume from step 6."""
+    assert_parallel_matches_one_process(tmp_path, "cpu_bf16", "fsdp", 2)
+
+
+def test_ddp_all_reduces_on_the_last_micro_step_only(tmp_path):
+    """DDP, 2 ranks, accumulation 2, 3 steps: a comm hook sees every gradient all-reduce (one
+    per bucket). They all come from the second micro-step's backward, at least one per step, the
+    same on both ranks: `no_sync` holds the first micro-step's gradients locally."""
+    synthetic_torchrun(2, "nosync", str(tmp_path))
+    calls = [json.loads((tmp_path / f"allreduce_{r}.json").read_text()) for r in range(2)]
+    assert calls[0] == calls[1]
+    assert {(step, micro) for step, micro in calls[0]} == {(1, 1), (2, 1), (3, 1)}, calls[0]
+
+
+def test_init_distributed_without_torchrun_variables_is_one_clear_error(monkeypatch):
+    """WORLD_SIZE set without the rest of torchrun's environment: a ConfigError naming what is
+    missing and how to launch, not a KeyError or a hang in the rendezvous."""
+    from train.config import ConfigError
+    from train.distributed import init_distributed
+
+    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT "
+                       "is not; .*torchrun --nproc_per_node N"):  # fmt: skip
+        init_distributed(cpu)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="but MASTER_ADDR, MASTER_PORT is not"):
+        init_distributed(cpu)
+
+
+def test_fsdp_with_fp16_is_one_clear_error():
+    """FSDP2 under fp16 would need a sharded GradScaler: refused before any sharding (so no
+    process group is needed to see it), naming the ways out."""
+    from train.config import ConfigError
+    from train.distributed import DistEnv, wrap_model
+
+    with pytest.raises(ConfigError, match="'fsdp' with fp16 .*use precision bf16.*parallelism ddp"):
+        wrap_model(torch.nn.Linear(2, 2), DistEnv(world_size=2), "fsdp", torch.float16)
+
+
 # ----- the torchrun script of the fault-injection cases ---------------------------------------
 
 
@@ -410,18 +482,47 @@ def _driver(scenario: str, argv: list[str]) -> int:
     fail:   rank 1 raises at step 2.
     resume: two runs one after the other in one process group: straight/ (8 steps) and
             resumed/, resumed from straight/'s step-4 checkpoint.
-    synthetic PARALLELISM RUN_DIR [CHECKPOINT]: synthetic_run with GPU_RUN (the GPU test)."""
+    synthetic RUN PARALLELISM RUN_DIR [CHECKPOINT]: synthetic_run with RUNS[RUN].
+    nosync RUN_DIR: 3 DDP steps of synthetic_run (fp32) with a comm hook that records each
+            gradient all-reduce as [step, micro-step]; rank r writes them to allreduce_r.json."""
     import signal
-
-    if scenario == "synthetic":
-        world = int(os.environ["WORLD_SIZE"])
-        synthetic_run(Path(argv[1]), argv[0], world, GPU_RUN, argv[2] if len(argv) > 2 else "")
-        return 0
 
     from train.__main__ import main
     from train.loop import Trainer
 
-    rank = int(os.environ["RANK"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if scenario == "synthetic":
+        run = RUNS[argv[0]]
+        synthetic_run(Path(argv[2]), argv[1], world, run, argv[3] if len(argv) > 3 else "")
+        return 0
+    if scenario == "nosync":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        calls: list[list[int]] = []
+        step_fn = Trainer.train_step
+
+        def counted_step(self, micro):
+            if "_micro" not in self.__dict__:  # first step: hook the all-reduce, count micro-steps
+                forward = self._forward_loss
+
+                def counted_forward(ids):
+                    self._micro += 1
+                    return forward(ids)
+
+                def hook(state, bucket):
+                    calls.append([self.step + 1, self._micro])
+                    return allreduce_hook(state, bucket)
+
+                self._forward_loss = counted_forward
+                self.wrapped.register_comm_hook(None, hook)
+            self._micro = -1
+            return step_fn(self, micro)
+
+        Trainer.train_step = counted_step
+        synthetic_run(Path(argv[0]), "ddp", world, CPU_FP32_RUN, steps=3)
+        (Path(argv[0]) / f"allreduce_{rank}.json").write_text(json.dumps(calls))
+        return 0
+
     step_fn, fit_fn = Trainer.train_step, Trainer.fit
 
     def train_step(self, micro):

@@ -7,6 +7,8 @@ conftest.py sets TRITON_INTERPRET=1 without a GPU); OCTO_KERNELS=torch runs the 
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -29,11 +31,11 @@ def _labels(ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def _octo_ops(fn) -> set[str]:
-    """Names of the octo:: torch.library ops that ran (forward and backward) inside fn()."""
+def _octo_ops(fn) -> Counter[str]:
+    """How many times each octo:: torch.library op ran (forward and backward) inside fn()."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return {e.name for e in prof.events() if e.name.startswith("octo::")}
+    return Counter(e.name for e in prof.events() if e.name.startswith("octo::"))
 
 
 def _train(backend: str, monkeypatch) -> tuple[list[float], OctoForCausalLM, set[str]]:
@@ -54,7 +56,7 @@ def _train(backend: str, monkeypatch) -> tuple[list[float], OctoForCausalLM, set
             losses.append(loss.item())
 
         if i == 0:
-            ops = _octo_ops(step)
+            ops = set(_octo_ops(step))
         else:
             step()
     return losses, model, ops
@@ -83,29 +85,40 @@ def test_training_curves_match_reference(monkeypatch):
     monkeypatch.setenv("OCTO_KERNELS", "triton")
     with_logits = fused_model(ids, labels=_labels(ids), return_logits=True)
     assert with_logits.logits is not None
-    assert {"octo::cross_entropy_fwd", "octo::cross_entropy_bwd"} <= _octo_ops(
+    ran = _octo_ops(
         lambda: fused_model(ids, labels=_labels(ids), return_logits=True).loss.backward()
     )
+    assert {"octo::cross_entropy_fwd", "octo::cross_entropy_bwd"} <= set(ran)
     monkeypatch.setenv("OCTO_KERNELS", "torch")
     ref_logits = fused_model(ids, labels=_labels(ids), return_logits=True)
     torch.testing.assert_close(with_logits.loss, ref_logits.loss, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_model_fullgraph_matches_eager(monkeypatch):
+    """torch.compile(fullgraph=True) of the model's forward + loss traces the octo:: ops (no
+    graph break), the compiled graph calls them (not a decomposition or the references: a
+    second call, after compiling, is profiled, so tracing's fake-tensor calls do not count),
+    and its loss and gradients are the eager ones."""
     monkeypatch.setenv("OCTO_KERNELS", "triton")
     torch.manual_seed(0)
     model = OctoForCausalLM(OctoConfig.preset("tiny"))
     ids = _batches(model.config.vocab_size)[0]
     labels = _labels(ids)
+    params = list(model.parameters())
 
     def step(m, ids, labels):
         return m(ids, labels=labels).loss
 
     loss = step(model, ids, labels)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
+    grads = torch.autograd.grad(loss, params)
     compiled = torch.compile(step, fullgraph=True)  # raises on any graph break
     loss_c = compiled(model, ids, labels)
-    grads_c = torch.autograd.grad(loss_c, list(model.parameters()))
+    grads_c = torch.autograd.grad(loss_c, params)
+    ran = _octo_ops(lambda: torch.autograd.grad(compiled(model, ids, labels), params))
+    n = model.config.num_hidden_layers  # 2 norms a layer + the final one; rope fwd + bwd a layer
+    want = {"rms_norm_fwd": 2 * n + 1, "rms_norm_bwd": 2 * n + 1, "rope": 2 * n,
+            "linear_cross_entropy_fwd": 1}  # fmt: skip
+    assert ran == {f"octo::{k}": v for k, v in want.items()}, ran
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-5)
     for (name, _), g, gc in zip(model.named_parameters(), grads, grads_c):
         torch.testing.assert_close(gc, g, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
