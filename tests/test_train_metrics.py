@@ -4,6 +4,7 @@ does."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,16 @@ def test_module_warnings_reach_the_run_log_once(tmp_path):
     line = "warning: skipping checkpoint_step_4: truncated\n"
     assert console.getvalue() == line
     assert run_log.log_path.read_text() == line
+
+
+def test_plot_a_log_dir_draws_its_newest_run(tmp_path):
+    """`python -m train.plot logs/demo` after several runs: the newest one, PNG beside it."""
+    pytest.importorskip("matplotlib")
+    from train.plot import main
+
+    for stamp, loss in (("20261125_100000", 9.0), ("20261125_110000", 3.0)):
+        rec = {"type": "train", "step": 1, "loss": loss, "tokens_per_s": 1.0}
+        (tmp_path / f"training_{stamp}.jsonl").write_text(json.dumps(rec) + "\n")
+    assert main([str(tmp_path)]) == 0
+    assert [p.name for p in tmp_path.glob("*.png")] == ["training_20261125_110000.png"]
+    assert main([str(tmp_path / "empty")]) == 2

@@ -1,8 +1,8 @@
 """`python -m train.plot LOG [--out PNG]`: train and eval loss, and throughput, against the step.
 
 LOG is a run's `training_*.log` or the `.jsonl` beside it (the numbers are read from the JSON
-lines). The PNG goes beside it (`training_*.png`) unless --out says otherwise. matplotlib is
-imported here only, so training never needs it.
+lines), or a log_dir, meaning its newest run. The PNG goes beside it (`training_*.png`) unless
+--out says otherwise. matplotlib is imported here only, so training never needs it.
 """
 
 from __future__ import annotations
@@ -13,10 +13,21 @@ import sys
 from pathlib import Path
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """The JSON records of a run, from its .log or .jsonl path."""
+def run_records_path(path: str | Path) -> Path:
+    """The .jsonl of a run named by its .log or .jsonl, or of a log_dir's newest run (the names'
+    time stamps, YYYYMMDD_HHMMSS, sort as the runs started)."""
     path = Path(path)
-    jsonl = path if path.suffix == ".jsonl" else path.with_suffix(".jsonl")
+    if path.is_dir():
+        runs = sorted(path.glob("training_*.jsonl"))
+        if not runs:
+            raise FileNotFoundError(f"{path} holds no training_*.jsonl; pass a run's log file")
+        return runs[-1]
+    return path if path.suffix == ".jsonl" else path.with_suffix(".jsonl")
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The JSON records of a run, from its .log or .jsonl path or a log_dir (its newest run)."""
+    jsonl = run_records_path(path)
     if not jsonl.is_file():
         raise FileNotFoundError(f"{jsonl} not found; pass a training_*.log or .jsonl of a run")
     return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
@@ -29,6 +40,7 @@ def plot(path: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
+    path = run_records_path(path)
     records = read_records(path)
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.plot", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("log", help="training_*.log or training_*.jsonl")
+    parser.add_argument("log", help="training_*.log or .jsonl, or a log_dir (its newest run)")
     parser.add_argument("--out", default=None, help="PNG path (default: beside the log)")
     args = parser.parse_args(argv)
     try:
