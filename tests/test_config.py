@@ -79,6 +79,9 @@ CASES = [
     ("config_missing", ["--config", "no/such/config.json"], None, None, "does not exist"),
     ("config_bad_json", [], "{not json", None, "not valid JSON"),
     ("set_without_equals", ["--set", "batch_size"], {}, None, "expected key=value"),
+    ("shard_size_unparsable", ["--set", "max_shard_size=abc"], {}, None,
+     "config key max_shard_size 'abc' is not a size; use an int (bytes) or a string like '2GB'"),
+    ("block_size_one", ["--set", "block_size=1"], {}, None, "'block_size' must be at least 2"),
 ]  # fmt: skip
 
 

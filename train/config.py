@@ -89,6 +89,11 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
+        if self.block_size < 2:  # a block is inputs and their next tokens: one token predicts none
+            raise ConfigError(
+                f"config key 'block_size' must be at least 2 (tokens per sequence, each predicting "
+                f"the next), got {self.block_size}"
+            )
         positive = [
             "block_size", "batch_size", "gradient_accumulation_steps", "num_epochs",
             "log_interval_steps", "eval_interval_steps", "save_interval_steps", "eval_max_batches",
@@ -133,6 +138,14 @@ class TrainConfig:
             raise ConfigError(
                 f"config key 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N"
             )
+        # Parsed here, not at the first checkpoint save (possibly hours in). Last, because it
+        # imports octo (torch): a config failing a check above stays a fast failure.
+        from octo.hf_io import parse_size
+
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError as e:
+            raise ConfigError(f"config key {e}") from None
 
     # ----- JSON and overrides -----------------------------------------------------------------
 
