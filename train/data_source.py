@@ -24,6 +24,7 @@ run from an existing pre-tokenized cache work without it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob as globlib
 import hashlib
@@ -332,37 +333,52 @@ def build_once(final: Path, build: Callable[[Path], None]) -> Path:
     build(tmp) fills a temporary sibling folder; its files are fsynced, a COMPLETE marker is
     written last, and the folder is renamed into place, so a crash leaves either nothing or a
     temporary folder that is never read. A lock file serialises concurrent builders (DDP ranks
-    on one machine): the first builds, the others wait and then find it complete.
+    on one machine): the first builds, the others wait and then find it complete. A failed
+    write (a full disk, a file-size limit, a folder that cannot be written) is a one-line
+    DataError naming the fix; the temporary folder is removed.
     """
     final = Path(final)
     if (final / COMPLETE).is_file():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f"{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / COMPLETE).is_file():
-            return final
-        for stale in final.parent.glob(f"{final.name}.tmp-*"):  # a killed builder's leftovers
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # present without its marker: half-written, never used
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
-        try:
-            build(tmp)
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-            with open(tmp / COMPLETE, "w") as fh:
-                fh.write("complete\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.rename(tmp, final)
-            with contextlib.suppress(OSError):
-                fd = os.open(final.parent, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with open(final.parent / f"{final.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (final / COMPLETE).is_file():
+                return final
+            for stale in final.parent.glob(f"{final.name}.tmp-*"):  # a killed builder's leftovers
+                shutil.rmtree(stale, ignore_errors=True)
+            if final.exists():  # present without its marker: half-written, never used
+                shutil.rmtree(final)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+            try:
+                build(tmp)
+                for f in tmp.rglob("*"):
+                    if f.is_file():
+                        with open(f, "rb") as fh:
+                            os.fsync(fh.fileno())
+                with open(tmp / COMPLETE, "w") as fh:
+                    fh.write("complete\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.rename(tmp, final)
+                with contextlib.suppress(OSError):
+                    fd = os.open(final.parent, os.O_RDONLY)
+                    os.fsync(fd)
+                    os.close(fd)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free disk space or set data_cache_dir to a larger disk"
+        elif e.errno == errno.EFBIG:
+            fix = (
+                "a file is larger than this system allows: raise the file-size limit (ulimit -f) "
+                "or set data_cache_dir to a disk without one"
+            )
+        else:
+            fix = "set data_cache_dir to a folder you can write to"
+        where = f" ({e.filename})" if e.filename else ""
+        raise DataError(f"building {final} failed: {e.strerror or e}{where}; {fix}") from e
     return final

@@ -8,7 +8,11 @@ reported in one line.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any], config_path: str | None 
 
     trainer = None
     try:
+        check_writable_folders(cfg)
         set_kernel_backend(cfg)
         device = resolve_device(cfg)
         env = init_distributed(device)
@@ -77,6 +82,40 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any], config_path: str | None 
     finally:
         log.close()
         cleanup(env)
+
+
+def check_writable_folders(cfg: TrainConfig) -> None:
+    """Create checkpoint_dir, log_dir and (when used) data_cache_dir and write and remove a small
+    file in each, so a folder that cannot be written is one line (ConfigError, exit 2) before any
+    data is read, not a traceback at the first log line or at the first checkpoint save, hours
+    in. Every rank checks (under torchrun on several machines each sees its own disks); the file
+    name holds the host and process id, so ranks sharing a folder never touch the same file."""
+    from train.data_source import DEMO_NAME
+
+    keys = ["checkpoint_dir", "log_dir"]
+    if cfg.pretokenized or DEMO_NAME in (cfg.dataset_name, cfg.tokenizer_name):
+        keys.append("data_cache_dir")
+    for key in keys:
+        folder = Path(getattr(cfg, key))
+        probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"octo\n")
+            probe.unlink()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+            reason = e.strerror or str(e)
+            if isinstance(e, FileExistsError):  # mkdir(exist_ok=True) on a file
+                reason = "a file of that name exists"
+            elif e.filename and Path(e.filename) not in (folder, probe):  # a parent folder
+                reason += f": {e.filename}"
+            fix = f"set {key} to a folder you can write to"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                fix = f"free disk space or set {key} to a larger disk"
+            raise ConfigError(
+                f"config key {key!r} is {str(folder)!r}, which cannot be written ({reason}); {fix}"
+            ) from None
 
 
 def build_trainer(

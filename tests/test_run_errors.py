@@ -1,0 +1,94 @@
+"""train/run.py's early failures: folders that cannot be written (one line naming the config key,
+exit 2, before the tokenizer or any data is read) and a failed data-cache build (one DataError
+line, no temporary folder left). In-process through `python -m train`'s main(); every run fails
+in its first seconds."""
+
+from __future__ import annotations
+
+import errno
+import json
+import resource
+import signal
+from pathlib import Path
+
+import pytest
+
+from train.__main__ import main
+from train.config import TrainConfig
+from train.data_source import COMPLETE, DataError, build_once
+from train.run import check_writable_folders
+
+
+def run_main(tmp_path: Path, capsys, **keys) -> tuple[int, str]:
+    """main() on a tiny config whose dataset and tokenizer do not exist (a check that ran late
+    would fail on those instead); (exit code, stderr)."""
+    cfg = {"dataset_name": str(tmp_path / "missing.txt"), "tokenizer_name": str(tmp_path / "no"),
+           "log_dir": str(tmp_path / "logs"), "checkpoint_dir": str(tmp_path / "ckpt"),
+           "data_cache_dir": str(tmp_path / "cache"), "block_size": 64, **keys}  # fmt: skip
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    rc = main(["--config", str(tmp_path / "c.json"), "--model-config", "tiny"])
+    return rc, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("key", ["checkpoint_dir", "log_dir", "data_cache_dir"])
+@pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
+def test_unwritable_folder_is_one_line_before_any_data(tmp_path, capsys, key, where):
+    (tmp_path / "afile").write_text("not a folder\n")
+    path = tmp_path / "afile" / "sub" if where == "under_a_file" else tmp_path / "afile"
+    rc, err = run_main(tmp_path, capsys, pretokenize=True, **{key: str(path)})
+    reason = "Not a directory" if where == "under_a_file" else "a file of that name exists"
+    assert rc == 2 and "\n" not in err, err
+    assert err.startswith(f"error: config key {key!r} is {str(path)!r}, which cannot be written")
+    assert f"({reason}); set {key} to a folder you can write to" in err, err
+
+
+def test_data_cache_dir_is_checked_only_when_used(tmp_path, capsys):
+    """Streaming from a local file with a local tokenizer writes nothing under data_cache_dir:
+    an unwritable one is no error then (the run fails later, on the missing tokenizer)."""
+    (tmp_path / "afile").write_text("not a folder\n")
+    rc, err = run_main(tmp_path, capsys, pretokenize=False, data_cache_dir=str(tmp_path / "afile"))
+    assert rc == 2 and err.startswith("error: tokenizer folder"), err
+
+
+def test_check_writable_folders_creates_them_and_leaves_no_file(tmp_path):
+    cfg = TrainConfig(checkpoint_dir=str(tmp_path / "a" / "ckpt"), log_dir=str(tmp_path / "logs"),
+                      data_cache_dir=str(tmp_path / "cache"), pretokenize=True)  # fmt: skip
+    check_writable_folders(cfg)
+    for name in ("a/ckpt", "logs", "cache"):
+        assert (tmp_path / name).is_dir() and not any((tmp_path / name).iterdir()), name
+
+
+def test_cache_build_write_error_is_one_data_error_line(tmp_path):
+    """A real failed write (RLIMIT_FSIZE: EFBIG; a full disk cannot be made on a test machine)
+    while a cache folder is built: DataError with the system's reason and the fix; the
+    temporary folder is removed and nothing is marked complete."""
+
+    def build(tmp: Path) -> None:
+        (tmp / "shard.bin").write_bytes(bytes(1 << 16))
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 12, hard))
+    try:
+        with pytest.raises(DataError) as e:
+            build_once(tmp_path / "part", build)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    msg = str(e.value)
+    assert "\n" not in msg and "File too large" in msg and "ulimit -f" in msg, msg
+    assert msg.startswith(f"building {tmp_path / 'part'} failed"), msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part.lock"]  # no .tmp-*, no part
+
+
+def test_cache_build_full_disk_names_the_fix(tmp_path):
+    """The errno -> fix mapping for ENOSPC (raised by the builder, as a write would)."""
+
+    def build(tmp: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "shard.bin"))
+
+    with pytest.raises(DataError, match="free disk space or set data_cache_dir to a larger disk"):
+        build_once(tmp_path / "part", build)
+    assert not (tmp_path / "part").exists() and not list(tmp_path.glob("part.tmp-*"))
+    built = build_once(tmp_path / "part", lambda tmp: (tmp / "x").write_text("x"))  # still works
+    assert (built / COMPLETE).is_file()
