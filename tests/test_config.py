@@ -56,6 +56,32 @@ def test_model_config_default_is_seed_architecture_with_vocab_from_tokenizer(tmp
         load_model_config(TrainConfig(block_size=129), str(p))
 
 
+def test_saved_model_config_rebuilds_the_model_from_anywhere(tmp_path, monkeypatch):
+    """A run saves model_config as a preset name or the resolved fields (resolved_model_config):
+    its train_config.json rebuilds the same model from another folder, after the file changed."""
+    from train.config import resolved_model_config
+
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+             "num_attention_heads": 4, "num_key_value_heads": 1,
+             "max_position_embeddings": 128}  # fmt: skip
+    (tmp_path / "m.json").write_text(json.dumps(shape))
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(model_config="m.json", block_size=64)
+    fields = load_model_config(cfg)
+    saved = TrainConfig(**{**cfg.to_dict(), "model_config": resolved_model_config(cfg, fields)})
+    saved.save(tmp_path / "train_config.json")
+    (tmp_path / "m.json").write_text(json.dumps({**shape, "hidden_size": 128}))  # edited later
+    monkeypatch.chdir(ROOT)
+    again = TrainConfig.load(tmp_path / "train_config.json")
+    assert isinstance(again.model_config, dict) and load_model_config(again) == fields
+    assert fields["vocab_size"] is None  # still sized by the tokenizer
+    for preset in (None, "seed", "tiny"):
+        c = TrainConfig(model_config=preset, block_size=64)
+        assert resolved_model_config(c, load_model_config(c)) == (preset or "seed")
+    with pytest.raises(ConfigError, match="fields in model_config: .*hiden_size"):
+        load_model_config(TrainConfig(model_config={**shape, "hiden_size": 8}))
+
+
 # (name, extra args, config-file contents or None, model-config contents or None, expected text)
 MODEL_OK = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
             "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -1,7 +1,7 @@
 """train/run.py's early failures: folders that cannot be written (one line naming the config key,
 exit 2, before the tokenizer or any data is read) and a failed data-cache build (one DataError
-line, no temporary folder left). In-process through `python -m train`'s main(); every run fails
-in its first seconds."""
+line, no temporary folder left); and the command the resume line prints. In-process through
+`python -m train`'s main(); every run fails in its first seconds."""
 
 from __future__ import annotations
 
@@ -92,3 +92,19 @@ def test_cache_build_full_disk_names_the_fix(tmp_path):
     assert not (tmp_path / "part").exists() and not list(tmp_path.glob("part.tmp-*"))
     built = build_once(tmp_path / "part", lambda tmp: (tmp / "x").write_text("x"))  # still works
     assert (built / COMPLETE).is_file()
+
+
+def test_resume_command_quotes_paths_and_names_the_launcher(monkeypatch):
+    from train.distributed import DistEnv
+    from train.run import resume_command
+
+    ckpt = Path("my runs/checkpoint_step_3")
+    assert resume_command(ckpt, DistEnv()) == (
+        "python -m train --config 'my runs/checkpoint_step_3/train_config.json' "
+        "--set 'resume_from=my runs/checkpoint_step_3'"
+    )
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    two = resume_command(ckpt, DistEnv(rank=0, world_size=2, group=True))
+    assert two.startswith("torchrun --nproc_per_node=2 -m train --config 'my runs/"), two
+    four = resume_command(ckpt, DistEnv(rank=0, world_size=4, group=True))  # 2 nodes of 2
+    assert four.startswith("torchrun (with this run's node options) -m train --config"), four

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -127,28 +128,50 @@ def test_final_folder_loads_in_octo_and_transformers(demo_run):
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_sigterm_saves_exits_0_and_resumes(tmp_path, cache):
-    cmd = command(tmp_path, cache, "max_steps=100000", "log_interval_steps=1",
-                  "save_interval_steps=100000", "eval_interval_steps=100000")  # fmt: skip
-    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def stop_after(cmd: list[str], cwd: Path, step_line: str) -> tuple[str, str, int]:
+    """Run cmd until it prints a line starting with step_line, then SIGTERM it: (stdout, stderr,
+    exit code)."""
+    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)  # fmt: skip
+    head = []
     for line in p.stdout:
-        if line.startswith("Step 3:"):
+        head.append(line)
+        if line.startswith(step_line):
             p.send_signal(signal.SIGTERM)
             break
     out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    m = re.search(r"Stopped by SIGTERM at step (\d+); checkpoint saved to (\S+)\. Resume with: "
-                  r"(python -m train .* --set resume_from=\S+)$", out, re.M)  # fmt: skip
+    return "".join(head) + out, err, p.returncode
+
+
+STOPPED = re.compile(r"^Stopped by SIGTERM at step (\d+); checkpoint saved to (\S+)\. Resume with: "
+                     r"(python -m train .*)$", re.M)  # fmt: skip
+
+
+def test_sigterm_saves_exits_0_and_the_printed_command_resumes(tmp_path, cache):
+    """The resume line is run as printed (not rebuilt by the test): it continues from the
+    checkpoint with every setting of the stopped run (--config, --model-config and --set ones
+    alike), so its own next checkpoint holds the same config and the same model."""
+    cmd = command(tmp_path, cache, "max_steps=100000", "log_interval_steps=1",
+                  "save_interval_steps=100000", "eval_interval_steps=100000")  # fmt: skip
+    out, err, rc = stop_after(cmd, tmp_path, "Step 3:")
+    assert rc == 0, err[-3000:]
+    m = STOPPED.search(out)
     assert m, out
     step, ckpt = int(m[1]), tmp_path / m[2]
     assert step >= 3 and (ckpt / "trainer_state.json").is_file()
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step
     assert not (tmp_path / "ckpt" / "final").exists()  # stopped, not finished
 
-    resumed = subprocess.run(cmd + [f"resume_from={ckpt}", f"max_steps={step + 1}"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resumed from {ckpt} at step {step}" in resumed.stdout
-    assert re.search(rf"^Step {step + 1}: ", resumed.stdout, re.M)
-    assert (tmp_path / "ckpt" / f"checkpoint_step_{step + 1}").is_dir()
+    printed = shlex.split(m[3])
+    assert printed[:3] == ["python", "-m", "train"], m[3]
+    out2, err2, rc2 = stop_after([sys.executable, *printed[1:]], tmp_path, f"Step {step + 1}:")
+    assert rc2 == 0, err2[-3000:]
+    assert f"Resumed from {ckpt} at step {step}" in out2
+    assert re.search(rf"^Step {step + 1}: ", out2, re.M), out2
+    m2 = STOPPED.search(out2)
+    assert m2 and int(m2[1]) > step, out2
+    ckpt2 = tmp_path / m2[2]
+    first, again = (json.loads((c / "train_config.json").read_text()) for c in (ckpt, ckpt2))
+    assert first["resume_from"] is None and again["resume_from"] == str(ckpt)
+    assert {**again, "resume_from": None} == first  # every setting, the model's included
+    assert (ckpt2 / "config.json").read_text() == (ckpt / "config.json").read_text()

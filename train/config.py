@@ -46,7 +46,9 @@ class TrainConfig:
     use_gradient_checkpointing: bool = False
 
     # ----- further keys -----------------------------------------------------------------------
-    model_config: str | None = None  # JSON file or preset name ("seed", "tiny"); default "seed"
+    # JSON file, preset name ("seed", "tiny") or the model's fields themselves (what a saved
+    # train_config.json holds for a file: resolved_model_config); default "seed"
+    model_config: str | dict[str, Any] | None = None
     max_steps: int | None = None  # optimizer steps; default: num_epochs worth of data
     lr_schedule: str = "cosine"  # cosine | linear | constant, after warmup
     min_lr_ratio: float = 0.1  # the decay's floor, as a fraction of learning_rate
@@ -211,15 +213,19 @@ def load_model_config(cfg: TrainConfig, override: str | None = None) -> dict[str
 
     Source: `override` (--model-config), else cfg.model_config, else the "seed" preset. A JSON
     file (ours or a transformers Llama config.json) keeps its vocab_size when it names one; a
-    preset name gives the architecture only. vocab_size is None when the tokenizer should size it
-    (train.data.resolve_vocab_size). Raises ConfigError (one line) for a missing file, an unknown
-    key (nearest valid key named), an impossible shape, or block_size > max_position_embeddings.
+    preset name gives the architecture only; a dict is the fields themselves. vocab_size is None
+    when the tokenizer should size it (train.data.resolve_vocab_size). Raises ConfigError (one
+    line) for a missing file, an unknown key (nearest valid key named), an impossible shape, or
+    block_size > max_position_embeddings.
     """
     from octo.config import PRESETS, OctoConfig  # octo imports torch; only needed from here on
 
     source = override if override is not None else cfg.model_config or "seed"
     try:
-        if source in PRESETS:
+        if isinstance(source, dict):  # the fields themselves (a saved train_config.json)
+            fields = {"vocab_size": None, **source}
+            source = "fields in model_config"
+        elif source in PRESETS:
             fields = {**PRESETS[source], "vocab_size": None}
         else:
             p = Path(source)
@@ -248,6 +254,18 @@ def load_model_config(cfg: TrainConfig, override: str | None = None) -> dict[str
     return fields
 
 
+def resolved_model_config(cfg: TrainConfig, fields: dict[str, Any]) -> str | dict[str, Any]:
+    """What cfg.model_config should read in the configs a run saves (log folder, checkpoints), so
+    that `--config <checkpoint>/train_config.json` rebuilds the same model from any working
+    directory, even after the model file was edited or moved: a preset name as it is (its fields
+    live in the code), otherwise `fields` (load_model_config's result; vocab_size None when the
+    tokenizer sizes it)."""
+    from octo.config import PRESETS
+
+    source = cfg.model_config or "seed"
+    return source if isinstance(source, str) and source in PRESETS else dict(fields)
+
+
 def _check_type(name: str, value: Any, hint: Any) -> None:
     """Accept value when it matches the annotation (int also for float; None for Optional)."""
     args = typing.get_args(hint) or (hint,)
@@ -260,7 +278,9 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
         elif t is int:
             ok |= isinstance(value, int) and not isinstance(value, bool)
         else:
-            ok |= isinstance(value, t)
+            ok |= isinstance(value, typing.get_origin(t) or t)  # dict[str, Any] -> dict
     if not ok:
-        want = " or ".join("null" if t is type(None) else t.__name__ for t in args)
+        want = " or ".join(
+            "null" if t is type(None) else (typing.get_origin(t) or t).__name__ for t in args
+        )
         raise ConfigError(f"config key {name!r} must be {want}, got {value!r}")

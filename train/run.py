@@ -9,8 +9,10 @@ reported in one line.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from octo import OctoConfig
-from train.config import ConfigError, TrainConfig
+from train.config import ConfigError, TrainConfig, resolved_model_config
 from train.distributed import cleanup, init_distributed
 from train.loop import Trainer
 from train.runtime import resolve_device, set_kernel_backend
@@ -32,12 +34,15 @@ OOM_HINT = (
 
 
 def run(cfg: TrainConfig, model_fields: dict[str, Any], config_path: str | None = None) -> int:
-    """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code."""
+    """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code.
+    config_path is not used (the resume line names the checkpoint's own train_config.json)."""
     from train.checkpoint import CheckpointError, resolve_resume
     from train.data import DataError
 
     trainer = None
     try:
+        # saved configs name the model by its fields (or preset): see resume_command
+        cfg = dataclasses.replace(cfg, model_config=resolved_model_config(cfg, model_fields))
         check_writable_folders(cfg)
         set_kernel_backend(cfg)
         device = resolve_device(cfg)
@@ -58,10 +63,9 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any], config_path: str | None 
     log = trainer.log
     try:
         if result.status == "interrupted":
-            config = config_path or "train/config.json"
             log.info(f"Stopped by {result.signal} at step {result.step}; checkpoint saved to "
-                     f"{result.checkpoint}. Resume with: python -m train --config {config} "
-                     f"--set resume_from={result.checkpoint}")  # fmt: skip
+                     f"{result.checkpoint}. Resume with: "
+                     f"{resume_command(result.checkpoint, env)}")  # fmt: skip
             return 0
         if result.status == "nonfinite":
             return 1
@@ -82,6 +86,21 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any], config_path: str | None 
     finally:
         log.close()
         cleanup(env)
+
+
+def resume_command(checkpoint: Path, env: Any) -> str:
+    """The command that continues this run from `checkpoint`, run from the same directory: its
+    train_config.json is the run's resolved config (every key, --model-config and --set
+    included; the model as a preset name or its fields, so neither the working directory nor an
+    edited model file changes it), with resume_from pointed at the checkpoint."""
+    config = shlex.quote(str(Path(checkpoint) / "train_config.json"))
+    launch = "python -m train"
+    if env.group:  # as many processes again (a changed world size resumes with a warning)
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(env.world_size))
+        launch = f"torchrun --nproc_per_node={per_node} -m train"
+        if per_node != str(env.world_size):
+            launch = "torchrun (with this run's node options) -m train"
+    return f"{launch} --config {config} --set {shlex.quote(f'resume_from={checkpoint}')}"
 
 
 def check_writable_folders(cfg: TrainConfig) -> None:
