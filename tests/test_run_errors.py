@@ -1,7 +1,8 @@
 """train/run.py's early failures: folders that cannot be written (one line naming the config key,
-exit 2, before the tokenizer or any data is read) and a failed data-cache build (one DataError
-line, no temporary folder left); and the command the resume line prints. In-process through
-`python -m train`'s main(); every run fails in its first seconds."""
+exit 2, before the tokenizer or any data is read), a failed data-cache build (one DataError line,
+no temporary folder left), a missing eval split reported before the train split is
+pre-tokenized; and the command the resume line prints. In-process through `python -m train`'s
+main(); every run fails in its first seconds."""
 
 from __future__ import annotations
 
@@ -92,6 +93,16 @@ def test_cache_build_full_disk_names_the_fix(tmp_path):
     assert not (tmp_path / "part").exists() and not list(tmp_path.glob("part.tmp-*"))
     built = build_once(tmp_path / "part", lambda tmp: (tmp / "x").write_text("x"))  # still works
     assert (built / COMPLETE).is_file()
+
+
+def test_missing_eval_split_is_reported_before_train_is_pretokenized(tmp_path, capsys, corpus):
+    rc, err = run_main(tmp_path, capsys, dataset_name=str(corpus["data"] / "train.jsonl"),
+                       tokenizer_name=str(corpus["tokenizer"]), eval_split="validation",
+                       pretokenize=True)  # fmt: skip
+    assert rc == 2 and "\n" not in err, err
+    assert "has no split 'validation' (it has: train); set eval_split" in err, err
+    # build_once's folder and lock file of the train split: {name}-{split}-{key}
+    assert not list((tmp_path / "cache").rglob("*-train-*")), "the train split was built first"
 
 
 def test_resume_command_quotes_paths_and_names_the_launcher(monkeypatch):

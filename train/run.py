@@ -146,8 +146,14 @@ def build_trainer(
     tokenizer = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
     vocab = resolve_vocab_size(model_fields["vocab_size"], tokenizer)
     model_cfg = OctoConfig.from_dict({**model_fields, "vocab_size": vocab})
+    # A separate eval split is built first (it is small): a missing split or column is reported
+    # before the train split is pre-tokenized (minutes to hours). A holdout is read from the
+    # train split's cache, which the train build makes.
+    if cfg.eval_split is not None:
+        eval_data = build_eval_batches(cfg, tokenizer, env.rank, env.world_size)
     train_data = build_train_data(cfg, tokenizer, env.rank, env.world_size)
-    eval_data = build_eval_batches(cfg, tokenizer, env.rank, env.world_size)
+    if cfg.eval_split is None:
+        eval_data = build_eval_batches(cfg, tokenizer, env.rank, env.world_size)
     return Trainer(cfg, model_cfg, train_data=train_data, eval_data=eval_data, tokenizer=tokenizer,
                    device=device, env=env)  # fmt: skip
 
