@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.run import run
 
-    return run(cfg, model_fields, config_path=args.config)
+    return run(cfg, model_fields)
 
 
 def exit_process(code: int) -> NoReturn:

@@ -33,9 +33,8 @@ OOM_HINT = (
 )
 
 
-def run(cfg: TrainConfig, model_fields: dict[str, Any], config_path: str | None = None) -> int:
-    """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code.
-    config_path is not used (the resume line names the checkpoint's own train_config.json)."""
+def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
+    """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code."""
     from train.checkpoint import CheckpointError, resolve_resume
     from train.data import DataError
 
