@@ -273,3 +273,21 @@ def test_train_batches_are_long_tensors_of_the_config_shape(tok, tmp_path):
     assert b.shape == (3, 32) and b.dtype == torch.int64 and data.epoch == 0
     assert data.tokens_per_epoch() is None
     assert int(b.max()) < len(tok)
+
+
+def test_unreachable_hub_name_says_no_local_folder_either(tok, tmp_path, monkeypatch):
+    """A relative path without ./ reads as a Hub name ("mydata/stories"): when the Hub cannot
+    serve it, the line says that no local file or folder of that name exists either."""
+    import datasets
+
+    def offline(name, **kw):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    msg = one_line_error(
+        lambda: build_train_data(cfg_for("mydata/stories", tmp_path), tok),
+        "no local file or folder 'mydata/stories' exists",
+        "ConnectionError",
+        "start with ./",
+    )
+    assert "Couldn't reach" in msg

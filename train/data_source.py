@@ -171,9 +171,11 @@ class DocSource:
             raise DataError(self._empty_message()) from None
         except Exception as e:  # network, unknown Hub name, unreadable file: one line
             msg = " ".join(str(e).split())[:300]
+            hub = "" if is_local(name) else f"no local file or folder {name!r} exists, and "
             raise DataError(
-                f"cannot open dataset {self.name!r} ({type(e).__name__}: {msg}); use a Hub name "
-                "that exists (network needed) or a local .txt/.jsonl/.json/.parquet file or folder"
+                f"cannot open dataset {self.name!r}: {hub}{type(e).__name__}: {msg}; use a Hub "
+                "name that exists (network needed) or a local .txt/.jsonl/.json/.parquet file or "
+                "folder (a relative path may start with ./)"
             ) from None
         if self.split not in dd:
             have = ", ".join(dd) or "none"
