@@ -62,9 +62,10 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     log = trainer.log
     try:
         if result.status == "interrupted":
-            log.info(f"Stopped by {result.signal} at step {result.step}; checkpoint saved to "
-                     f"{result.checkpoint}. Resume with: "
-                     f"{resume_command(result.checkpoint, env)}")  # fmt: skip
+            if env.is_main:  # the other ranks log nothing and have no checkpoint path
+                log.info(f"Stopped by {result.signal} at step {result.step}; checkpoint saved to "
+                         f"{result.checkpoint}. Resume with: "
+                         f"{resume_command(result.checkpoint, env)}")  # fmt: skip
             return 0
         if result.status == "nonfinite":
             return 1
