@@ -174,6 +174,7 @@ def test_resume_in_new_process_is_bit_exact(corpus, reference, tmp_path, mode):
 @pytest.mark.parametrize(
     "point",
     [
+        pytest.param("after_model", marks=pytest.mark.slow),
         "after_first_shard",
         pytest.param("before_marker", marks=pytest.mark.slow),
         "before_rename",
@@ -181,12 +182,13 @@ def test_resume_in_new_process_is_bit_exact(corpus, reference, tmp_path, mode):
     ],
 )
 def test_kill_9_during_save_then_resume_from_folder(corpus, reference, tmp_path, point):
-    """SIGKILL inside the save of step 4 (saves every 2 steps); resuming from the folder continues
-    from the last complete checkpoint with the uninterrupted run's losses, and the leftover
-    temporary folder is skipped (with a warning) and then removed."""
+    """SIGKILL inside the save of step 4 (saves every 2 steps, the model in several 64 KB shards);
+    resuming from the folder continues from the last complete checkpoint with the uninterrupted
+    run's losses, and the leftover temporary folder is skipped (with a warning) and then
+    removed."""
     ref = reference("stream_0_workers")
-    crashed = train(corpus, tmp_path, "save_interval_steps=2", env={"OCTO_CRASH_AT": f"{point}:4"},
-                    check=False)  # fmt: skip
+    crashed = train(corpus, tmp_path, "save_interval_steps=2", "max_shard_size=64KB",
+                    env={"OCTO_CRASH_AT": f"{point}:4"}, check=False)  # fmt: skip
     assert crashed.returncode == -signal.SIGKILL, crashed.stdout[-2000:] + crashed.stderr[-2000:]
     ckpt = tmp_path / "ckpt"
     expect = 4 if point == "before_rotate" else 2  # renamed into place: complete
@@ -194,7 +196,9 @@ def test_kill_9_during_save_then_resume_from_folder(corpus, reference, tmp_path,
     assert leftover.is_dir() == (point != "before_rotate")
     set_aside_logs(tmp_path, "crashed_")
 
-    r = train(corpus, tmp_path, "save_interval_steps=2", f"resume_from={ckpt}")
+    assert len(list((ckpt / "checkpoint_step_2").glob("model-*.safetensors"))) > 1
+    r = train(corpus, tmp_path, "save_interval_steps=2", "max_shard_size=64KB",
+              f"resume_from={ckpt}")  # fmt: skip
     if point != "before_rotate":
         assert "checkpoint_step_4.tmp" in r.stderr and "interrupted save" in r.stderr, r.stderr
         assert not leftover.exists()  # removed by the resumed run's first save
