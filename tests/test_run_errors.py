@@ -119,3 +119,45 @@ def test_resume_command_quotes_paths_and_names_the_launcher(monkeypatch):
     assert two.startswith("torchrun --nproc_per_node=2 -m train --config 'my runs/"), two
     four = resume_command(ckpt, DistEnv(rank=0, world_size=4, group=True))  # 2 nodes of 2
     assert four.startswith("torchrun (with this run's node options) -m train --config"), four
+
+
+def test_existing_data_cache_dir_is_not_probed(tmp_path, monkeypatch):
+    """A folder of complete caches may be read-only: the preflight writes only into folders it
+    must create (a cache still to be built reports its own failed write: build_once)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    real = Path.write_bytes
+
+    def read_only(self, data):
+        if cache in self.parents:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    cfg = TrainConfig(checkpoint_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "logs"),
+                      data_cache_dir=str(cache), pretokenize=True)  # fmt: skip
+    check_writable_folders(cfg)
+    (tmp_path / "new").write_text("")
+    with pytest.raises(Exception, match="data_cache_dir"):
+        check_writable_folders(TrainConfig(data_cache_dir=str(tmp_path / "new"), pretokenize=True,
+                                           checkpoint_dir=str(tmp_path / "ckpt"),
+                                           log_dir=str(tmp_path / "logs")))  # fmt: skip
+
+
+def test_resume_warnings_are_lines_of_the_run_log(corpus, tmp_path, capsys):
+    """A streamed resume with another batch_size: its warnings (the data stream's and the
+    trainer's) are in the resumed run's .log, and the saved config names the data mode the run
+    used (pretokenize null resolved to false: max_steps was set)."""
+    common = ["--model-config", "tiny", "--set", f"dataset_name={corpus['data']}",
+              f"tokenizer_name={corpus['tokenizer']}", f"data_cache_dir={corpus['cache']}",
+              f"checkpoint_dir={tmp_path / 'ckpt'}", "device=cpu", "block_size=32",
+              "batch_size=4", "max_steps=4", "save_interval_steps=2", "eval_interval_steps=100",
+              "num_workers=0", "sample_max_new_tokens=2"]  # fmt: skip
+    assert main([*common, f"log_dir={tmp_path / 'first'}", "max_steps=2"]) == 0
+    ckpt = tmp_path / "ckpt" / "checkpoint_step_2"
+    assert json.loads((ckpt / "train_config.json").read_text())["pretokenize"] is False
+    assert main([*common, f"log_dir={tmp_path / 'second'}", "batch_size=2",
+                 f"resume_from={ckpt}"]) == 0  # fmt: skip
+    log = next((tmp_path / "second").glob("training_*.log")).read_text()
+    assert "warning: batch_size changed from 4 to 2" in log, log
+    capsys.readouterr()

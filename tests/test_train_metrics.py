@@ -55,18 +55,21 @@ def test_gpu_peak_table(name, tflops):
     assert peak_tflops(name) == tflops
 
 
-def test_out_of_memory_is_one_line_naming_the_knobs(monkeypatch, capsys):
+def test_out_of_memory_is_one_line_naming_the_knobs(monkeypatch, capsys, tmp_path):
     import train.run as run_mod
     from train.config import TrainConfig
+    from train.metrics import RunLogger
 
     class OOMTrainer:
         step = 7
+        log = RunLogger(tmp_path, enabled=False)
 
         def fit(self):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(run_mod, "build_trainer", lambda *a: OOMTrainer())
-    assert run_mod.run(TrainConfig(device="cpu"), {}) == 1
+    cfg = TrainConfig(device="cpu", log_dir=str(tmp_path), checkpoint_dir=str(tmp_path))
+    assert run_mod.run(cfg, {}) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error: CUDA out of memory at step 7")
     for knob in ("batch_size", "gradient_accumulation_steps", "use_gradient_checkpointing",

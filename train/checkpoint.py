@@ -28,6 +28,7 @@ before_rotate (renamed into place, older checkpoints not yet removed).
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import logging
 import os
@@ -193,7 +194,8 @@ def _recover_replaced(root: Path) -> None:
         except CheckpointError:
             continue
         log.warning("restoring %s as %s: a save replacing it was interrupted", p.name, final.name)
-        os.rename(p, final)
+        with contextlib.suppress(FileNotFoundError):  # another process restored it first
+            os.rename(p, final)
         fsync_dir(root)
 
 

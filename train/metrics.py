@@ -211,7 +211,10 @@ class _WarningsToRunLog(logging.Handler):
         self.run_log = run_log
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.run_log.info(f"warning: {record.getMessage()}")
+        try:
+            self.run_log.info(f"warning: {record.getMessage()}")
+        except Exception:  # a closed stream must not turn a warning into the caller's error
+            self.handleError(record)
 
 
 class RunLogger:

@@ -34,33 +34,39 @@ OOM_HINT = (
 
 
 def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
-    """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code."""
-    from train.checkpoint import CheckpointError, resolve_resume
+    """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code.
+    The run's log is closed and the process group left on every way out."""
+    from train.checkpoint import CheckpointError
     from train.data import DataError
 
-    trainer = None
+    trainer = env = None
     try:
-        # saved configs name the model by its fields (or preset): see resume_command
-        cfg = dataclasses.replace(cfg, model_config=resolved_model_config(cfg, model_fields))
-        check_writable_folders(cfg)
-        set_kernel_backend(cfg)
-        device = resolve_device(cfg)
-        env = init_distributed(device)
-        # a bad resume_from is reported before any data is built
-        resume = resolve_resume(cfg.resume_from) if cfg.resume_from else None
-        trainer = build_trainer(cfg, model_fields, device, env)
-        if resume is not None:
-            trainer.resume(resume)
-        result = trainer.fit()
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except torch.cuda.OutOfMemoryError:
-        step = f" at step {trainer.step}" if trainer is not None else ""
-        print("error: " + OOM_HINT.format(where=step), file=sys.stderr)
-        return 1
-    log = trainer.log
-    try:
+        try:
+            # The configs a run saves say what it did: the model by its fields (or preset) and
+            # the data mode it used (see resume_command).
+            cfg = dataclasses.replace(
+                cfg,
+                model_config=resolved_model_config(cfg, model_fields),
+                pretokenize=cfg.pretokenized,
+            )
+            check_writable_folders(cfg)
+            set_kernel_backend(cfg)
+            device = resolve_device(cfg)
+            env = init_distributed(device)
+            # a bad resume_from is reported before any data is built
+            resume = agree_on_resume(cfg.resume_from, env) if cfg.resume_from else None
+            trainer = build_trainer(cfg, model_fields, device, env)
+            log = trainer.log  # before the resume: its warnings become lines of this log
+            if resume is not None:
+                trainer.resume(resume)
+            result = trainer.fit()
+        except (ConfigError, DataError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except torch.cuda.OutOfMemoryError:
+            step = f" at step {trainer.step}" if trainer is not None else ""
+            print("error: " + OOM_HINT.format(where=step), file=sys.stderr)
+            return 1
         if result.status == "interrupted":
             if env.is_main:  # the other ranks log nothing and have no checkpoint path
                 log.info(f"Stopped by {result.signal} at step {result.step}; checkpoint saved to "
@@ -84,8 +90,30 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
                 log.info(f"Samples from {final}:\n{generate_sample(trainer)}")
         return 0
     finally:
-        log.close()
-        cleanup(env)
+        if trainer is not None:
+            trainer.log.close()
+        if env is not None:
+            cleanup(env)
+
+
+def agree_on_resume(resume_from: str, env: Any) -> Path:
+    """The checkpoint every rank resumes from: rank 0 resolves resume_from (resolve_resume, which
+    may also restore an interrupted save's folder) and the others take its answer, so ranks can
+    neither race on that repair nor pick different checkpoints. A CheckpointError on rank 0 is
+    raised on every rank."""
+    from train.checkpoint import CheckpointError, resolve_resume
+    from train.distributed import broadcast_object
+
+    answer = None
+    if env.is_main:
+        try:
+            answer = ("path", str(resolve_resume(resume_from)))
+        except CheckpointError as e:
+            answer = ("error", str(e))
+    kind, value = broadcast_object(answer, env)
+    if kind == "error":
+        raise CheckpointError(value)
+    return Path(value)
 
 
 def resume_command(checkpoint: Path, env: Any) -> str:
@@ -112,7 +140,10 @@ def check_writable_folders(cfg: TrainConfig) -> None:
     from train.data_source import DEMO_NAME
 
     keys = ["checkpoint_dir", "log_dir"]
-    if cfg.pretokenized or DEMO_NAME in (cfg.dataset_name, cfg.tokenizer_name):
+    # data_cache_dir only when used and not yet a folder: a read-only folder of complete caches
+    # is fine, and a cache that must be built there reports a failed write itself (build_once)
+    used = cfg.pretokenized or DEMO_NAME in (cfg.dataset_name, cfg.tokenizer_name)
+    if used and not Path(cfg.data_cache_dir).is_dir():
         keys.append("data_cache_dir")
     for key in keys:
         folder = Path(getattr(cfg, key))
