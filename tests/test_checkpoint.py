@@ -386,6 +386,8 @@ def test_final_model_write_error_keeps_the_previous_final(tmp_path, trained):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
     assert save_final_model(trainer) == final  # room again: the folder is replaced
+    shutil.move(final, tmp_path / "final.old")  # a crash between replace_folder's renames
+    assert save_final_model(trainer) == final and not (tmp_path / "final.old").exists()
 
 
 def test_crash_while_replacing_a_checkpoint_keeps_it(tmp_path, trained):

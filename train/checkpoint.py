@@ -145,9 +145,9 @@ def replace_folder(tmp: Path, final: Path) -> None:
     """Put the complete folder `tmp` at `final` (renames on one file system). A folder already
     at `final` is renamed aside first and removed only once `tmp` stands in its place, so a crash
     at any point leaves a complete copy under one of the two names."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)  # an earlier crash's, when final is missing
     if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
         os.rename(tmp, final)
         fsync_dir(final.parent)
