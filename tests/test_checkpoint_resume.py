@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+
+from tests.run_logs import records, tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, MID = 8, 4
@@ -65,42 +66,18 @@ def train(corpus, run_dir: Path, *overrides: str, env: dict | None = None, check
     return r
 
 
-def records(run_dir: Path) -> dict[str, dict[int, float]]:
-    """Per-step train loss and eval loss of the current run's log (earlier runs' logs in the same
-    folder are renamed away by the tests)."""
-    out: dict[str, dict[int, float]] = {"train": {}, "eval": {}, "end": {}}
-    for log in sorted((run_dir / "logs").glob("training_*.jsonl")):
-        for line in log.read_text().splitlines():
-            r = json.loads(line)
-            if r["type"] == "train":
-                out["train"][r["step"]] = r["loss"]
-            elif r["type"] == "eval":
-                out["eval"][r["step"]] = r["eval_loss"]
-            elif r["type"] == "end":
-                out["end"] = r
-    return out
-
-
 def set_aside_logs(run_dir: Path, prefix: str) -> None:
     """Rename the finished run's logs so the next run's records() sees only its own."""
     for log in (run_dir / "logs").glob("training_*"):
         log.rename(log.with_name(prefix + log.name))
 
 
-def tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob(f"{prefix}-*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
-
-
 def assert_same_continuation(ref_dir: Path, run_dir: Path, after: int) -> None:
     """Steps after `after` have the same losses, and the final checkpoints are identical."""
     ref, got = records(ref_dir), records(run_dir)
-    for kind in ("train", "eval"):
-        want = {s: v for s, v in ref[kind].items() if s > after}
-        have = {s: v for s, v in got[kind].items() if s > after}
+    for kind, value in (("train", lambda r: r["loss"]), ("eval", lambda loss: loss)):
+        want = {s: value(v) for s, v in ref[kind].items() if s > after}
+        have = {s: value(v) for s, v in got[kind].items() if s > after}
         assert have == want, kind
     assert len(got["train"]) and max(got["train"]) == STEPS
     a, b = (

@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from tests.fakes import ListData
+from tests.run_logs import records, tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, MID = 8, 4
@@ -91,31 +92,6 @@ def rank_env() -> dict[str, str]:
 def ok(r: subprocess.CompletedProcess) -> str:
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
-    return out
-
-
-def records(run_dir: Path) -> dict[str, dict]:
-    """step -> train record, step -> eval loss, and the end record of run_dir's logs."""
-    out: dict[str, dict] = {"train": {}, "eval": {}, "end": {}}
-    for log in sorted((run_dir / "logs").glob("training_*.jsonl")):
-        for line in log.read_text().splitlines():
-            r = json.loads(line)
-            if r["type"] == "train":
-                out["train"][r["step"]] = r
-            elif r["type"] == "eval":
-                out["eval"][r["step"]] = r["eval_loss"]
-            elif r["type"] == "end":
-                out["end"] = r
-    return out
-
-
-def tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(folder.glob(f"{prefix}-*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
     return out
 
 
