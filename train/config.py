@@ -56,7 +56,7 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     precision: str = "auto"  # auto (from use_mixed_precision) | bf16 | fp16 | fp32
-    compile: str = "auto"  # auto (on for CUDA) | on | off
+    compile: str = "auto"  # auto (on for CUDA) | on | off | cudagraphs (on + CUDA graphs)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     kernels: str = "auto"  # auto | triton | torch (OCTO_KERNELS)
     num_workers: int = 2  # DataLoader worker processes for tokenization
@@ -128,7 +128,7 @@ class TrainConfig:
         choices = {
             "lr_schedule": ("cosine", "linear", "constant"),
             "precision": ("auto", "bf16", "fp16", "fp32"),
-            "compile": ("auto", "on", "off"),
+            "compile": ("auto", "on", "off", "cudagraphs"),
             "kernels": ("auto", "triton", "torch"),
             "parallelism": ("ddp", "fsdp"),
         }

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from octo import OctoConfig, OctoForCausalLM
-from train.config import TrainConfig
+from train.config import ConfigError, TrainConfig
 from train.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -111,6 +111,10 @@ class Trainer:
         self.profile, self._logger = profile, logger
         self.device = device if device is not None else resolve_device(cfg)
         self.env = env if env is not None else init_distributed(self.device)
+        self._cuda_graphs = cfg.compile == "cudagraphs"
+        if self._cuda_graphs and self.env.enabled:
+            raise ConfigError("compile 'cudagraphs' runs in one process only; use compile on "
+                              "under torchrun")  # fmt: skip
         set_kernel_backend(cfg)
         seed_everything(cfg.seed)
         self.precision = resolve_precision(cfg, self.device)
@@ -123,6 +127,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.wrapped, cfg, self.device)
         self._fused = bool(self.optimizer.defaults.get("fused"))
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self._cuda_graphs:
+            # A graph replay overwrites its outputs, so a gradient must never *be* one: the
+            # backward's first AccumulateGrad would adopt the graph's output buffer as p.grad and
+            # the next micro-batch's replay would overwrite it. Gradients that exist before the
+            # first backward (and are zeroed, not freed) are added into in place instead.
+            for p in self._params:
+                p.grad = torch.zeros_like(p)
         self.scaler = self.precision.make_scaler()
         self.total_steps, self.steps_source = planned_steps(cfg, train_data, self.env.world_size)
         self.schedule = LRSchedule.from_config(cfg, self.total_steps)
@@ -163,6 +174,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
         for i, ids in enumerate(micro_batches):
             ids = ids.to(dev, non_blocking=True)
+            self._new_graph_step()
             with no_sync(self.wrapped, self.env, i == len(micro_batches) - 1):
                 with self.precision.autocast():
                     loss = self._forward_loss(ids)  # () fp32, summed over the tokens of ids
@@ -198,7 +210,7 @@ class Trainer:
             opt.step()
         elif not bool(fault):  # host sync: only optimizers without the fused kernel
             opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not self._cuda_graphs)
         self._count(fault, loss_sum, n_targets, norm)
         self.step += 1
         self.tokens_seen += sum(b.numel() for b in micro_batches) * self.env.world_size
@@ -206,6 +218,12 @@ class Trainer:
         if timings is not None:
             timings.update(forward_backward=t1 - t0, optimizer=t2 - t1)
         return StepStats(loss_sum, n_targets, norm, fault, lr, timings)
+
+    def _new_graph_step(self) -> None:
+        """compile=cudagraphs: the outputs of the last forward (and its backward) are consumed,
+        so the next replay may overwrite them. No-op otherwise."""
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _loss_scale(self, n_targets: int) -> float | torch.Tensor:
         """1/N with N the step's target tokens over all ranks. DDP/FSDP average gradients over
@@ -257,6 +275,7 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, targets
         for ids in itertools.islice(self.eval_data, self.cfg.eval_max_batches):
             ids = ids.to(self.device, non_blocking=True)
+            self._new_graph_step()
             with self.precision.autocast():
                 totals[0] += self._forward_loss(ids)
             totals[1] += ids.shape[0] * (ids.shape[1] - 1)

@@ -84,18 +84,22 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
 
 
 def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
-    """compile: on | off | auto (= on for CUDA, where it pays; off on CPU)."""
-    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    """compile: on | off | auto (= on for CUDA, where it pays; off on CPU) | cudagraphs (on)."""
+    return cfg.compile in ("on", "cudagraphs") or (cfg.compile == "auto" and device.type == "cuda")
 
 
 def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Callable:
     """The only torch.compile of the project's step: `fn` is the forward+loss function, compiled
     whole (fullgraph=True: the model and its kernels are written to trace without a break, so a
     break is a bug to see, not to hide). The backward is compiled by AOTAutograd with it.
-    (CUDA graphs, mode="reduce-overhead", were tried on an H100 and failed with gradient
-    accumulation: bench/NOTES.md.)"""
+    compile="cudagraphs" adds mode="reduce-overhead": the step's kernels replay as CUDA graphs
+    (no per-kernel launch cost; CPU tensors run without graphs). The Trainer then marks each
+    micro-batch as a new graph step and keeps its gradients in buffers of its own (see
+    Trainer._cuda_graphs); bench/NOTES.md has what was measured."""
     if not compile_enabled(cfg, device):
         return fn
+    if cfg.compile == "cudagraphs":
+        return torch.compile(fn, fullgraph=True, mode="reduce-overhead")
     return torch.compile(fn, fullgraph=True)
 
 
