@@ -10,6 +10,8 @@ This module imports nothing of the project.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -61,6 +63,41 @@ if _TRITON_AVAILABLE:
                 bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
                 x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
         return x.to(PTR.dtype.element_ty)
+
+
+# OCTO_TRITON_OP=1 (read once, at import): register the RMSNorm and RoPE ops with
+# `torch.library.triton_op` instead of `custom_op`. torch.compile then traces into the op and
+# Inductor launches the Triton kernels from its own generated code, instead of calling back into
+# Python through the dispatcher and Triton's launcher for each of the ~74 RMSNorm/RoPE calls of a
+# micro-batch (issue 8: the compiled step is host bound). An experiment until measured on a GPU
+# (bench/NOTES.md, bench/gpu_experiments.sh). Eager calls work everywhere, also interpreted; under
+# TRITON_INTERPRET=1, torch.compile cannot trace a triton_op (DESIGN.md's first trap).
+INLINE_TRITON = os.environ.get("OCTO_TRITON_OP", "0") == "1" and _TRITON_AVAILABLE
+
+
+def library_op(name: str, fake: Callable, inline: bool = False) -> Callable[[Callable], Any]:
+    """Decorator registering `fn` as the torch.library op `name` with no mutated inputs.
+
+    inline=True and OCTO_TRITON_OP=1: a `triton_op` (its fake is derived by tracing `fn`, whose
+    kernel launches must go through `launcher`). Otherwise a `custom_op` with the explicit `fake`
+    (opaque to torch.compile). Either way the result takes `register_autograd`."""
+
+    def register(fn: Callable) -> Any:
+        if inline and INLINE_TRITON:
+            return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return register
+
+
+def launcher(kernel: Any) -> Any:
+    """`kernel` for `kernel[grid](...)`; wrapped by `torch.library.wrap_triton` when the ops are
+    triton_ops, so tracing records the launch (eager calls go straight to the kernel)."""
+    if INLINE_TRITON:
+        return torch.library.wrap_triton(kernel)
+    return kernel
 
 
 def requested_backend(backend: str | None = None) -> str:

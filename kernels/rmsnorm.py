@@ -20,7 +20,8 @@ function):
   row of dL/dw (G, C). The (G, C) partials are summed in fp32 and cast to w's dtype: no atomics,
   deterministic. (Liger-Kernel's backward has the same partials; the prefetch is quack's idea.)
 - both are `torch.library.custom_op`s (octo::rms_norm_fwd / octo::rms_norm_bwd) with fake
-  implementations, so `torch.compile(fullgraph=True)` keeps them as opaque calls (no graph break).
+  implementations, so `torch.compile(fullgraph=True)` keeps them as opaque calls (no graph break);
+  with OCTO_TRITON_OP=1 they are `triton_op`s that Inductor traces into (kernels.backend).
   Inputs are made last-dim-contiguous inside the ops: a compiled graph may hand the backward an
   expanded stride-0 gradient even where the caller wrote `.contiguous()`.
 Eligible: x and w on one device, x fp32/bf16/fp16, w floating, 0 < C <= MAX_HIDDEN, x non-empty.
@@ -33,7 +34,7 @@ import functools
 
 import torch
 
-from kernels.backend import interpreting, triton_available, use_triton
+from kernels.backend import interpreting, launcher, library_op, triton_available, use_triton
 
 MAX_HIDDEN = 32768  # one row lives in registers; beyond this the reference runs
 BWD_PIPELINE_SMEM = 128 * 1024  # shared memory the backward may use to prefetch the next tile
@@ -201,7 +202,7 @@ def _fwd_launch(x: torch.Tensor, weight: torch.Tensor, eps: float):
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     block_c, rows, num_warps, _ = _tiles(n_cols)
     grid = (triton.cdiv(n_rows, rows),)
-    _rms_norm_fwd_kernel[grid](
+    launcher(_rms_norm_fwd_kernel)[grid](
         x2, weight.contiguous(), y, rstd, n_rows, x2.stride(0), n_cols, eps,
         N_COLS=n_cols, BLOCK_C=block_c, ROWS=rows, num_warps=num_warps,
     )  # fmt: skip
@@ -217,7 +218,7 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: t
     dw_part = torch.empty((n_prog, n_cols), dtype=torch.float32, device=x.device)
     tile_bytes = rows * block_c * (dy2.element_size() + x2.element_size())
     stages = 2 if 2 * tile_bytes <= BWD_PIPELINE_SMEM else 1
-    _rms_norm_bwd_kernel[(n_prog,)](
+    launcher(_rms_norm_bwd_kernel)[(n_prog,)](
         dy2, x2, weight.contiguous(), rstd.contiguous(), dx, dw_part,
         n_rows, dy2.stride(0), x2.stride(0), n_cols,
         N_COLS=n_cols, BLOCK_C=block_c, ROWS=rows, NUM_STAGES=stages, num_warps=num_warps,
@@ -231,7 +232,11 @@ def _bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: t
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("octo::rms_norm_fwd", mutates_args=())
+def _fwd_fake(x, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@library_op("octo::rms_norm_fwd", fake=_fwd_fake, inline=True)
 def rms_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,22 +244,16 @@ def rms_norm_fwd(
     return _fwd_launch(x, weight, eps)
 
 
-@rms_norm_fwd.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
+def _bwd_fake(dy, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
-@torch.library.custom_op("octo::rms_norm_bwd", mutates_args=())
+@library_op("octo::rms_norm_bwd", fake=_bwd_fake, inline=True)
 def rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dy, x (..., C), weight (C,), rstd (...) fp32 -> dx (..., C) in x's dtype, dw (C,)."""
     return _bwd_launch(dy, x, weight, rstd)
-
-
-@rms_norm_bwd.register_fake
-def _(dy, x, weight, rstd):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -19,8 +19,9 @@ Triton path (reference, kernel, launcher, torch.library op, public function):
   `proj(x).view(B, T, H, D).transpose(1, 2)`; outputs are allocated `empty_like` (same layout),
   so no transpose copy is made in either direction. Nothing is written in place.
 - the op octo::rope(q, k, cos, sin, position_offset, transpose) is a `torch.library.custom_op`
-  with a fake implementation (no graph break under torch.compile); its backward is the same op
-  with `transpose` flipped. Inputs whose last dim is not contiguous (e.g. the stride-0 expanded
+  with a fake implementation (no graph break under torch.compile), or with OCTO_TRITON_OP=1 a
+  `triton_op` that Inductor traces into (kernels.backend); its backward is the same op with
+  `transpose` flipped. Inputs whose last dim is not contiguous (e.g. the stride-0 expanded
   gradient a compiled graph can hand over) are made contiguous inside the op.
 Eligible: q, k fp32/bf16/fp16, cos/sin floating and not requiring grad (the kernel does not
 differentiate the tables), non-empty, Hq * D and Hkv * D small enough for one tile. Anything else
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import interpreting, triton_available, use_triton
+from kernels.backend import interpreting, launcher, library_op, triton_available, use_triton
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEADS_X_HALF = 16384  # next_pow2(H) * next_pow2(D / 2) per tile; beyond it the reference runs
@@ -234,7 +235,7 @@ def _rope_launch(q, k, cos, sin, position_offset: int, transpose: bool):
     ss = (0, sin.stride(0)) if sin.dim() == 2 else (sin.stride(0), sin.stride(1))
     hq_pad, hk_pad, half_pad, block_t, num_warps = _tiles(B * T, HQ, HK, D // 2)
     grid = (triton.cdiv(B * T, block_t),)
-    _rope_kernel[grid](
+    launcher(_rope_kernel)[grid](
         q, k, cos, sin, qo, ko, B * T, T, position_offset,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -252,7 +253,11 @@ def _rope_launch(q, k, cos, sin, position_offset: int, transpose: bool):
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("octo::rope", mutates_args=())
+def _rope_fake(q, k, cos, sin, position_offset, transpose):
+    return torch.empty_like(_lastdim_contiguous(q)), torch.empty_like(_lastdim_contiguous(k))
+
+
+@library_op("octo::rope", fake=_rope_fake, inline=True)
 def rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -264,11 +269,6 @@ def rope(
     """Rotate q (B, Hq, T, D) and k (B, Hkv, T, D) by rows [offset, offset + T) of cos/sin;
     transpose=True applies the transposed map (the backward). Outputs: layouts of q and k."""
     return _rope_launch(q, k, cos, sin, position_offset, transpose)
-
-
-@rope.register_fake
-def _(q, k, cos, sin, position_offset, transpose):
-    return torch.empty_like(_lastdim_contiguous(q)), torch.empty_like(_lastdim_contiguous(k))
 
 
 def _setup_context(ctx, inputs, output):
