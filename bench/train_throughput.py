@@ -6,6 +6,8 @@ Every provider runs the real `train.loop.Trainer.train_step` (gradient accumulat
 AdamW, the schedule) on synthetic tokens, side by side in one process:
     octo-triton-compiled   Octo, Triton kernels, torch.compile (the default on a GPU)
     octo-reference-eager   Octo, pure-PyTorch reference kernels, no compile
+    octo-reference-compiled, octo-triton-cudagraphs   (on request: --providers) Octo with the
+                           reference kernels under torch.compile; Octo with compile=cudagraphs
     hf-llama-eager         transformers' LlamaForCausalLM (attn_implementation="sdpa"), same
                            weights shape, optimizer and precision, loss through its own loss path
     hf-llama-compiled      the same, torch.compile'd (graph breaks allowed), where it compiles
@@ -15,6 +17,8 @@ On a CPU: the tiny config in fp32 (block 128, batch 8, accumulation 2).
 Reported per provider: tokens/s, MFU (6N + attention flops over the GPU's bf16 peak), peak memory,
 first-step time (compile included), and where a step's time goes (data wait, forward+backward,
 optimizer) from extra profiled steps (those sync per phase; the throughput steps do not).
+With OCTO_TRITON_OP=1 in the environment (kernels.backend) the octo-triton providers are named
+"... +triton_op".
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from bench.common import env_info
+from kernels.backend import INLINE_TRITON
 from octo import CausalLMOutput, OctoConfig
 from train.config import TrainConfig
 from train.loop import Trainer
@@ -88,11 +93,12 @@ def run_provider(
 ) -> dict:  # fmt: skip
     """Build a Trainer for `provider`, time its steps, return the measurements."""
     octo = provider.startswith("octo")
-    compiled = provider.endswith("compiled")
+    compiled = provider.endswith(("compiled", "cudagraphs"))
     precision = "bf16" if device.type == "cuda" else "fp32"
     cfg = TrainConfig(
         **shape, precision=precision, device=str(device), max_steps=10_000, warmup_steps=10,
-        compile="on" if (octo and compiled) else "off",
+        compile=("cudagraphs" if provider.endswith("cudagraphs") else "on")
+        if (octo and compiled) else "off",
         kernels="triton" if provider.startswith("octo-triton") else "torch" if octo else "auto",
         log_dir="/tmp/octo-bench-logs",
     )  # fmt: skip
@@ -138,6 +144,8 @@ def run_provider(
     tokens_per_step = cfg.batch_size * cfg.block_size * accum
     tok_s = steps * tokens_per_step / elapsed
     peak = gpu_peak_flops(device) if device.type == "cuda" else None
+    if provider.startswith("octo-triton") and INLINE_TRITON:
+        provider += " +triton_op"
     result = {
         "provider": provider,
         "vocab_size": model_cfg.vocab_size,
