@@ -24,6 +24,8 @@ public function):
   matmuls return fp32 from cuBLAS (torch.mm(..., out_dtype=torch.float32)): no chunk product is
   rounded to bf16 before the fp32 sum, and with fp32 master weights dL/dweight is never rounded
   to bf16 at all (eager autocast rounds it once).
+- a 2-byte matmul weight with V not a multiple of 8 is padded with zero rows to a multiple of
+  64 (`_matmul_weight`): unaligned rows send cuBLAS to slow kernels.
 - peak extra memory: one (chunk, V) logits block in the matmul dtype, the fp32 (V, C)
   accumulator (plus one fp32 (V, C) chunk product where torch cannot accumulate in the matmul
   itself, see _addmm_fp32_), the fp32 (N, C) dL/dhidden, and the weight's
@@ -161,6 +163,24 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(_mm_fp32(a, b))
 
 
+def _matmul_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The lm_head weight (V, C) as the matmuls take it: in `dtype`, and for a 2-byte dtype with
+    V not a multiple of 8, padded with zero rows to Vp = V rounded up to 64.
+
+    Why: with V = 50257 a bf16 logits row is not 16-byte aligned and cuBLAS falls back to slow
+    kernels (H100: eager linear + CE took 7.6x longer at V = 50257 than at 16000, for 3.1x the
+    vocab; bench/NOTES.md). Padded, every matmul runs on aligned rows; the padding's logits and
+    their gradients are exactly 0, so they change no result. The copy costs V * C elements, the
+    same as the cast it replaces when weight's dtype differs (fp32 master weights under autocast).
+    """
+    vocab = weight.shape[0]
+    if torch.finfo(dtype).bits > 16 or vocab % 8 == 0:
+        return weight.to(dtype)  # a copy only when weight's dtype differs
+    w = weight.new_zeros((-(-vocab // 64) * 64, weight.shape[1]), dtype=dtype)
+    w[:vocab] = weight
+    return w
+
+
 def _chunk_loop(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -178,7 +198,7 @@ def _chunk_loop(
     vocab = weight.shape[0]
     want_grad = scale is not None and (need_dh or need_dw)
     with torch.autocast(hidden.device.type, enabled=False):
-        w = weight.to(hidden.dtype)  # (V, C), a copy only when weight's dtype differs
+        w = _matmul_weight(weight, hidden.dtype)  # (V or Vp, C)
         labels = labels.contiguous()
         loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
         dh = None
@@ -191,26 +211,27 @@ def _chunk_loop(
         for start in range(0, n_rows, chunk):
             stop = min(start + chunk, n_rows)
             h_c = hidden[start:stop]  # (n, C)
-            logits = torch.mm(h_c, w.t())  # (n, V), contiguous, in hidden's dtype
+            padded = torch.mm(h_c, w.t())  # (n, Vp), contiguous, in hidden's dtype
+            logits = padded[:, :vocab]  # (n, V); columns past V are exactly 0 (zero rows of w)
             if not want_grad:
                 loss[start:stop], _ = ce_forward_launch(
                     logits, labels[start:stop], ignore_index, z_loss
                 )
                 continue
             s_c = scale if scale.numel() == 1 else scale[start:stop]
-            # in place: logits becomes G_c = dL/dlogits of this chunk
+            # in place: logits becomes G_c = dL/dlogits of this chunk (padding columns stay 0)
             loss[start:stop], _ = ce_forward_launch(
                 logits, labels[start:stop], ignore_index, z_loss, grad=logits, scale=s_c
             )
             if need_dh:
-                dh[start:stop] = _mm_fp32(logits, w)  # (n, C)
-            if need_dw:  # (V, C) fp32
+                dh[start:stop] = _mm_fp32(padded, w)  # (n, C)
+            if need_dw:  # (Vp, C) fp32
                 if dw is None:
-                    dw = _mm_fp32(logits.t(), h_c)
+                    dw = _mm_fp32(padded.t(), h_c)
                 else:
-                    _addmm_fp32_(dw, logits.t(), h_c)
-            del logits
-    return loss, dh, dw
+                    _addmm_fp32_(dw, padded.t(), h_c)
+            del logits, padded
+    return loss, dh, (dw[:vocab] if dw is not None and dw.shape[0] != vocab else dw)
 
 
 def _mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
