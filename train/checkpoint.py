@@ -179,6 +179,16 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed)
 
 
+def _restore_old(old: Path, final: Path) -> None:
+    """Rename the verified `old` (checkpoint_step_N.old) back to `final` (checkpoint_step_N),
+    with a warning. Raises CheckpointError (from verify_checkpoint) when `old` is not intact."""
+    verify_checkpoint(old)
+    log.warning("restoring %s as %s: a save replacing it was interrupted", old.name, final.name)
+    with contextlib.suppress(FileNotFoundError):  # another process restored it first
+        os.rename(old, final)
+    fsync_dir(final.parent)
+
+
 def _recover_replaced(root: Path) -> None:
     """Undo the one crash that could lose a complete checkpoint: replace_folder renamed
     checkpoint_step_N aside to .old and died before the new one took its place. A verified .old
@@ -189,14 +199,26 @@ def _recover_replaced(root: Path) -> None:
         final = root / f"checkpoint_step_{m.group(1)}" if m else None
         if m is None or m.group(2) != "old" or not p.is_dir() or final.exists():
             continue
-        try:
-            verify_checkpoint(p)
-        except CheckpointError:
-            continue
-        log.warning("restoring %s as %s: a save replacing it was interrupted", p.name, final.name)
-        with contextlib.suppress(FileNotFoundError):  # another process restored it first
-            os.rename(p, final)
-        fsync_dir(root)
+        with contextlib.suppress(CheckpointError):
+            _restore_old(p, final)
+
+
+def _recover_named(final: Path) -> None:
+    """resume_from names checkpoint_step_N, which is missing, and checkpoint_step_N.old stands
+    beside it: the crash _recover_replaced undoes, met through the folder's own name. A verified
+    .old is restored; a damaged one is an error (it is not restored, and the name given does not
+    exist), saying what is wrong and the way out."""
+    old = final.with_name(final.name + ".old")
+    if final.exists() or not _FINAL.fullmatch(final.name) or not old.is_dir():
+        return
+    try:
+        _restore_old(old, final)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"resume_from {final} does not exist, and {old.name} beside it (left by an "
+            f"interrupted save that was replacing it) is damaged: {e}; resume from an earlier "
+            f"checkpoint, or from the parent folder {final.parent} (its newest intact checkpoint)"
+        ) from None
 
 
 def _clean_stale(root: Path) -> None:
@@ -325,12 +347,18 @@ def resolve_resume(resume_from: str | Path) -> Path:
     resume_from is a checkpoint folder (verified; a bad one is an error naming the file), or a
     folder of them (the newest complete one that verifies; temporary, incomplete and corrupt ones
     are skipped with a warning), or the seed's spelling `.../checkpoint_step_5000.pt`, which means
-    the folder `.../checkpoint_step_5000`. Raises CheckpointError when nothing usable exists.
+    the folder `.../checkpoint_step_5000`. Either way, a checkpoint_step_N that an interrupted
+    save left only as a verified checkpoint_step_N.old is restored first (with a warning). Raises
+    CheckpointError when nothing usable exists. Under torchrun only rank 0 calls it
+    (train.run.agree_on_resume), since it may rename folders.
     """
     p = Path(resume_from)
-    if p.suffix == ".pt" and not p.exists() and p.with_suffix("").is_dir():
-        log.info("resume_from %s: using the checkpoint folder %s", p, p.with_suffix(""))
-        p = p.with_suffix("")
+    if p.suffix == ".pt" and not p.exists():
+        _recover_named(p.with_suffix(""))
+        if p.with_suffix("").is_dir():
+            log.info("resume_from %s: using the checkpoint folder %s", p, p.with_suffix(""))
+            p = p.with_suffix("")
+    _recover_named(p)
     if p.is_file():
         raise CheckpointError(
             f"resume_from {p} is a file; Octo resumes from checkpoint folders (it never unpickles "
