@@ -1,5 +1,5 @@
 """Resume edge cases: an explicitly named checkpoint that an interrupted save left only as its
-`.old` folder."""
+`.old` folder; one warning line for a streamed resume with another batch_size."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from train.checkpoint import (
     CheckpointError,
     load_checkpoint,
     resolve_resume,
+    resume_warnings,
     save_checkpoint,
 )
 from train.config import TrainConfig
@@ -90,3 +91,20 @@ def test_only_rank_0_restores_the_old_folder(replaced, monkeypatch):
     monkeypatch.setattr("train.distributed.broadcast_object", lambda obj, env: ("path", "r0"))
     assert agree_on_resume(str(four), DistEnv(rank=1, world_size=2, group=True)) == Path("r0")
     assert not four.exists() and four.with_name("checkpoint_step_4.old").is_dir()
+
+
+# ----- 2. a changed batch_size: one warning line ------------------------------------------------
+
+
+def test_resume_warnings_one_batch_size_line_per_data_mode():
+    stream = {"mode": "stream", "batch_size": 4, "buffer_size": 20, "streams": [None]}
+    state = {"batch_size": 4, "learning_rate": 1e-3, "world_size": 1, "data": stream}
+    (line,) = resume_warnings(state, batch_size=2, learning_rate=1e-3)
+    assert line == (
+        "resuming with batch_size=2, but the checkpoint was trained with 4 (each data stream "
+        "restarts its current shuffle window, so up to 20 blocks per stream are seen again)"
+    )
+    for data in ({**stream, "buffer_size": 0}, {"mode": "pretok"}, None):  # the data continues
+        (line,) = resume_warnings({**state, "data": data}, batch_size=2, learning_rate=1e-3)
+        assert line == "resuming with batch_size=2, but the checkpoint was trained with 4"
+    assert resume_warnings(state, batch_size=4, learning_rate=1e-3) == []

@@ -58,6 +58,7 @@ from train.checkpoint_io import (
     write_json,
 )
 from train.config import TrainConfig
+from train.data_stream import batch_size_change_effect
 
 __all__ = [
     "CheckpointError",
@@ -457,11 +458,18 @@ def resume_warnings(
     trainer_state: dict, *, batch_size: int, learning_rate: float, world_size: int = 1
 ) -> list[str]:
     """Lines to warn with when the run resumes with settings the checkpoint was not trained with
-    (a warning, not an error: it goes on). Compares against trainer_state's recorded numbers."""
+    (a warning, not an error: it goes on). Compares against trainer_state's recorded numbers.
+    A changed batch_size over streamed data also says what the data does about it (the data
+    module knows, and says nothing itself: one line per change)."""
     out = []
     now = {"batch_size": batch_size, "learning_rate": learning_rate, "world_size": world_size}
     for key, value in now.items():
         saved = trainer_state.get(key)
         if saved is not None and saved != value:
-            out.append(f"resuming with {key}={value}, but the checkpoint was trained with {saved}")
+            line = f"resuming with {key}={value}, but the checkpoint was trained with {saved}"
+            data = trainer_state.get("data") or {}
+            if key == "batch_size" and data.get("mode") == "stream":
+                effect = batch_size_change_effect(data, value)
+                line += f" ({effect})" if effect else ""
+            out.append(line)
     return out

@@ -27,7 +27,6 @@ uninterrupted run's.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections import deque
@@ -38,8 +37,6 @@ import numpy as np
 import torch
 
 from train.data_source import DataError, DocSource, encode_docs
-
-log = logging.getLogger(__name__)
 
 
 def new_stream_state() -> dict[str, Any]:
@@ -83,6 +80,20 @@ class _Packer:
 def window_size(buffer_size: int, batch_size: int) -> int:
     """Blocks per shuffle window: buffer_size rounded up to whole batches (B when 0)."""
     return max(1, math.ceil(buffer_size / batch_size)) * batch_size
+
+
+def batch_size_change_effect(state: dict[str, Any], batch_size: int) -> str | None:
+    """What resuming the streamed position `state` (a StreamingTrainData.state_dict()) with
+    another batch_size does to the data, for the trainer's one warning line; None when the data
+    simply continues (the same batch size, or buffer_size 0: every window is one batch, so no
+    stream is inside a window)."""
+    was = state.get("batch_size")
+    if was is None or was == batch_size or state.get("buffer_size", 0) == 0:
+        return None
+    return (
+        "each data stream restarts its current shuffle window, so up to "
+        f"{window_size(state['buffer_size'], was)} blocks per stream are seen again"
+    )
 
 
 def stream_batches(
@@ -304,13 +315,8 @@ class StreamingTrainData:
             if key == "batch_size" and was is not None and was != now:
                 # The windows are cut anew in batches of the new size from where each stream's
                 # current window starts: its blocks already seen come again (at most one window
-                # per stream), nothing is skipped.
-                log.warning(
-                    "batch_size changed from %s to %s: each data stream restarts its current "
-                    "shuffle window, so up to %s blocks per stream are seen again; resume with "
-                    "batch_size %s to continue exactly",
-                    was, now, window_size(self.cfg.buffer_size, was), was,
-                )  # fmt: skip
+                # per stream), nothing is skipped. The trainer's resume warning says so (one
+                # line: train.checkpoint.resume_warnings, with batch_size_change_effect).
                 streams = [s and {**s, "emitted": 0} for s in streams]
                 continue
             if was != now:
