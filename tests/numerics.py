@@ -57,3 +57,29 @@ def assert_kernel_close(
             f"at flat index {i}: got {out.flatten()[i].item():.6e}, reference "
             f"{ref.flatten()[i].item():.6e}, baseline {baseline.flatten()[i].item():.6e}"
         )
+
+
+# Offsets past 2^31 elements without 2^31 elements of memory: see far_view.
+FAR_BASE = 2**32  # elements before the view's first one: an int32-wrapped offset lands in the file
+FAR_STRIDE = 2**30 + 64  # fits int32 (as the kernels get it); twice it does not
+
+
+def far_view(
+    tmp_path, size: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """A zero-filled view of `size` and `stride` whose last elements lie more than 2^31 elements
+    past its first, backed by a sparse file (only the pages written or read get memory: a few MB).
+
+    Why: a kernel that forms `row * stride` in int32 wraps past 2^31 and reads the wrong memory;
+    on a GPU that needs a > 4 GiB tensor, here it needs none. The view starts FAR_BASE = 2^32
+    elements into the file, so a wrapped offset (the true one minus 2^32) still points into the
+    file: it reads zeros, a wrong result the test sees, instead of crashing the interpreter."""
+    span = sum((n - 1) * s for n, s in zip(size, stride)) + 1
+    assert span - 1 >= 2**31, f"offsets up to {span - 1} stay below 2^31: not a far view"
+    n_elements = FAR_BASE + span
+    path = tmp_path / "far_view.bin"
+    with open(path, "wb") as f:
+        f.truncate(n_elements * torch.empty((), dtype=dtype).element_size())  # sparse: no blocks
+    flat = torch.from_file(str(path), shared=True, size=n_elements, dtype=dtype)  # mmap
+    path.unlink()  # the mapping stays valid; nothing is left behind
+    return flat.as_strided(size, stride, FAR_BASE)

@@ -47,6 +47,34 @@ def test_env_var_picks_the_path(monkeypatch):
     assert "octo" not in type(kernels.rms_norm(x, w).grad_fn).__name__
 
 
+def test_argument_overrides_env_in_every_public_function(monkeypatch):
+    x, w = torch.randn(3, 16, requires_grad=True), torch.ones(16)
+    q, k = torch.randn(1, 2, 4, 16, requires_grad=True), torch.randn(1, 1, 4, 16)
+    cos, sin = torch.ones(4, 16), torch.zeros(4, 16)
+    labels, head = torch.tensor([1, 2, -100]), torch.randn(5, 16)
+    calls = {  # each returns an output made by the op itself (its grad_fn names the op)
+        "rms_norm": lambda b: kernels.rms_norm(x, w, backend=b),
+        "rope": lambda b: kernels.apply_rope(q, k, cos, sin, backend=b)[0],
+        "cross_entropy": lambda b: kernels.cross_entropy(x, labels, reduction="none", backend=b),
+        "linear_cross_entropy": lambda b: kernels.linear_cross_entropy(x, head, labels, backend=b),
+    }
+    for env, arg in (("torch", "triton"), ("triton", "torch")):
+        monkeypatch.setenv("OCTO_KERNELS", env)
+        for name, call in calls.items():
+            fused = "octo" in type(call(arg).grad_fn).__name__
+            assert fused == (arg == "triton"), f"{name}: OCTO_KERNELS={env}, backend={arg!r}"
+
+
+def test_without_triton(monkeypatch):
+    # macOS / Windows: auto and torch run the reference, triton is one clear error
+    monkeypatch.setattr(backend, "_TRITON_AVAILABLE", False)
+    x = torch.randn(2, 8)
+    assert backend.use_triton(x, backend="auto") is False
+    assert backend.use_triton(x, backend="torch") is False
+    with pytest.raises(RuntimeError, match="'triton' requested but Triton does not import"):
+        kernels.rms_norm(x, torch.ones(8), backend="triton")
+
+
 def test_describe(monkeypatch):
     monkeypatch.setenv("OCTO_KERNELS", "torch")
     assert backend.describe("cuda").startswith("reference")

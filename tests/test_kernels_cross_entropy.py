@@ -18,7 +18,8 @@ import torch
 
 import kernels
 from kernels import cross_entropy, cross_entropy_ref
-from tests.numerics import assert_kernel_close
+from kernels.backend import interpreting
+from tests.numerics import FAR_STRIDE, assert_kernel_close, far_view
 
 ce_mod = sys.modules["kernels.cross_entropy"]
 triton_ce = functools.partial(cross_entropy, backend="triton")
@@ -98,16 +99,18 @@ def test_int32_labels():
     check_against_reference(logits, _labels(11, 300, dtype=torch.int32), "mean", z_loss=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["row_slice", "transposed"])
-def test_non_contiguous_logits(layout):
+def test_non_contiguous_logits(layout, dtype):
     vocab = 301
+    # built in the dtype, then viewed: .to(dtype) of a row slice would return a contiguous copy
     if layout == "row_slice":  # row stride 310 != V: read through the stride, no copy
-        logits = torch.randn(23, vocab + 9)[:, :vocab]
+        logits = torch.randn(23, vocab + 9).to(dtype)[:, :vocab]
     else:  # column stride != 1: the op copies
-        logits = torch.randn(vocab, 23).t()
+        logits = torch.randn(vocab, 23).to(dtype).t()
     assert not logits.is_contiguous()
-    check_against_reference(logits.to(torch.bfloat16), _labels(23, vocab), "mean")
-    check_against_reference(logits, _labels(23, vocab), "none")
+    check_against_reference(logits, _labels(23, vocab), "mean")
+    check_against_reference(logits, _labels(23, vocab), "none", z_loss=1e-4)
 
 
 @pytest.mark.parametrize("tile", [256, None], ids=["blocks_of_256", "whole_rows"])
@@ -121,13 +124,33 @@ def test_large_magnitude_fp32(monkeypatch, tile):
     check_against_reference(logits, _labels(17, 1000), "none", z_loss=1e-4)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored_gives_zero_loss_and_gradient(reduction):
-    logits = torch.randn(6, 130, dtype=torch.bfloat16)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_ignored_gives_zero_loss_and_gradient(dtype, backend):
+    logits = torch.randn(6, 130, dtype=dtype)
     labels = torch.full((6,), -100)
-    loss, grad, _ = _loss_and_grad(triton_ce, logits, labels, reduction, z_loss=1e-3)
-    assert torch.isfinite(loss).all() and torch.isfinite(grad.float()).all()
-    assert (loss == 0).all() and (grad == 0).all()
+    for reduction in ("mean", "sum", "none"):
+        fn = functools.partial(cross_entropy, backend=backend)
+        loss, grad, _ = _loss_and_grad(fn, logits, labels, reduction, z_loss=1e-3)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad.float()).all(), reduction
+        assert (loss == 0).all() and (grad == 0).all(), reduction
+        assert loss.shape == ((6,) if reduction == "none" else ()), reduction
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_true_class_gradient_in_fp32(dtype):
+    """Rows whose label holds almost all the probability: dL/dx_y = p_y - 1 is then small and
+    must be formed in fp32 before the cast. With p_y rounded to bf16 first (spacing 2^-8 below
+    1), p_y = 0.991 gives an error of up to 0.002 on -0.009, and p_y = 1 - 1e-4 gives 0: this test
+    fails then (checked on such a variant of the kernel). Margins stop at 16: beyond, fp32 itself
+    cannot hold 1 - p_y (spacing 6e-8 below 1)."""
+    vocab = 777
+    margins = torch.tensor([0.0, 4.0, 8.0, 12.0, 16.0])  # p_y from 1/V to 1 - 9e-5
+    logits = 0.5 * torch.randn(len(margins), vocab)
+    labels = torch.randint(0, vocab, (len(margins),))
+    logits[torch.arange(len(margins)), labels] += margins
+    check_against_reference(logits.to(dtype), labels, "mean")
+    check_against_reference(logits.to(dtype), labels, "none", z_loss=1e-4)
 
 
 def test_custom_ignore_index():
@@ -216,6 +239,25 @@ def test_compile_fullgraph_matches_eager(reduction):
     torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not interpreting(), reason="CPU interpreter only; see test_gpu_int64_offsets")
+def test_int64_offsets_past_2_pow_31(tmp_path):
+    """Rows 2^30 + 64 elements apart (a sparse file behind them, no 4 GiB): row 2 starts past
+    2^31, where an int32 offset wraps. Forward, backward, and the forward that writes the
+    gradient in place (the linear cross-entropy's path) read and write through the int64 rows."""
+    vocab = 1000
+    logits = far_view(tmp_path, (3, vocab), (FAR_STRIDE, 1), torch.bfloat16)
+    logits.copy_((3 * torch.randn(3, vocab)).to(torch.bfloat16))
+    labels = torch.tensor([5, vocab - 1, 17])
+    check_against_reference(logits, labels, "none", z_loss=1e-4)
+    # in place, as kernels/linear_cross_entropy.py does: the gradient overwrites the logits
+    want = logits.clone()  # (3, V) contiguous
+    want_loss, _ = ce_mod.ce_forward_launch(want, labels, -100, 0.0, grad=want, scale=torch.ones(1))
+    loss, _ = ce_mod.ce_forward_launch(logits, labels, -100, 0.0, grad=logits, scale=torch.ones(1))
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+    torch.testing.assert_close(logits, want, rtol=0, atol=0)
+    assert want.abs().sum() > 0
+
+
 @pytest.mark.gpu
 def test_gpu_matches_reference_seed_shape():
     logits = (torch.randn(8192, 50257, device="cuda") * 2).to(torch.bfloat16)
@@ -228,7 +270,7 @@ def test_gpu_matches_reference_seed_shape():
 
 
 @pytest.mark.gpu
-def test_gpu_int64_offsets_past_2_pow_31():
+def test_gpu_int64_offsets():
     # N * V > 2^31 elements: a row offset computed in int32 would wrap and read the wrong rows
     n_rows, vocab = 33000, 65536  # 2.16e9 elements, 4.3 GB in bf16
     assert n_rows * vocab > 2**31

@@ -71,18 +71,23 @@ def test_matches_reference_over_chunks(small_chunks, dtype, reduction):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n_rows,vocab,n_hidden", [(1, 777, 24), (199, 777, 24), (3, 50257, 32)])
+@pytest.mark.parametrize(
+    "n_rows,vocab,n_hidden",
+    [(1, 777, 24), (199, 777, 24), (3, 50257, 32), (1, 777, 760), (199, 301, 1128)],
+)
 def test_matches_reference_shapes(n_rows, vocab, n_hidden, dtype):
     hidden, weight, labels = _inputs(n_rows, vocab, n_hidden, dtype, ignore_every=7)
     check_against_reference(hidden, weight, labels, "sum" if n_rows == 1 else "mean")
 
 
-def test_non_contiguous_inputs(small_chunks):
-    hidden, weight, labels = _inputs(40, 129, 16)
-    hidden = torch.randn(40, 20)[:, 2:18]  # row stride 20
-    weight = torch.randn(16, 129).t()  # (V, C) transposed view
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(small_chunks, dtype):
+    _, _, labels = _inputs(40, 129, 16)
+    hidden = torch.randn(40, 20).to(dtype)[:, 2:18]  # row stride 20
+    weight = torch.randn(16, 129).to(dtype).t()  # (V, C) transposed view
     assert not hidden.is_contiguous() and not weight.is_contiguous()
     check_against_reference(hidden, weight, labels, "mean")
+    check_against_reference(hidden, weight, labels, "none", z_loss=1e-4)
 
 
 def test_autocast_fp32_weight_gets_fp32_gradient(small_chunks):
@@ -119,13 +124,17 @@ def test_only_the_gradients_asked_for():
         )
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored_gives_zero_loss_and_gradients(small_chunks, reduction):
-    hidden, weight, _ = _inputs(40, 100, 8, torch.bfloat16)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_ignored_gives_zero_loss_and_gradients(small_chunks, dtype, backend):
+    hidden, weight, _ = _inputs(40, 100, 8, dtype)
     labels = torch.full((40,), -100)
-    loss, dh, dw, _ = _run(triton_lce, hidden, weight, labels, reduction, z_loss=1e-3)
-    assert torch.isfinite(loss).all() and (loss == 0).all()
-    assert (dh == 0).all() and (dw == 0).all()
+    fn = functools.partial(linear_cross_entropy, backend=backend)
+    for reduction in ("mean", "sum", "none"):
+        loss, dh, dw, _ = _run(fn, hidden, weight, labels, reduction, z_loss=1e-3)
+        assert torch.isfinite(loss).all() and (loss == 0).all(), reduction
+        assert (dh == 0).all() and (dw == 0).all(), reduction
+        assert loss.shape == ((40,) if reduction == "none" else ()), reduction
 
 
 def test_chunk_rows_bounds_the_logits_block():
@@ -171,6 +180,8 @@ def test_label_outside_vocab_is_nan_on_triton_and_raises_on_reference():
     labels = torch.tensor([3, 50, -100, -1])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         linear_cross_entropy_ref(hidden, weight, labels)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        linear_cross_entropy(hidden, weight, labels, backend="torch")
     loss, dh, _, _ = _run(triton_lce, hidden, weight, labels, "none")
     assert torch.isfinite(loss[[0, 2]]).all() and loss[[1, 3]].isnan().all()
     assert torch.isfinite(dh[[0, 2]]).all() and dh[[1, 3]].isnan().all()

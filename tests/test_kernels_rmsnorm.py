@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from numerics import assert_kernel_close
+from numerics import FAR_STRIDE, assert_kernel_close, far_view
 
+from kernels.backend import interpreting
 from kernels.rmsnorm import MAX_HIDDEN, rms_norm, rms_norm_bwd, rms_norm_fwd, rms_norm_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -85,6 +86,15 @@ def test_non_contiguous_inputs(dtype):
     assert not (rows.is_contiguous() or transposed.is_contiguous() or strided_w.is_contiguous())
     _check_against_reference(rows, torch.randn(760).to(dtype))
     _check_against_reference(transposed, strided_w)
+
+
+@pytest.mark.skipif(not interpreting(), reason="CPU interpreter only (a sparse-file view)")
+def test_int64_offsets_past_2_pow_31(tmp_path):
+    # rows 2^30 + 64 elements apart: row 2 starts past 2^31, where an int32 offset wraps (and,
+    # from tests/numerics.far_view's layout, reads zeros: y and dx of that row would be wrong)
+    x = far_view(tmp_path, (3, 760), (FAR_STRIDE, 1), torch.bfloat16)
+    x.copy_(torch.randn(3, 760).to(torch.bfloat16))
+    _check_against_reference(x, (1 + 0.2 * torch.randn(760)).to(torch.bfloat16))
 
 
 def test_expanded_stride0_grad():

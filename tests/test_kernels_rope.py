@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from numerics import assert_kernel_close
+from numerics import FAR_STRIDE, assert_kernel_close, far_view
 
+from kernels.backend import interpreting
 from kernels.rope import apply_rope, apply_rope_ref, rope
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -74,7 +75,7 @@ def test_matches_reference(B, Hq, Hkv, T, D, dtype):
     _check_against_reference(q, k, cos, sin)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_model_layout_and_batched_tables(dtype):
     # The model's q/k are proj(x).view(B, T, H, D).transpose(1, 2): strided, last dim contiguous.
     B, T, Hq, Hkv, D = 2, 9, 4, 2, 32
@@ -86,11 +87,24 @@ def test_model_layout_and_batched_tables(dtype):
     assert qo.stride() == q.stride()  # same layout out: no transpose copy either way
 
 
-def test_non_contiguous_last_dim_and_tables():
-    q = torch.randn(2, 4, 6, 2 * 64)[..., ::2]  # last dim stride 2: copied inside the op
-    k = torch.randn(2, 1, 6, 64)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_last_dim_and_tables(dtype):
+    q = torch.randn(2, 4, 6, 2 * 64).to(dtype)[..., ::2]  # last dim stride 2: copied in the op
+    k = torch.randn(2, 1, 6, 64).to(dtype)
     cos, sin = _tables(20, 128)
     _check_against_reference(q, k, cos[4:, ::2], sin[4:, ::2], offset=2)  # strided tables
+
+
+@pytest.mark.skipif(not interpreting(), reason="CPU interpreter only (a sparse-file view)")
+def test_int64_offsets_past_2_pow_31(tmp_path):
+    # q's batches 2^30 + 64 elements apart: batch 2 starts past 2^31, where an int32 offset wraps
+    # (and, from tests/numerics.far_view's layout, reads zeros: that batch's output is wrong)
+    B, Hq, Hkv, T, D = 3, 4, 1, 5, 32
+    q = far_view(tmp_path, (B, Hq, T, D), (FAR_STRIDE, T * D, D, 1), torch.bfloat16)
+    q.copy_(torch.randn(B, Hq, T, D).to(torch.bfloat16))
+    k = torch.randn(B, Hkv, T, D).to(torch.bfloat16)
+    cos, sin = _tables(T, D)
+    _check_against_reference(q, k, cos, sin)
 
 
 def test_position_offset_is_a_decoding_step():
