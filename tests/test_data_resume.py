@@ -155,6 +155,22 @@ def test_streaming_resume_with_another_batch_size_goes_on(corpus, tok, tmp_path,
     torch.testing.assert_close(got, torch.cat(straight[5:12]), rtol=0, atol=0)
 
 
+def test_unshuffled_stream_continues_exactly_with_another_batch_size(corpus, tok, tmp_path):
+    """buffer_size 0: every window is one batch, so no stream is inside a window and a new batch
+    size re-reads nothing (batch_size_change_effect: None, no clause in the warning)."""
+    data = build_train_data(make_cfg(corpus, tmp_path, buffer_size=0), tok)
+    straight = [next(data) for _ in range(12)]
+    data = build_train_data(make_cfg(corpus, tmp_path, buffer_size=0), tok)
+    for _ in range(5):
+        next(data)
+    state = data.state_dict()
+    assert batch_size_change_effect(state, 2) is None
+    other = build_train_data(make_cfg(corpus, tmp_path, buffer_size=0, batch_size=2), tok)
+    other.load_state_dict(state)
+    got = torch.cat([next(other) for _ in range(14)])
+    torch.testing.assert_close(got, torch.cat(straight[5:12]), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pretokenized_resume_is_exact(corpus, tok, tmp_path, workers):
     cfg = make_cfg(corpus, tmp_path, pretokenize=True, num_workers=workers)
