@@ -1,17 +1,24 @@
 """Resume edge cases: an explicitly named checkpoint that an interrupted save left only as its
-`.old` folder; one warning line for a streamed resume with another batch_size."""
+`.old` folder; one warning line for a streamed resume with another batch_size; the printed resume
+command run verbatim from another directory."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from octo import OctoConfig, OctoForCausalLM
+from tests.run_logs import records
 from train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -23,6 +30,7 @@ from train.config import TrainConfig
 from train.distributed import DistEnv
 from train.run import agree_on_resume
 
+ROOT = Path(__file__).resolve().parents[1]
 LOG = "train.checkpoint"
 
 
@@ -108,3 +116,63 @@ def test_resume_warnings_one_batch_size_line_per_data_mode():
         (line,) = resume_warnings({**state, "data": data}, batch_size=2, learning_rate=1e-3)
         assert line == "resuming with batch_size=2, but the checkpoint was trained with 4"
     assert resume_warnings(state, batch_size=4, learning_rate=1e-3) == []
+
+
+# ----- 3. the printed resume command, from another directory ------------------------------------
+
+STOPPED = re.compile(r"^Stopped by SIGTERM at step (\d+); .* Resume with: (.*)$", re.M)
+
+
+def _run_until_step(cmd: str | list[str], cwd: Path, env: dict, run_dir: Path, after: int):
+    """Start cmd in cwd (a string: by /bin/sh, as a person would paste it) and SIGTERM the
+    training process once run_dir's log has `after` train steps: (output, exit code)."""
+    shell = isinstance(cmd, str)
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, shell=shell, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if len(records(run_dir)["train"]) >= after:
+            pid = p.pid
+            if shell:  # dash runs `cd ... && python ...` as its child; bash would exec it
+                kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+                pid = int(kids[0]) if kids else pid
+            os.kill(pid, signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    out, _ = p.communicate(timeout=240)
+    return out, p.returncode
+
+
+def test_printed_resume_command_works_from_another_directory(corpus, tmp_path):
+    """A run started in `run/` with every path relative (checkpoint_dir, log_dir, data_cache_dir,
+    the dataset and the tokenizer), stopped by SIGTERM: the printed command, run verbatim by a
+    shell in another directory, resumes from that checkpoint and writes into run/'s folders."""
+    run_dir, elsewhere, bin_dir = tmp_path / "run", tmp_path / "elsewhere", tmp_path / "bin"
+    for d in (run_dir, elsewhere, bin_dir):
+        d.mkdir()
+    shutil.copytree(corpus["data"], run_dir / "stories")
+    shutil.copytree(corpus["tokenizer"], run_dir / "tok")
+    (bin_dir / "python").symlink_to(sys.executable)  # the printed `python` is this one
+    env = {k: v for k, v in os.environ.items() if k != "OCTO_CRASH_AT"}
+    env.update(PYTHONPATH=str(ROOT), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    cmd = [sys.executable, "-m", "train", "--model-config", "tiny", "--set",
+           "dataset_name=./stories", "tokenizer_name=./tok", "data_cache_dir=cache",
+           "checkpoint_dir=ckpt", "log_dir=logs", "device=cpu", "precision=fp32", "compile=off",
+           "kernels=torch", "block_size=32", "batch_size=2", "max_steps=100000",
+           "pretokenize=false", "num_workers=0", "log_interval_steps=1",
+           "eval_interval_steps=100000", "save_interval_steps=100000"]  # fmt: skip
+    out, rc = _run_until_step(cmd, run_dir, env, run_dir, after=2)
+    m = STOPPED.search(out)
+    assert rc == 0 and m, out[-3000:]
+    step, printed = int(m[1]), m[2]
+    for log in (run_dir / "logs").glob("training_*"):  # the next records() sees the resumed run
+        log.rename(log.with_name("first_" + log.name))
+
+    out2, rc2 = _run_until_step(printed, elsewhere, env, run_dir, after=1)
+    assert rc2 == 0, out2[-3000:]
+    assert f"Resumed from ckpt/checkpoint_step_{step} at step {step}" in out2, out2[-3000:]
+    assert min(records(run_dir)["train"]) == step + 1
+    m2 = STOPPED.search(out2)
+    assert m2 and int(m2[1]) > step, out2[-3000:]
+    assert (run_dir / "ckpt" / f"checkpoint_step_{m2[1]}" / "trainer_state.json").is_file()
+    assert not any(elsewhere.iterdir())  # nothing written where the command was typed

@@ -106,19 +106,23 @@ def test_missing_eval_split_is_reported_before_train_is_pretokenized(tmp_path, c
 
 
 def test_resume_command_quotes_paths_and_names_the_launcher(monkeypatch):
+    """It starts in the run's directory (the checkpoint path and the saved config's paths may be
+    relative to it); the run from another directory: test_resume_leftovers."""
     from train.distributed import DistEnv
     from train.run import resume_command
 
     ckpt = Path("my runs/checkpoint_step_3")
-    assert resume_command(ckpt, DistEnv()) == (
-        "python -m train --config 'my runs/checkpoint_step_3/train_config.json' "
-        "--set 'resume_from=my runs/checkpoint_step_3'"
+    assert resume_command(ckpt, DistEnv(), cwd="/home/me/my project") == (
+        "cd '/home/me/my project' && python -m train --config 'my runs/checkpoint_step_3/"
+        "train_config.json' --set 'resume_from=my runs/checkpoint_step_3'"
     )
+    monkeypatch.chdir("/")
+    assert resume_command(ckpt, DistEnv()).startswith("cd / && python -m train --config 'my runs/")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    two = resume_command(ckpt, DistEnv(rank=0, world_size=2, group=True))
-    assert two.startswith("torchrun --nproc_per_node=2 -m train --config 'my runs/"), two
-    four = resume_command(ckpt, DistEnv(rank=0, world_size=4, group=True))  # 2 nodes of 2
-    assert four.startswith("torchrun (with this run's node options) -m train --config"), four
+    two = resume_command(ckpt, DistEnv(rank=0, world_size=2, group=True), cwd="/w")
+    assert two.startswith("cd /w && torchrun --nproc_per_node=2 -m train --config 'my runs/"), two
+    four = resume_command(ckpt, DistEnv(rank=0, world_size=4, group=True), cwd="/w")  # 2 nodes
+    assert four.startswith("cd /w && torchrun (with this run's node options) -m train --config")
 
 
 def test_existing_data_cache_dir_is_not_probed(tmp_path, monkeypatch):

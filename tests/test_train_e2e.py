@@ -144,7 +144,7 @@ def stop_after(cmd: list[str], cwd: Path, step_line: str) -> tuple[str, str, int
 
 
 STOPPED = re.compile(r"^Stopped by SIGTERM at step (\d+); checkpoint saved to (\S+)\. Resume with: "
-                     r"(python -m train .*)$", re.M)  # fmt: skip
+                     r"(?:cd \S+ && )?(python -m train .*)$", re.M)  # fmt: skip
 
 
 def test_sigterm_saves_exits_0_and_the_printed_command_resumes(tmp_path, cache):

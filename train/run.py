@@ -40,6 +40,7 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     from train.data import DataError
 
     trainer = env = None
+    cwd = Path.cwd()  # the directory the run's relative paths mean (see resume_command)
     try:
         try:
             # The configs a run saves say what it did: the model by its fields (or preset) and
@@ -71,7 +72,7 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             if env.is_main:  # the other ranks log nothing and have no checkpoint path
                 log.info(f"Stopped by {result.signal} at step {result.step}; checkpoint saved to "
                          f"{result.checkpoint}. Resume with: "
-                         f"{resume_command(result.checkpoint, env)}")  # fmt: skip
+                         f"{resume_command(result.checkpoint, env, cwd)}")  # fmt: skip
             return 0
         if result.status == "nonfinite":
             return 1
@@ -116,11 +117,21 @@ def agree_on_resume(resume_from: str, env: Any) -> Path:
     return Path(value)
 
 
-def resume_command(checkpoint: Path, env: Any) -> str:
-    """The command that continues this run from `checkpoint`, run from the same directory: its
-    train_config.json is the run's resolved config (every key, --model-config and --set
-    included; the model as a preset name or its fields, so neither the working directory nor an
-    edited model file changes it), with resume_from pointed at the checkpoint."""
+def resume_command(checkpoint: Path, env: Any, cwd: str | Path | None = None) -> str:
+    """The command that continues this run from `checkpoint`, verbatim from any directory:
+    `cd <the run's working directory> && python -m train --config <checkpoint>/train_config.json
+    --set resume_from=<checkpoint>`. Its train_config.json is the run's resolved config (every
+    key, --model-config and --set included; the model as a preset name or its fields, so an
+    edited model file does not change it), with resume_from pointed at the checkpoint.
+
+    Why `cd` and not absolute paths: besides the checkpoint path, that config may hold relative
+    paths (checkpoint_dir, log_dir, data_cache_dir, a local dataset_name or tokenizer_name), and
+    whether dataset_name or tokenizer_name is a local path or a Hub name is the data loader's
+    rule (what exists relative to the working directory). Run from the directory the run
+    started in, every one of them means what it meant, the saved config stays as the person
+    wrote it, and this function needs no copy of that rule. cwd: that directory (run() passes
+    the one it started in; default: the current one)."""
+    cwd = shlex.quote(str(cwd if cwd is not None else Path.cwd()))
     config = shlex.quote(str(Path(checkpoint) / "train_config.json"))
     launch = "python -m train"
     if env.group:  # as many processes again (a changed world size resumes with a warning)
@@ -128,7 +139,8 @@ def resume_command(checkpoint: Path, env: Any) -> str:
         launch = f"torchrun --nproc_per_node={per_node} -m train"
         if per_node != str(env.world_size):
             launch = "torchrun (with this run's node options) -m train"
-    return f"{launch} --config {config} --set {shlex.quote(f'resume_from={checkpoint}')}"
+    resume = shlex.quote(f"resume_from={checkpoint}")
+    return f"cd {cwd} && {launch} --config {config} --set {resume}"
 
 
 def check_writable_folders(cfg: TrainConfig) -> None:
