@@ -14,6 +14,19 @@ from collections.abc import Callable
 import torch
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux; platform's answer elsewhere): a CPU
+    number must say which CPU, and platform.processor() says only "x86_64"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def env_info() -> dict:
     """Hardware, versions, commit and date of this run."""
     try:
@@ -34,7 +47,7 @@ def env_info() -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():
@@ -74,14 +87,43 @@ def time_cuda(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float
     return times[len(times) // 2]
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cuda") -> float:
-    """Peak GPU memory allocated during fn(), above what was allocated before, in MiB."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cuda") -> float | None:
+    """Peak memory allocated during fn(), above what was allocated before it, in MiB (fn's
+    outputs and temporaries; inputs excluded).
+
+    CUDA: the caching allocator's counters. CPU: torch has no such counters, so one profiled
+    call replays every CPU allocation and free in order (torch.profiler's memory timeline, a
+    private API: None where it is missing); profiling slows that call, not the timed ones."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import Action
+
+        acts = [ProfilerActivity.CPU]
+        with profile(
+            activities=acts, profile_memory=True, record_shapes=True, with_stack=True
+        ) as p:
+            fn()  # its outputs are freed on return, inside the profile: both ends are seen
+        timeline = p._memory_profile().timeline  # (time, action, (key, version), bytes)
+    except Exception:
+        return None
+    now = peak = 0
+    for _t, action, (key, _version), n_bytes in sorted(timeline, key=lambda e: e[0]):
+        if key.device.type != "cpu":
+            continue
+        if action == Action.CREATE:
+            now += n_bytes
+        elif action == Action.DESTROY:
+            now -= n_bytes
+        peak = max(peak, now)
+    return peak / 2**20
 
 
 def gbps(n_bytes: int, ms: float) -> float:

@@ -7,7 +7,8 @@
 
 `kernel_bench` runs one case and records in benchmark.extra_info what bench/report.py reads:
 provider, shape, ms, gbps, peak_mib, plus n_bytes, device and env_info() (hardware, versions,
-commit, date), so every number says what produced it.
+commit, date), so every number says what produced it. At the end of the session the terminal
+shows these cases as one table (ms, GB/s, peak MiB), which pytest-benchmark's own tables lack.
 
 Timing on CUDA: `ms` is the median of CUDA-event-timed calls (bench.common.time_cuda: warmup
 first, so torch.compile's compilation is never timed; a synchronize after each call). The host
@@ -17,7 +18,8 @@ sits in L2 in training too); at the large shapes the data is far bigger than L2 
 `gbps` = bytes that must move (the caller's count: each input read once, each output written once,
 the same for every provider) / `ms`. `peak_mib` = peak CUDA memory allocated during one call above
 what was allocated before it (inputs excluded, outputs and temporaries included).
-On the CPU, `ms` is pytest-benchmark's host-clock median and peak_mib is not measured.
+On the CPU, `ms` is pytest-benchmark's host-clock median and peak_mib comes from one extra,
+profiled call (bench.common.peak_memory_mb: torch.profiler's memory timeline).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from bench.common import env_info, gbps, peak_memory_mb, time_cuda
 
 HAS_CUDA = torch.cuda.is_available()
+_ROWS = pytest.StashKey[list]()  # the kernel cases of this session, for the terminal table
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +47,7 @@ def _env() -> dict:
 
 
 @pytest.fixture
-def kernel_bench(benchmark, _env) -> Callable[..., None]:
+def kernel_bench(benchmark, _env, request) -> Callable[..., None]:
     """Run one benchmark case; see the module docstring for what is recorded and how."""
 
     def run(
@@ -81,10 +84,13 @@ def kernel_bench(benchmark, _env) -> Callable[..., None]:
             benchmark(fn)
             stats = getattr(benchmark, "stats", None)
             ms = stats.stats.median * 1e3 if stats is not None else None
-            peak = None
+            peak = peak_memory_mb(fn, device)
         benchmark.extra_info["ms"] = ms
         benchmark.extra_info["gbps"] = gbps(n_bytes, ms) if ms else None
         benchmark.extra_info["peak_mib"] = peak
+        row = dict(group=group, name=request.node.name, provider=provider, shape=shape)
+        row.update(ms=ms, gbps=benchmark.extra_info["gbps"], peak_mib=peak)
+        request.config.stash.setdefault(_ROWS, []).append(row)
 
     return run
 
@@ -116,3 +122,14 @@ def liger():
     except Exception:
         return None
     return functional
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """The kernel cases' ms, GB/s and peak MiB side by side (bench/report.py's table)."""
+    rows = config.stash.get(_ROWS, [])
+    if rows:
+        from bench.report import kernel_table
+
+        terminalreporter.write_sep("-", "kernel benchmarks: time, bandwidth, peak memory")
+        terminalreporter.write_line(", ".join(f"{k} {v}" for k, v in env_info().items()))
+        terminalreporter.write_line(kernel_table(rows))

@@ -47,7 +47,7 @@ def kernel_table(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["group"], str(r["shape"]), r["name"])):
         lines.append(
             f"| {r['group']} | {r['shape'] or r['name']} | {r['provider']} "
-            f"| {_fmt(r['ms'], '.3f')} | {_fmt(r['gbps'], '.0f')} | {_fmt(r['peak_mib'], '.0f')} |"
+            f"| {_fmt(r['ms'], '.3f')} | {_fmt(r['gbps'], '.1f')} | {_fmt(r['peak_mib'], '.1f')} |"
         )
     return "\n".join(lines)
 

@@ -15,14 +15,13 @@ same load around both); the median of those ratios is the overhead, wall clock (
 from __future__ import annotations
 
 import itertools
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import env_info
+from bench.common import cpu_name, env_info
 from bench.train_throughput import CPU_SHAPE
 from octo import OctoConfig, OctoForCausalLM
 from train.config import TrainConfig
@@ -30,16 +29,6 @@ from train.loop import Trainer
 from train.optim import build_optimizer
 
 ROUNDS, WARM, WINDOWS, LOG_EVERY = 20, 5, 1, 10  # a window: LOG_EVERY steps, one log line
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(tmp: Path, threads: int = 1) -> dict:

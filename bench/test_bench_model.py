@@ -23,7 +23,7 @@ import time
 import pytest
 import torch
 
-from bench.common import env_info
+from bench.common import cpu_name, env_info
 from octo import OctoConfig, OctoForCausalLM
 
 B, T = 8, 128
@@ -38,17 +38,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (env_info has only the architecture), from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def build(impl: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor]:
@@ -84,7 +73,7 @@ def test_train_step_tiny_cpu(benchmark, impl):
     step = make_step(*build(impl))
     benchmark.group = f"train step, tiny config, B={B} T={T}, CPU fp32, 1 thread, CPU time"
     benchmark.extra_info.update(env_info())
-    benchmark.extra_info.update(impl=impl, batch=B, seq=T, config="tiny", cpu_model=cpu_model())
+    benchmark.extra_info.update(impl=impl, batch=B, seq=T, config="tiny", cpu_model=cpu_name())
     loss = benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
     assert loss == loss  # finite step
     benchmark.extra_info["tokens_per_s"] = B * T / benchmark.stats.stats.median
@@ -107,7 +96,7 @@ def test_octo_not_slower(record_property):
     ratio = median["transformers"] / median["octo"]
     info = env_info()
     print(
-        f"\ntrain step B={B} T={T} tiny, {cpu_model()}, {info['cpu_threads']} thread(s), "
+        f"\ntrain step B={B} T={T} tiny, {cpu_name()}, {info['cpu_threads']} thread(s), "
         f"torch {info['torch']}: octo {median['octo'] * 1e3:.2f} ms, transformers "
         f"{median['transformers'] * 1e3:.2f} ms, transformers/octo = {ratio:.2f}"
     )
