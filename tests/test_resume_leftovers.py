@@ -143,6 +143,7 @@ def _run_until_step(cmd: str | list[str], cwd: Path, env: dict, run_dir: Path, a
     return out, p.returncode
 
 
+@pytest.mark.slow  # two `python -m train` processes: 13-26 s on the shared 2-core CPU
 def test_printed_resume_command_works_from_another_directory(corpus, tmp_path):
     """A run started in `run/` with every path relative (checkpoint_dir, log_dir, data_cache_dir,
     the dataset and the tokenizer), stopped by SIGTERM: the printed command, run verbatim by a
