@@ -5,7 +5,11 @@
                      shape="8192x768", n_bytes=..., device=x.device)
         copy_bench(n_bytes, group=..., shape=...)   # the bandwidth ceiling, same group
 
-`kernel_bench` runs one case and records in benchmark.extra_info what bench/report.py reads:
+`kernel_bench` first checks, when given `expected` (the eager reference on the same inputs), that
+the provider computes the same thing: every output within MATCH_RTOL of the largest reference
+entry (bf16 rounding is 2^-8 of it; a wrong or missing result is O(1)). A provider that disagrees
+fails its case (Liger's skips, with the difference: its API, not ours, is then not like-for-like).
+Then it runs the case and records in benchmark.extra_info what bench/report.py reads:
 provider, shape, ms, gbps, peak_mib, plus n_bytes, device and env_info() (hardware, versions,
 commit, date), so every number says what produced it. At the end of the session the terminal
 shows these cases as one table (ms, GB/s, peak MiB), which pytest-benchmark's own tables lack.
@@ -33,6 +37,34 @@ from bench.common import env_info, gbps, peak_memory_mb, time_cuda
 
 HAS_CUDA = torch.cuda.is_available()
 _ROWS = pytest.StashKey[list]()  # the kernel cases of this session, for the terminal table
+MATCH_RTOL = 2e-2  # provider vs eager reference: max error / max |reference|, per output
+
+
+def _leaves(out: object) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else [t for t in out if t is not None]
+
+
+def check_same_result(got: object, want: object, provider: str) -> None:
+    """Each output tensor of `got` within MATCH_RTOL x max |want| of `want`'s (fp32 compare)."""
+    got, want = _leaves(got), _leaves(want)
+    problem = None if len(got) == len(want) else f"{len(got)} outputs, the reference {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        if problem:
+            break
+        a, b = a.detach().float(), b.detach().float()
+        if a.shape != b.shape:
+            problem = f"output {i} has shape {tuple(a.shape)}, the reference {tuple(b.shape)}"
+            break
+        scale = b.abs().max().item() or 1.0
+        err = (a - b).abs().max().item() / scale
+        if not err <= MATCH_RTOL:  # NaN fails too
+            problem = f"output {i} is {err:.2e} x max |reference| off (allowed {MATCH_RTOL})"
+    if problem is None:
+        return
+    msg = f"{provider} does not compute what the eager reference does: {problem}"
+    if provider == "liger":
+        pytest.skip(msg + "; not a like-for-like comparison")
+    raise AssertionError(msg)
 
 
 @pytest.fixture(scope="session")
@@ -58,14 +90,21 @@ def kernel_bench(benchmark, _env, request) -> Callable[..., None]:
         shape: str,
         n_bytes: int,
         device: torch.device | str,
+        expected: Callable[[], object] | None = None,
         **extra: object,
     ) -> None:
         device = torch.device(device)
-        if provider == "liger":
-            try:
-                fn()
-            except Exception as e:  # an API change in Liger must not sink the whole run
-                pytest.skip(f"liger_kernel failed on this case: {type(e).__name__}: {e}")
+        want = expected() if expected is not None else None  # before fn: Liger works in place
+        try:
+            got = fn()
+        except Exception as e:
+            if provider != "liger":
+                raise
+            # an API change in Liger must not sink the whole run
+            pytest.skip(f"liger_kernel failed on this case: {type(e).__name__}: {e}")
+        if want is not None:
+            check_same_result(got, want, provider)
+        del want, got
         benchmark.group = group
         benchmark.extra_info.update(_env)
         benchmark.extra_info.update(provider=provider, shape=shape, n_bytes=n_bytes, **extra)

@@ -64,23 +64,29 @@ def test_cross_entropy(kernel_bench, bench_device, liger, shape_name, provider, 
     group = f"cross_entropy {pass_} {shape}"
     if provider in ("triton", "liger") and bench_device.type != "cuda":
         pytest.skip("Triton kernels are benchmarked on a CUDA GPU")
-    op = _op(provider, liger)
     x = (2 * torch.randn(rows, vocab, device=bench_device)).to(DTYPE)
     y = torch.randint(0, vocab, (rows,), device=bench_device)
     y[::8] = -100
-    if pass_ == "fwd":
-
-        def fn():
-            with torch.no_grad():
-                return op(x, y)
-
-    else:
+    if pass_ == "fwd+bwd":
         x.requires_grad_()
 
-        def fn():  # autograd.grad, not .backward: no accumulation into .grad between calls
-            return torch.autograd.grad(op(x, y), x)
+    def case(op):
+        if pass_ == "fwd":
 
+            def fn():
+                with torch.no_grad():
+                    return op(x, y)
+
+        else:
+
+            def fn():  # autograd.grad, not .backward: no accumulation into .grad between calls
+                return torch.autograd.grad(op(x, y), x)
+
+        return fn
+
+    fn = case(_op(provider, liger))
+    expected = None if provider == "eager" else case(_op("eager", liger))
     kernel_bench(
         fn, group=group, provider=provider, shape=shape, n_bytes=n_bytes, device=bench_device,
-        **{"pass": pass_, "dtype": str(DTYPE)},
+        expected=expected, **{"pass": pass_, "dtype": str(DTYPE)},
     )  # fmt: skip

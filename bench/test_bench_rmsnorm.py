@@ -65,24 +65,30 @@ def test_rmsnorm(kernel_bench, copy_bench, bench_device, liger, shape_name, prov
         return
     if provider in ("triton", "liger") and bench_device.type != "cuda":
         pytest.skip("Triton kernels are benchmarked on a CUDA GPU")
-    op = _op(provider, liger)
     x = torch.randn(rows, cols, device=bench_device, dtype=DTYPE)
     w = (1 + 0.1 * torch.randn(cols, device=bench_device)).to(DTYPE)
-    if pass_ == "fwd":
-
-        def fn():
-            with torch.no_grad():
-                return op(x, w)
-
-    else:
+    g = torch.randn_like(x)
+    if pass_ == "fwd+bwd":
         x.requires_grad_()
         w.requires_grad_()
-        g = torch.randn_like(x)
 
-        def fn():  # autograd.grad, not .backward: no accumulation into .grad between calls
-            return torch.autograd.grad(op(x, w), (x, w), g)
+    def case(op):
+        if pass_ == "fwd":
 
+            def fn():
+                with torch.no_grad():
+                    return op(x, w)
+
+        else:
+
+            def fn():  # autograd.grad, not .backward: no accumulation into .grad between calls
+                return torch.autograd.grad(op(x, w), (x, w), g)
+
+        return fn
+
+    fn = case(_op(provider, liger))
+    expected = None if provider == "eager" else case(_op("eager", liger))
     kernel_bench(
         fn, group=group, provider=provider, shape=shape, n_bytes=n_bytes, device=bench_device,
-        **{"pass": pass_, "dtype": str(DTYPE)},
+        expected=expected, **{"pass": pass_, "dtype": str(DTYPE)},
     )  # fmt: skip

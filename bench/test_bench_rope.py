@@ -74,26 +74,33 @@ def test_rope(kernel_bench, copy_bench, bench_device, liger, shape_name, provide
         return
     if provider in ("triton", "liger") and bench_device.type != "cuda":
         pytest.skip("Triton kernels are benchmarked on a CUDA GPU")
-    op = _op(provider, liger)
     q = torch.randn(B, T, Hq, D, device=bench_device, dtype=DTYPE).transpose(1, 2)  # (B, Hq, T, D)
     k = torch.randn(B, T, Hkv, D, device=bench_device, dtype=DTYPE).transpose(1, 2)
     cos, sin = _tables(T, D, bench_device)
-    if pass_ == "fwd":
+    # upstream grads in the model's layout too (SDPA's backward returns that layout)
+    gq = torch.randn(B, T, Hq, D, device=bench_device, dtype=DTYPE).transpose(1, 2)
+    gk = torch.randn(B, T, Hkv, D, device=bench_device, dtype=DTYPE).transpose(1, 2)
+    if pass_ == "fwd+bwd":
+        q.requires_grad_()
+        k.requires_grad_()
 
-        def fn():
-            with torch.no_grad():
-                return op(q, k, cos, sin)
+    def case(op):
+        if pass_ == "fwd":
 
-    else:
-        q0, k0 = q.detach().requires_grad_(), k.detach().requires_grad_()
-        # upstream grads in the model's layout too (SDPA's backward returns that layout)
-        gq = torch.randn(B, T, Hq, D, device=bench_device, dtype=DTYPE).transpose(1, 2)
-        gk = torch.randn(B, T, Hkv, D, device=bench_device, dtype=DTYPE).transpose(1, 2)
+            def fn():
+                with torch.no_grad():
+                    return op(q, k, cos, sin)
 
-        def fn():  # autograd.grad, not .backward: no accumulation into .grad between calls
-            return torch.autograd.grad(op(q0, k0, cos, sin), (q0, k0), (gq, gk))
+        else:
 
+            def fn():  # autograd.grad, not .backward: no accumulation into .grad between calls
+                return torch.autograd.grad(op(q, k, cos, sin), (q, k), (gq, gk))
+
+        return fn
+
+    fn = case(_op(provider, liger))
+    expected = None if provider == "eager" else case(_op("eager", liger))
     kernel_bench(
         fn, group=group, provider=provider, shape=shape, n_bytes=n_bytes, device=bench_device,
-        **{"pass": pass_, "dtype": str(DTYPE)},
+        expected=expected, **{"pass": pass_, "dtype": str(DTYPE)},
     )  # fmt: skip
