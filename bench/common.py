@@ -7,6 +7,7 @@ commit and date produced it.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 from collections.abc import Callable
@@ -28,13 +29,18 @@ def cpu_name() -> str:
 
 
 def env_info() -> dict:
-    """Hardware, versions, commit and date of this run."""
+    """Hardware, versions, commit and date of this run. The commit is git's HEAD, or where the
+    tree has no .git (a copy sent to a GPU machine) $OCTO_COMMIT, which the sender sets."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # the repository
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
-    except Exception:
-        commit = "unknown"
+    except Exception:  # a copy of the tree without .git (the GPU machines): the caller says
+        commit = os.environ.get("OCTO_COMMIT") or "unknown (no .git here; set OCTO_COMMIT)"
     try:
         import triton
 

@@ -199,11 +199,14 @@ def test_bad_input_raises_one_clear_line(backend):
 
 
 def test_public_function_dispatch():
-    logits = torch.randn(3, 20, dtype=torch.float64)  # not a kernel dtype: reference, same math
+    logits = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)  # not a kernel dtype
     labels = torch.randint(0, 20, (3,))
-    torch.testing.assert_close(
-        cross_entropy(logits, labels, backend="triton"), cross_entropy_ref(logits, labels)
-    )
+    out = cross_entropy(logits, labels, reduction="none", backend="triton")
+    assert "octo" not in type(out.grad_fn).__name__  # the reference ran, in fp64
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, cross_entropy_ref(logits, labels, reduction="none"))
+    fp32 = cross_entropy(logits.float(), labels, reduction="none", backend="triton")
+    assert "octo_cross_entropy_fwd" in type(fp32.grad_fn).__name__
     assert kernels.cross_entropy is cross_entropy
     assert not ce_mod.triton_eligible(torch.randn(0, 20))
 
