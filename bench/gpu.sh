@@ -4,6 +4,8 @@
 #
 #   bash bench/gpu.sh            # everything (under ~10 minutes on one H100)
 #   OUT=/some/dir bash bench/gpu.sh   # also copy the results and logs there
+#   OCTO_COMMIT=$(git rev-parse --short HEAD) ...   # where the tree has no .git (a copied tree)
+# The experiments' GPU tests (CUDA graphs, OCTO_TRITON_OP) run in bench/gpu_experiments.sh.
 #
 # Runs from the source tree (PYTHONPATH=.), so it needs no `pip install` of the project: the
 # GPU images have torch, Triton, transformers and pytest-benchmark, but may lack `datasets`.
@@ -11,15 +13,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 work="${OUT:-$(mktemp -d)}"   # logs and raw JSON (OUT: keep them)
-# Per-phase limits in seconds, so one slow phase cannot eat the others' time.
-T_TESTS=${T_TESTS:-100} T_BENCH=${T_BENCH:-280} T_E2E=${T_E2E:-240}
+# Per-phase limits in seconds, so one slow phase cannot eat the others' time; 560 s in all, so
+# the whole script stays under 10 minutes (measured phases: 38 s, ~255 s, ~200 s on an H100).
+T_TESTS=${T_TESTS:-80} T_BENCH=${T_BENCH:-265} T_E2E=${T_E2E:-215}
 status=0
 
 echo "== check.py"
 python3 check.py || status=1
 
 echo "== GPU tests (pytest -m gpu)"
-timeout "$T_TESTS" python3 -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tee "$work/gpu_tests.log"
+timeout "$T_TESTS" python3 -m pytest -q -m gpu -p no:cacheprovider tests/ \
+    -k "not cuda_graph and not launches_the_kernels" 2>&1 | tee "$work/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== kernel benchmarks"

@@ -34,10 +34,11 @@ from torch import nn
 
 from bench.common import env_info
 from kernels.backend import INLINE_TRITON
-from octo import CausalLMOutput, OctoConfig
+from octo import CausalLMOutput, OctoConfig, OctoForCausalLM
 from train.config import TrainConfig
 from train.loop import Trainer
 from train.metrics import gpu_peak_flops
+from train.runtime import seed_everything
 
 GPU_SHAPE = dict(block_size=512, batch_size=16, gradient_accumulation_steps=4)
 CPU_SHAPE = dict(block_size=128, batch_size=8, gradient_accumulation_steps=2)
@@ -102,7 +103,11 @@ def run_provider(
         kernels="triton" if provider.startswith("octo-triton") else "torch" if octo else "auto",
         log_dir="/tmp/octo-bench-logs",
     )  # fmt: skip
-    model = None if octo else HFLlamaAdapter(model_cfg, compiled=compiled)
+    model = None
+    if not octo:  # transformers' Llama starts from the weights Octo's Trainer would draw
+        model = HFLlamaAdapter(model_cfg, compiled=compiled)
+        seed_everything(cfg.seed)
+        model.hf.load_state_dict(OctoForCausalLM(model_cfg).state_dict())
     torch.manual_seed(0)
     trainer = Trainer(cfg, model_cfg, model=model, device=device)
     data = _batches(cfg, model_cfg.vocab_size, device)
@@ -232,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         vocabs = [int(v) for v in args.vocabs.split(",")]
     env = env_info()
     results = []
+    if device.type == "cpu":  # the process's first provider ran ~1.5x slower than when repeated;
+        # an untimed eager pass warms the process up (an eager one: no compile cache to reuse)
+        run_provider("octo-reference-eager", OctoConfig.preset(preset, vocab_size=vocabs[0]),
+                     shape, device, 2, 0)  # fmt: skip
+        release(device)
     for vocab in vocabs:
         model_cfg = OctoConfig.preset(preset, vocab_size=vocab)
         for provider in providers:
