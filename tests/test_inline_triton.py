@@ -72,8 +72,11 @@ for kernel in ("_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel"):
     assert kernel in code, f"{kernel} not launched by Inductor's code"
 for op in ("octo.rms_norm_fwd", "octo.rms_norm_bwd", "octo.rope"):
     assert op not in code, f"{op} still called as an opaque op"
+# bf16 autocast: Inductor fuses and rounds the elementwise work differently from eager, so the
+# comparison is per tensor, relative to its norm (a wrong kernel launch is off by O(1))
 for a, b in zip(got, eager):
-    torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+    err = ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+    assert err < 2e-2, err
 print("OK")
 """
 
