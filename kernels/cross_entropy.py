@@ -18,12 +18,18 @@ function):
 - forward (octo::cross_entropy_fwd): a program takes ROWS rows (1 for a large vocabulary, more
   for a small one) and walks the vocabulary in BLOCK_V column blocks with an online softmax
   (running max m and running sum d of exp(x - m)), so any V (256k and beyond) streams through
-  registers; it reads x once (ignored rows not at all) and writes loss_i and lse_i (fp32). Row
-  offsets are int64 (N * V may pass 2^31); the reduction over rows is plain torch on (N,) fp32.
+  registers; it reads x once (ignored rows not at all) and writes loss_i and the row's softmax
+  statistics (m_i, log d_i) (fp32, (N, 2)). Row offsets are int64 (N * V may pass 2^31); the
+  reduction over rows is plain torch on (N,) fp32.
+- why (m, log d) and not lse = m + log d: a confident row has lse ~ 20, whose fp32 spacing is
+  2e-6, while its true-class gradient p_y - 1 and its loss are ~1e-6; exp(x - lse) and lse - x_y
+  would carry that rounding (27% off at p_y = 1 - 4e-6). (x - m) - log d and (m - x_y) + log d
+  are exact where x = m, as PyTorch's log_softmax is.
 - backward (octo::cross_entropy_bwd): the same tiling re-reads x, rebuilds
-  softmax = exp(x - lse) from the saved lse, and writes dL/dx once, in x's dtype, scaled in the
-  kernel by s_i read through a stride (stride 0 for the expanded gradient of "sum"/"mean": no
-  copy, no host sync). The true-class term p - 1 is formed in fp32 before the cast.
+  softmax = exp((x - m) - log d) from the saved statistics, and writes dL/dx once, in x's
+  dtype, scaled in the kernel by s_i read through a stride (stride 0 for the expanded gradient
+  of "sum"/"mean": no copy, no host sync). The true-class term p - 1 is formed in fp32 before
+  the cast.
   Why recompute instead of writing the gradient during the forward (as Liger does): per logit
   this moves 3 passes (forward read; backward read + write). A forward-written gradient costs a
   forward read, re-read and write, then a backward read + write to apply dL/dloss (or a host sync
@@ -142,21 +148,24 @@ if triton_available():
         G_ROWS,  # (ROWS, 1) pointers to the rows' gradients (may equal X_ROWS: read before write)
         active,  # (ROWS,) rows to compute; the others get zeros
         y,  # (ROWS,) int64 labels
-        lse,  # (ROWS,) fp32
+        m,  # (ROWS,) fp32 row max (0 for inactive rows)
+        logd,  # (ROWS,) fp32 log sum_v exp(x_v - m)
         scale,  # (ROWS,) fp32 dL/dloss per row (NaN for an out-of-vocabulary label)
         z_loss,
         V,
         row_ok,  # (ROWS,) rows inside the tensor
         BLOCK_V: tl.constexpr,
     ):
-        """G[v] = scale * (exp(x_v - lse) * (1 + 2 z lse) - [v == y]), fp32 math, per row."""
+        """G[v] = scale * (exp((x_v - m) - log d) * (1 + 2 z lse) - [v == y]), fp32 math, per row
+        (lse = m + log d; p from (x - m) - log d is exact at the row max, see the docstring)."""
         cols = tl.arange(0, BLOCK_V)
-        coef = 1.0 + 2.0 * z_loss * lse
+        coef = 1.0 + 2.0 * z_loss * (m + logd)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             col_ok = offs < V
             x = tl.load(X_ROWS + offs[None, :], mask=active[:, None] & col_ok[None, :], other=0.0)
-            p = tl.exp2((x.to(tl.float32) - lse[:, None]) * 1.4426950408889634) * coef[:, None]
+            t = (x.to(tl.float32) - m[:, None]) - logd[:, None]  # log p, exact where x == m
+            p = tl.exp2(t * 1.4426950408889634) * coef[:, None]
             g = tl.where(offs[None, :] == y[:, None], p - 1.0, p) * scale[:, None]  # p - 1: fp32
             g = tl.where(active[:, None], g, 0.0)
             tl.store(G_ROWS + offs[None, :], cast_like(g, G_ROWS), mask=row_ok[:, None] & col_ok)
@@ -166,7 +175,7 @@ if triton_available():
         X,  # (N, V) logits, row stride stride_x, column stride 1
         LABELS,  # (N,) int64/int32, contiguous
         LOSS,  # (N,) fp32 out: per-row loss, 0 where ignored
-        LSE,  # (N,) fp32 out: log-sum-exp, 0 where ignored
+        STATS,  # (N, 2) fp32 out: row max m and log d (lse = m + log d), 0 where ignored
         G,  # (N, V) out when HAS_GRAD (may be X itself), row stride stride_g
         SCALE,  # fp32 dL/dloss per row, read at row * stride_s (stride 0: one scalar)
         n_rows,
@@ -200,24 +209,27 @@ if triton_available():
                 tl.exp2((x - m_safe[:, None]) * 1.4426950408889634), axis=1
             )
             m = m_new
-        lse = tl.where(active, m + tl.log(tl.where(active, d, 1.0)), 0.0)
+        m = tl.where(active, m, 0.0)
+        logd = tl.where(active, tl.log(tl.where(active, d, 1.0)), 0.0)
+        lse = m + logd
 
         in_vocab = (y >= 0) & (y < V)
         x_y = tl.load(X + rows * stride_x + y, mask=active & in_vocab, other=0.0).to(tl.float32)
-        loss = tl.where(in_vocab, lse - x_y + z_loss * lse * lse, float("nan"))
+        loss = tl.where(in_vocab, (m - x_y) + logd + z_loss * lse * lse, float("nan"))
         tl.store(LOSS + rows, tl.where(active, loss, 0.0), mask=row_ok)
-        tl.store(LSE + rows, lse, mask=row_ok)
+        tl.store(STATS + 2 * rows, m, mask=row_ok)
+        tl.store(STATS + 2 * rows + 1, logd, mask=row_ok)
         if HAS_GRAD:
             scale = tl.load(SCALE + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
             scale = tl.where(in_vocab, scale, float("nan"))
             G_ROWS = G + rows[:, None] * stride_g
-            _ce_grad_tile(X_ROWS, G_ROWS, active, y, lse, scale, z_loss, V, row_ok, BLOCK_V)
+            _ce_grad_tile(X_ROWS, G_ROWS, active, y, m, logd, scale, z_loss, V, row_ok, BLOCK_V)
 
     @triton.jit
     def _ce_bwd_kernel(
         X,  # (N, V) logits, row stride stride_x, column stride 1
         LABELS,  # (N,) int64/int32, contiguous
-        LSE,  # (N,) fp32 from the forward
+        STATS,  # (N, 2) fp32 from the forward: m, log d
         DLOSS,  # fp32 dL/dloss per row, read at row * stride_s (stride 0: expanded scalar)
         G,  # (N, V) out, row stride stride_g
         n_rows,
@@ -234,12 +246,13 @@ if triton_available():
         row_ok = rows < n_rows
         y = tl.load(LABELS + rows, mask=row_ok, other=ignore_index).to(tl.int64)
         active = row_ok & (y != ignore_index)
-        lse = tl.load(LSE + rows, mask=active, other=0.0)
+        m = tl.load(STATS + 2 * rows, mask=active, other=0.0)
+        logd = tl.load(STATS + 2 * rows + 1, mask=active, other=0.0)
         scale = tl.load(DLOSS + rows * stride_s, mask=active, other=0.0).to(tl.float32)
         scale = tl.where((y >= 0) & (y < V), scale, float("nan"))
         _ce_grad_tile(
             X + rows[:, None] * stride_x, G + rows[:, None] * stride_g,
-            active, y, lse, scale, z_loss, V, row_ok, BLOCK_V,
+            active, y, m, logd, scale, z_loss, V, row_ok, BLOCK_V,
         )  # fmt: skip
 
 
@@ -272,14 +285,15 @@ def ce_forward_launch(
     grad: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss and lse, (N,) fp32 each, of logits (N, V) (column stride 1).
+    """Per-row loss (N,) fp32 and softmax statistics (N, 2) fp32 (row max m, log d; see the
+    module docstring) of logits (N, V) (column stride 1).
 
     With `grad` (N, V), column stride 1, possibly `logits` itself) and `scale` (fp32, (N,) any
     stride, or one element broadcast): also writes dL/dlogits = scale_i * (softmax - onehot).
     """
     n_rows, vocab = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    stats = torch.empty((n_rows, 2), dtype=torch.float32, device=logits.device)
     has_grad = grad is not None
     if has_grad:
         stride_s = scale.stride(0) if scale.numel() > 1 else 0
@@ -287,21 +301,21 @@ def ce_forward_launch(
         grad, scale, stride_s = logits, loss, 0  # unused by the kernel
     block, rows, num_warps = _tiles(n_rows, vocab)
     _ce_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-        logits, labels.contiguous(), loss, lse, grad, scale,
+        logits, labels.contiguous(), loss, stats, grad, scale,
         n_rows, logits.stride(0), grad.stride(0), stride_s, vocab, ignore_index, z_loss,
         HAS_GRAD=has_grad, BLOCK_V=block, ROWS=rows, num_warps=num_warps,
     )  # fmt: skip
-    return loss, lse
+    return loss, stats
 
 
-def _bwd_launch(logits, labels, lse, dloss, ignore_index, z_loss):
+def _bwd_launch(logits, labels, stats, dloss, ignore_index, z_loss):
     logits = _cols_contiguous(logits)
     n_rows, vocab = logits.shape
     grad = torch.empty((n_rows, vocab), dtype=logits.dtype, device=logits.device)
     dloss = dloss.float()  # a no-op for the fp32 loss gradient; keeps an expanded stride 0
     block, rows, num_warps = _tiles(n_rows, vocab)
     _ce_bwd_kernel[(triton.cdiv(n_rows, rows),)](
-        logits, labels.contiguous(), lse.contiguous(), dloss, grad,
+        logits, labels.contiguous(), stats.contiguous(), dloss, grad,
         n_rows, logits.stride(0), grad.stride(0), dloss.stride(0), vocab, ignore_index, z_loss,
         BLOCK_V=block, ROWS=rows, num_warps=num_warps,
     )  # fmt: skip
@@ -317,15 +331,17 @@ def _bwd_launch(logits, labels, lse, dloss, ignore_index, z_loss):
 def cross_entropy_fwd(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, z_loss: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (N, V), labels (N,) -> per-row loss (N,) fp32 (0 where ignored), lse (N,) fp32."""
+    """logits (N, V), labels (N,) -> per-row loss (N,) fp32 (0 where ignored), softmax
+    statistics (N, 2) fp32 (row max, log-normaliser) for the backward."""
     return ce_forward_launch(_cols_contiguous(logits), labels, ignore_index, z_loss)
 
 
 @cross_entropy_fwd.register_fake
 def _(logits, labels, ignore_index, z_loss):
     n_rows = logits.shape[0]
-    return logits.new_empty(n_rows, dtype=torch.float32), logits.new_empty(
-        n_rows, dtype=torch.float32
+    return (
+        logits.new_empty(n_rows, dtype=torch.float32),
+        logits.new_empty((n_rows, 2), dtype=torch.float32),
     )
 
 
@@ -333,34 +349,34 @@ def _(logits, labels, ignore_index, z_loss):
 def cross_entropy_bwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     dloss: torch.Tensor,
     ignore_index: int,
     z_loss: float,
 ) -> torch.Tensor:
     """dL/dlogits (N, V) in logits' dtype, from dloss (N,) = dL/dloss_i (any stride, also 0)."""
-    return _bwd_launch(logits, labels, lse, dloss, ignore_index, z_loss)
+    return _bwd_launch(logits, labels, stats, dloss, ignore_index, z_loss)
 
 
 @cross_entropy_bwd.register_fake
-def _(logits, labels, lse, dloss, ignore_index, z_loss):
+def _(logits, labels, stats, dloss, ignore_index, z_loss):
     return logits.new_empty(logits.shape)
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, ignore_index, z_loss = inputs
-    _loss, lse = output
-    ctx.mark_non_differentiable(lse)
+    _loss, stats = output
+    ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(logits, labels, lse)
+    ctx.save_for_backward(logits, labels, stats)
     ctx.ignore_index, ctx.z_loss = ignore_index, z_loss
 
 
-def _backward(ctx, dloss, _dlse):
-    logits, labels, lse = ctx.saved_tensors
+def _backward(ctx, dloss, _dstats):
+    logits, labels, stats = ctx.saved_tensors
     if dloss is None or not ctx.needs_input_grad[0]:
         return None, None, None, None
-    grad = cross_entropy_bwd(logits, labels, lse, dloss, ctx.ignore_index, ctx.z_loss)
+    grad = cross_entropy_bwd(logits, labels, stats, dloss, ctx.ignore_index, ctx.z_loss)
     return grad, None, None, None
 
 
@@ -393,6 +409,6 @@ def cross_entropy(
     """
     check_cross_entropy_args(logits, labels, ignore_index, reduction)
     if use_triton(logits, labels, backend=backend) and triton_eligible(logits):
-        per_row, _lse = cross_entropy_fwd(logits, labels, int(ignore_index), float(z_loss))
+        per_row, _stats = cross_entropy_fwd(logits, labels, int(ignore_index), float(z_loss))
         return reduce_losses(per_row, labels != ignore_index, reduction)
     return cross_entropy_ref(logits, labels, ignore_index, reduction, z_loss)

@@ -153,6 +153,38 @@ def test_true_class_gradient_in_fp32(dtype):
     check_against_reference(logits.to(dtype), labels, "none", z_loss=1e-4)
 
 
+@pytest.mark.parametrize("path", ["cross_entropy", "linear_cross_entropy"])
+def test_confident_rows_keep_fp32_precision_near_one(path):
+    """fp32 rows whose label holds all but ~1e-3 .. 1e-7 of the probability, shifted by +30 (the
+    softmax does not change; lse becomes ~40, whose fp32 spacing is 3.8e-6). Their loss (~1e-6)
+    and true-class gradient p_y - 1 are formed from O(1) quantities, so fp32 can give them to a
+    few units of its precision at 1 (eps = 1.2e-7); a kernel that goes through lse itself
+    (exp(x - lse), lse - x_y) is off by up to half of lse's spacing, 16 eps. Both the plain
+    backward kernel and the forward-with-gradient one (linear CE, here with an identity weight,
+    so its logits are the inputs exactly) are checked, against fp64."""
+    vocab, eps = 777, torch.finfo(torch.float32).eps
+    margins = torch.tensor([14.0, 16.0, 18.0, 20.0, 22.0])
+    logits = 0.5 * torch.randn(len(margins), vocab)
+    labels = torch.randint(0, vocab, (len(margins),))
+    logits[torch.arange(len(margins)), labels] += margins
+    logits += 30.0
+    ones = torch.ones(len(margins))
+    if path == "cross_entropy":
+        loss, grad, _ = _loss_and_grad(triton_ce, logits, labels, "none", upstream=ones)
+    else:
+        eye = torch.eye(vocab)
+        loss, grad, _ = _loss_and_grad(
+            lambda x, y, **kw: kernels.linear_cross_entropy(x, eye, y, backend="triton", **kw),
+            logits, labels, "none", upstream=ones,
+        )  # fmt: skip
+    ref, ref_grad, _ = _loss_and_grad(
+        cross_entropy_ref, logits.double(), labels, "none", upstream=ones.double()
+    )
+    assert (ref < 1e-3).all() and (ref > 1e-7).all()  # the rows are as confident as intended
+    assert (loss.double() - ref).abs().max().item() <= 4 * eps
+    assert (grad.double() - ref_grad).abs().max().item() <= 4 * eps
+
+
 def test_custom_ignore_index():
     logits = torch.randn(9, 64)
     labels = torch.randint(0, 64, (9,))
@@ -215,10 +247,10 @@ def test_opcheck():
     logits = torch.randn(5, 70, requires_grad=True)
     labels = _labels(5, 70, ignore_every=2)
     torch.library.opcheck(ce_mod.cross_entropy_fwd, (logits, labels, -100, 1e-3))
-    lse = torch.logsumexp(logits.detach(), dim=-1)
+    _, stats = ce_mod.cross_entropy_fwd(logits.detach(), labels, -100, 0.0)  # (5, 2): m, log d
     dloss = torch.ones(1).expand(5)  # the stride-0 gradient of a sum
     torch.library.opcheck(
-        ce_mod.cross_entropy_bwd, (logits.detach(), labels, lse, dloss, -100, 0.0)
+        ce_mod.cross_entropy_bwd, (logits.detach(), labels, stats, dloss, -100, 0.0)
     )
 
 
