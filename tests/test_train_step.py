@@ -269,14 +269,23 @@ def test_compiled_step_matches_eager(tmp_path):
     CUDA-graph bookkeeping (gradients allocated up front, zeroed instead of freed, a graph step
     marked per micro-batch), which must not change the result. (Not bit for bit: compile=on
     itself differs run to run by ~1e-8 in the weights on CPU, where Inductor's embedding backward
-    adds rows with atomics across threads.)"""
+    adds rows with atomics across threads.) And the step compiles once: no recompiles."""
+    from torch._dynamo.utils import counters
+
     batches = random_batches(6, batch=4)
     out = {}
     for mode in ("off", "on", "cudagraphs"):
         cfg = make_cfg(tmp_path / mode, compile=mode, batch_size=4, gradient_accumulation_steps=2)
         tr = Trainer(cfg, MODEL, eval_data=batches[:2])
+        torch._dynamo.reset()
+        counters.clear()
         losses = [tr.train_step(batches[2 * i : 2 * i + 2]).loss() for i in range(3)]
         out[mode] = (losses, tr.evaluate()["eval_loss"], [p.detach().clone() for p in tr._params])
+        # compiled: one graph for training, one for evaluation (no_grad, eval mode), and no
+        # recompile when training and evaluation take turns afterwards
+        tr.train_step(batches[:2])
+        tr.evaluate()
+        assert counters["stats"]["unique_graphs"] == (0 if mode == "off" else 2), mode
     assert out["on"][0] == pytest.approx(out["off"][0], rel=1e-5)
     assert out["on"][1] == pytest.approx(out["off"][1], rel=1e-5)
     assert out["cudagraphs"][0] == pytest.approx(out["on"][0], rel=1e-6)
