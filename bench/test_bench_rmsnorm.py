@@ -8,6 +8,8 @@ large 65536 x 4096. Bytes that must move: forward reads x and writes y (2 R C) p
 forward+backward adds reading dy and x and writing dx (3 R C). On the CPU only the reference
 providers run, at 512 x 768. Targets (issue 3, H100): Triton fwd+bwd >= 80% of the copy's GB/s at
 the large shape, and faster than torch.compile(reference) at the seed shape.
+triton_compiled (seed shape, GPU): the Triton path inside torch.compile, as the model runs it
+(bench/gpu_experiments.sh runs it, with and without OCTO_TRITON_OP=1; gpu.sh leaves it out).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ SHAPES = {"seed": (8192, 768), "large": (65536, 4096)}
 CPU_SHAPE = (512, 768)
 DTYPE = torch.bfloat16
 EPS = 1e-6
-PROVIDERS = ["triton", "eager", "compile", "liger"]
+PROVIDERS = ["triton", "eager", "compile", "liger", "triton_compiled"]
 PASSES = ["fwd", "fwd+bwd"]
 
 
@@ -35,6 +37,8 @@ def _n_bytes(rows: int, cols: int, pass_: str) -> int:
 def _op(provider: str, liger):
     if provider == "triton":
         return lambda x, w: rms_norm(x, w, EPS, backend="triton")
+    if provider == "triton_compiled":  # as the model runs it: inside a compiled graph
+        return torch.compile(lambda x, w: rms_norm(x, w, EPS, backend="triton"), dynamic=False)
     if provider == "eager":
         return lambda x, w: rms_norm_ref(x, w, EPS)
     if provider == "compile":
@@ -63,8 +67,10 @@ def test_rmsnorm(kernel_bench, copy_bench, bench_device, liger, shape_name, prov
     if provider == "copy":
         copy_bench(n_bytes, group=group, shape=shape)
         return
-    if provider in ("triton", "liger") and bench_device.type != "cuda":
+    if provider in ("triton", "liger", "triton_compiled") and bench_device.type != "cuda":
         pytest.skip("Triton kernels are benchmarked on a CUDA GPU")
+    if provider == "triton_compiled" and shape_name != "seed":
+        pytest.skip("compiled Triton: the launch-bound seed shape only (the kernel is the same)")
     x = torch.randn(rows, cols, device=bench_device, dtype=DTYPE)
     w = (1 + 0.1 * torch.randn(cols, device=bench_device)).to(DTYPE)
     g = torch.randn_like(x)

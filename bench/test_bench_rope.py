@@ -11,6 +11,8 @@ move: forward reads q, k and the cos/sin rows and writes q, k; backward the same
 only the reference providers run, at B=2 T=128. Target (issue 3, H100): Triton fwd+bwd >= 80% of
 the copy's GB/s at the large shape, faster than torch.compile(reference) at the seed shape.
 Liger rotates in place, on contiguous (B, T, H, D) copies it makes of q and k.
+triton_compiled (seed shape, GPU): the Triton path inside torch.compile, as the model runs it
+(bench/gpu_experiments.sh runs it, with and without OCTO_TRITON_OP=1; gpu.sh leaves it out).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from kernels.rope import apply_rope, apply_rope_ref
 SHAPES = {"seed": (16, 512, 12, 3, 64), "large": (16, 4096, 32, 8, 128)}
 CPU_SHAPE = (2, 128, 12, 3, 64)
 DTYPE = torch.bfloat16
-PROVIDERS = ["triton", "eager", "compile", "liger"]
+PROVIDERS = ["triton", "eager", "compile", "liger", "triton_compiled"]
 PASSES = ["fwd", "fwd+bwd"]
 
 
@@ -37,6 +39,10 @@ def _n_bytes(B: int, T: int, Hq: int, Hkv: int, D: int, pass_: str) -> int:
 def _op(provider: str, liger):
     if provider == "triton":
         return lambda q, k, c, s: apply_rope(q, k, c, s, backend="triton")
+    if provider == "triton_compiled":  # as the model runs it: inside a compiled graph
+        return torch.compile(
+            lambda q, k, c, s: apply_rope(q, k, c, s, backend="triton"), dynamic=False
+        )
     if provider == "eager":
         return apply_rope_ref
     if provider == "compile":
@@ -72,8 +78,10 @@ def test_rope(kernel_bench, copy_bench, bench_device, liger, shape_name, provide
     if provider == "copy":
         copy_bench(n_bytes, group=group, shape=shape)
         return
-    if provider in ("triton", "liger") and bench_device.type != "cuda":
+    if provider in ("triton", "liger", "triton_compiled") and bench_device.type != "cuda":
         pytest.skip("Triton kernels are benchmarked on a CUDA GPU")
+    if provider == "triton_compiled" and shape_name != "seed":
+        pytest.skip("compiled Triton: the launch-bound seed shape only (the kernel is the same)")
     q = torch.randn(B, T, Hq, D, device=bench_device, dtype=DTYPE).transpose(1, 2)  # (B, Hq, T, D)
     k = torch.randn(B, T, Hkv, D, device=bench_device, dtype=DTYPE).transpose(1, 2)
     cos, sin = _tables(T, D, bench_device)
