@@ -51,6 +51,18 @@ def test_data_cache_dir_is_checked_only_when_used(tmp_path, capsys):
     assert rc == 2 and err.startswith("error: tokenizer folder"), err
 
 
+def test_cudagraphs_under_torchrun_is_one_line_before_any_data(tmp_path, capsys, monkeypatch):
+    """compile=cudagraphs with several processes: refused right after the process group is
+    joined (the dataset and tokenizer here do not exist, so a late check would fail on them)."""
+    import train.run
+    from train.distributed import DistEnv
+
+    monkeypatch.setattr(train.run, "init_distributed", lambda device: DistEnv(world_size=2))
+    rc, err = run_main(tmp_path, capsys, compile="cudagraphs")
+    assert rc == 2 and "\n" not in err, err
+    assert "compile 'cudagraphs' runs in one process only; use compile on under torchrun" in err
+
+
 def test_check_writable_folders_creates_them_and_leaves_no_file(tmp_path):
     cfg = TrainConfig(checkpoint_dir=str(tmp_path / "a" / "ckpt"), log_dir=str(tmp_path / "logs"),
                       data_cache_dir=str(tmp_path / "cache"), pretokenize=True)  # fmt: skip

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from octo import OctoConfig, OctoForCausalLM
-from train.config import ConfigError, TrainConfig
+from train.config import TrainConfig
 from train.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -56,6 +56,7 @@ from train.metrics import (
 )
 from train.optim import LRSchedule, apply_hyperparameters, build_optimizer, planned_steps
 from train.runtime import (
+    check_compile_mode,
     maybe_compile,
     resolve_device,
     resolve_precision,
@@ -111,10 +112,8 @@ class Trainer:
         self.profile, self._logger = profile, logger
         self.device = device if device is not None else resolve_device(cfg)
         self.env = env if env is not None else init_distributed(self.device)
+        check_compile_mode(cfg, self.env.enabled)
         self._cuda_graphs = cfg.compile == "cudagraphs"
-        if self._cuda_graphs and self.env.enabled:
-            raise ConfigError("compile 'cudagraphs' runs in one process only; use compile on "
-                              "under torchrun")  # fmt: skip
         set_kernel_backend(cfg)
         seed_everything(cfg.seed)
         self.precision = resolve_precision(cfg, self.device)

@@ -183,6 +183,9 @@ def start_lines(t: Any) -> list[str]:
     cfg, c, dev = t.cfg, t.model.config, t.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     resuming = f", resuming at step {t.step}" if t.step else ""
+    compile_phrase = "off"
+    if compile_enabled(cfg, dev):
+        compile_phrase = "on + CUDA graphs" if cfg.compile == "cudagraphs" else "on"
     return [
         f"Octo: {t.model.num_parameters() / 1e6:.2f}M parameters ({c.num_hidden_layers} layers, "
         f"hidden {c.hidden_size}, {c.num_attention_heads} heads / {c.num_key_value_heads} KV "
@@ -194,8 +197,8 @@ def start_lines(t: Any) -> list[str]:
         f"{cfg.batch_size * cfg.gradient_accumulation_steps * t.env.world_size} sequences per step"
         + (f" ({cfg.parallelism.upper()})" if t.env.enabled else ""),
         f"Planned steps: {t.total_steps} ({t.steps_source}){resuming}",
-        f"Device: {dev} ({name}); precision: {t.precision.describe()}; torch.compile: "
-        f"{'on' if compile_enabled(cfg, dev) else 'off'}",
+        f"Device: {dev} ({name}); precision: {t.precision.describe()}; "
+        f"torch.compile: {compile_phrase}",
         f"Kernels: {kernels.describe(dev)}",
         f"Checkpoints: {Path(cfg.checkpoint_dir).resolve()}; logs: {t.log.log_path}",
     ]

@@ -103,6 +103,14 @@ def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Calla
     return torch.compile(fn, fullgraph=True)
 
 
+def check_compile_mode(cfg: TrainConfig, distributed: bool) -> None:
+    """compile=cudagraphs is for one process: refused (ConfigError) under torchrun, before any
+    data is built (CUDA graphs under DDP/FSDP2 hooks were never tried)."""
+    if cfg.compile == "cudagraphs" and distributed:
+        raise ConfigError("compile 'cudagraphs' runs in one process only; use compile on under "
+                          "torchrun")  # fmt: skip
+
+
 def set_kernel_backend(cfg: TrainConfig) -> None:
     """cfg.kernels -> OCTO_KERNELS. auto leaves the environment alone, so OCTO_KERNELS set in the
     shell still chooses; triton/torch override it."""
