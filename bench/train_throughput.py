@@ -174,10 +174,10 @@ def run_provider(
 
 def release(device: torch.device) -> None:
     """Free the last provider's model, optimizer and compiled graphs before the next one."""
+    torch._dynamo.reset()  # first: the compiled graphs (and a CUDA-graph pool) hold memory
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    torch._dynamo.reset()
 
 
 def markdown(results: list[dict], env: dict) -> str:
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"provider": provider, "vocab_size": vocab, "error": str(e)})
                 continue
             print(
-                f"{provider} @ vocab {vocab}: {r['tokens_per_s']:,.0f} tok/s, "
+                f"{r['provider']} @ vocab {vocab}: {r['tokens_per_s']:,.0f} tok/s, "
                 f"step {r['step_ms']:.1f} ms, first step {r['first_step_s']:.1f} s"
                 + (f", peak {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] else "")
                 + (f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "")

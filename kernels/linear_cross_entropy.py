@@ -28,10 +28,10 @@ public function):
   64 (`_matmul_weight`): unaligned rows send cuBLAS to slow kernels.
 - peak extra memory: one (chunk, V) logits block in the matmul dtype, the fp32 (V, C)
   accumulator (plus one fp32 (V, C) chunk product where torch cannot accumulate in the matmul
-  itself, see _addmm_fp32_), the fp32 (N, C) dL/dhidden, and the weight's
-  low-precision copy when it is cast. chunk_rows keeps the block no larger than about twice the
-  weight, so the peak is O(V * C + N * C), never O(N * V) (eager holds several (N, V) tensors,
-  fp32 among them).
+  itself, see _addmm_fp32_), the fp32 (N, C) dL/dhidden, and the weight's low-precision copy
+  when it is cast or padded. chunk_rows keeps the block no larger than about twice the weight,
+  so the peak is O(V * C + N * C), never O(N * V) (eager holds several (N, V) tensors, fp32
+  among them).
 Eligible for Triton: hidden fp32/bf16/fp16, weight fp32/bf16/fp16, N > 0, V > 0. Labels outside
 [0, V) other than ignore_index give a NaN loss and NaN gradients on the Triton path (see
 kernels/cross_entropy.py); the reference raises.
