@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -135,3 +136,23 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cuda"
 def gbps(n_bytes: int, ms: float) -> float:
     """Bandwidth: bytes that must move, over time (GB/s, 1e9)."""
     return n_bytes / (ms * 1e-3) / 1e9
+
+
+def pass_fn(
+    pass_: str,
+    op: Callable[..., Any],
+    args: tuple,
+    wrt: tuple[torch.Tensor, ...] = (),
+    upstream: Any = None,
+) -> Callable[[], Any]:
+    """The timed callable of one benchmark case: "fwd" runs op(*args) under no_grad; "fwd+bwd"
+    returns torch.autograd.grad(op(*args), wrt, upstream) (not .backward: nothing accumulates
+    into .grad between calls)."""
+    if pass_ == "fwd":
+
+        def fwd() -> Any:
+            with torch.no_grad():
+                return op(*args)
+
+        return fwd
+    return lambda: torch.autograd.grad(op(*args), wrt, upstream)

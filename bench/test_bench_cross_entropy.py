@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.common import pass_fn
 from kernels.cross_entropy import cross_entropy, cross_entropy_ref
 
 SHAPES = {"v16000": (8192, 16000), "v50257": (8192, 50257)}
@@ -71,18 +72,7 @@ def test_cross_entropy(kernel_bench, bench_device, liger, shape_name, provider, 
         x.requires_grad_()
 
     def case(op):
-        if pass_ == "fwd":
-
-            def fn():
-                with torch.no_grad():
-                    return op(x, y)
-
-        else:
-
-            def fn():  # autograd.grad, not .backward: no accumulation into .grad between calls
-                return torch.autograd.grad(op(x, y), x)
-
-        return fn
+        return pass_fn(pass_, op, (x, y), (x,))
 
     fn = case(_op(provider, liger))
     expected = None if provider == "eager" else case(_op("eager", liger))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.common import pass_fn
 from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
 SHAPES = {"v16000": (8192, 768, 16000), "v50257": (8192, 768, 50257), "large": (65536, 4096, 50257)}
@@ -77,18 +78,7 @@ def test_linear_cross_entropy(
         w.requires_grad_()
 
     def case(op):
-        if pass_ == "fwd":
-
-            def fn():
-                with torch.no_grad():
-                    return op(h, w, y)
-
-        else:
-
-            def fn():  # autograd.grad, not .backward: no accumulation into .grad between calls
-                return torch.autograd.grad(op(h, w, y), (h, w))
-
-        return fn
+        return pass_fn(pass_, op, (h, w, y), (h, w))
 
     fn = case(_op(provider, liger))
     # the eager reference's (N, V) logits do not fit beside the large shape's inputs: no check

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.common import pass_fn
 from kernels.rmsnorm import rms_norm, rms_norm_ref
 
 SHAPES = {"seed": (8192, 768), "large": (65536, 4096)}
@@ -79,18 +80,7 @@ def test_rmsnorm(kernel_bench, copy_bench, bench_device, liger, shape_name, prov
         w.requires_grad_()
 
     def case(op):
-        if pass_ == "fwd":
-
-            def fn():
-                with torch.no_grad():
-                    return op(x, w)
-
-        else:
-
-            def fn():  # autograd.grad, not .backward: no accumulation into .grad between calls
-                return torch.autograd.grad(op(x, w), (x, w), g)
-
-        return fn
+        return pass_fn(pass_, op, (x, w), (x, w), g)
 
     fn = case(_op(provider, liger))
     expected = None if provider == "eager" else case(_op("eager", liger))

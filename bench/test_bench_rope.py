@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.common import pass_fn
 from kernels.rope import apply_rope, apply_rope_ref
 
 # (B, T, Hq, Hkv, D)
@@ -93,18 +94,7 @@ def test_rope(kernel_bench, copy_bench, bench_device, liger, shape_name, provide
         k.requires_grad_()
 
     def case(op):
-        if pass_ == "fwd":
-
-            def fn():
-                with torch.no_grad():
-                    return op(q, k, cos, sin)
-
-        else:
-
-            def fn():  # autograd.grad, not .backward: no accumulation into .grad between calls
-                return torch.autograd.grad(op(q, k, cos, sin), (q, k), (gq, gk))
-
-        return fn
+        return pass_fn(pass_, op, (q, k, cos, sin), (q, k), (gq, gk))
 
     fn = case(_op(provider, liger))
     expected = None if provider == "eager" else case(_op("eager", liger))
