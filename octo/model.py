@@ -128,8 +128,21 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, (B, T, F) each -> (B, T, F)."""
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)).
+
+    Under torch.compile (with autograd), silu(gate) * up is checkpointed: the backward recomputes
+    it (Inductor fuses that into the kernel which needs it) instead of keeping it from the forward,
+    since the backward already holds gate and up for the product's own gradient. One (B, T, F)
+    activation less per layer: the compiled seed model keeps 551 MiB instead of 623 MiB per 1024
+    tokens (bf16 autocast; measured on CPU), for no measured step time (CPU, tiny config). In
+    eager mode the checkpoint's own overhead cost 8% of a tiny CPU step, so eager keeps it.
+    """
 
     def __init__(self, cfg: OctoConfig) -> None:
         super().__init__()
@@ -138,7 +151,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # via (B, T, F)
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, F)
+        if torch.compiler.is_compiling() and torch.is_grad_enabled():
+            return self.down_proj(checkpoint(swiglu, gate, up, use_reentrant=False))
+        return self.down_proj(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):

@@ -192,6 +192,45 @@ def test_gradient_checkpointing_recomputes_in_backward():
     assert len(calls) == 1
 
 
+@pytest.mark.slow  # two CPU compiles, ~30 s on a cold cache
+@pytest.mark.parametrize("layer_checkpointing", [False, True])
+def test_compiled_mlp_recomputes_the_swiglu_product(layer_checkpointing):
+    """Under torch.compile the backward keeps gate and up of each MLP but not silu(gate) * up
+    (recomputed there): 2 saved (B, T, F) tensors per layer, where eager keeps 4 and the
+    compiled model without the checkpoint kept 3. Loss and gradients follow eager's, also with
+    whole-layer checkpointing around it."""
+    torch.manual_seed(0)
+    cfg = OctoConfig.preset("tiny", num_hidden_layers=2)
+    model = OctoForCausalLM(cfg).train()
+    model.gradient_checkpointing_enable(layer_checkpointing)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    n_tokens, width = ids.numel(), cfg.intermediate_size
+
+    def run(fn):
+        saved = []
+
+        def pack(t):
+            if t.numel() == n_tokens * width and t.shape[-1] == width:
+                saved.append(t.untyped_storage().data_ptr())
+            return t
+
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fn(ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return loss.detach(), grads, len(set(saved))
+
+    eager_loss, eager_grads, eager_saved = run(model)
+    loss, grads, saved = run(torch.compile(model, fullgraph=True))
+    if not layer_checkpointing:  # (with it, each layer keeps only its input)
+        assert eager_saved == 4 * cfg.num_hidden_layers  # gate, up, silu(gate), the product
+        assert saved == 2 * cfg.num_hidden_layers  # 3 without the checkpoint
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_forward_rejects_too_long_and_bad_mask():
     model = OctoForCausalLM(OctoConfig.preset("tiny", max_position_embeddings=16))
     with pytest.raises(ValueError, match="max_position_embeddings=16"):
