@@ -75,15 +75,16 @@ if _TRITON_AVAILABLE:
 INLINE_TRITON = os.environ.get("OCTO_TRITON_OP", "0") == "1" and _TRITON_AVAILABLE
 
 
-def library_op(name: str, fake: Callable, inline: bool = False) -> Callable[[Callable], Any]:
+def library_op(name: str, fake: Callable) -> Callable[[Callable], Any]:
     """Decorator registering `fn` as the torch.library op `name` with no mutated inputs.
 
-    inline=True and OCTO_TRITON_OP=1: a `triton_op` (its fake is derived by tracing `fn`, whose
-    kernel launches must go through `launcher`). Otherwise a `custom_op` with the explicit `fake`
-    (opaque to torch.compile). Either way the result takes `register_autograd`."""
+    OCTO_TRITON_OP=1: a `triton_op` (its fake is derived by tracing `fn`, whose kernel launches
+    must go through `launcher`). Otherwise a `custom_op` with the explicit `fake` (opaque to
+    torch.compile). Either way the result takes `register_autograd`. (Cross-entropy and linear
+    cross-entropy keep plain custom_ops: one call each per micro-batch.)"""
 
     def register(fn: Callable) -> Any:
-        if inline and INLINE_TRITON:
+        if INLINE_TRITON:
             return torch.library.triton_op(name, fn, mutates_args=())
         op = torch.library.custom_op(name, fn, mutates_args=())
         op.register_fake(fake)

@@ -231,7 +231,7 @@ def _chunk_loop(
                 else:
                     _addmm_fp32_(dw, padded.t(), h_c)
             del logits, padded
-    return loss, dh, (dw[:vocab] if dw is not None and dw.shape[0] != vocab else dw)
+    return loss, dh, (None if dw is None else dw[:vocab])  # (V, C): the padding's rows dropped
 
 
 def _mean_scale(labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:

@@ -236,7 +236,7 @@ def _fwd_fake(x, weight, eps):
     return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@library_op("octo::rms_norm_fwd", fake=_fwd_fake, inline=True)
+@library_op("octo::rms_norm_fwd", fake=_fwd_fake)
 def rms_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +248,7 @@ def _bwd_fake(dy, x, weight, rstd):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
-@library_op("octo::rms_norm_bwd", fake=_bwd_fake, inline=True)
+@library_op("octo::rms_norm_bwd", fake=_bwd_fake)
 def rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -257,7 +257,7 @@ def _rope_fake(q, k, cos, sin, position_offset, transpose):
     return torch.empty_like(_lastdim_contiguous(q)), torch.empty_like(_lastdim_contiguous(k))
 
 
-@library_op("octo::rope", fake=_rope_fake, inline=True)
+@library_op("octo::rope", fake=_rope_fake)
 def rope(
     q: torch.Tensor,
     k: torch.Tensor,
