@@ -1,0 +1,58 @@
+"""What the Triton kernels compile to for a Hopper GPU (sm_90), checked on a CPU.
+
+Speed is measured on a GPU (bench/), but some of its causes are facts about the compiled code that
+CI can hold without one: no kernel spills registers to local memory, and a cross-entropy row that
+does not start on a 16-byte boundary (V = 50257 in bf16) gets the same 16-byte vector loads and
+stores as an aligned one (before the aligned walk it got 16-bit ones and twice the registers).
+bench/kernel_asm.py compiles the kernels through their real launch code at the benchmark shapes,
+in a process of its own (this one interprets Triton), and reads the cubins with Triton's
+cuobjdump.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernels.backend import triton_available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def launches() -> list[dict]:
+    if not triton_available():
+        pytest.skip("Triton does not import here")
+    tools = Path(sys.modules["triton"].__file__).parent / "backends" / "nvidia" / "bin"
+    if not (tools / "cuobjdump").exists():
+        pytest.skip(f"Triton's NVIDIA tools are not installed ({tools / 'cuobjdump'} is missing)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.kernel_asm", "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout)
+    assert {r["case"].split()[0] for r in rows} == {"rmsnorm", "rope", "cross_entropy"}
+    return rows
+
+
+def test_no_kernel_spills_registers(launches):
+    spilled = [(r["case"], r["kernel"], r["stack"]) for r in launches if r["stack"]]
+    assert not spilled, f"local memory (spills) in {spilled}"
+
+
+def test_rmsnorm_and_rope_move_no_narrow_elements(launches):
+    """Their bf16 tensors move as 16-byte vectors (or 8-byte for a short row of weights); no
+    16-bit global load or store."""
+    for r in launches:
+        if r["case"].startswith(("rmsnorm", "rope")):
+            ops = {**r["loads"], **r["stores"], **r["async_copies"]}
+            narrow = {k: n for k, n in ops.items() if k.endswith((".16", ".8"))}
+            assert not narrow, f"{r['case']} {r['kernel']}: {narrow}"
+            assert r["loads"].get("LDG.128", 0) + r["async_copies"].get("LDGSTS.128", 0) > 0
