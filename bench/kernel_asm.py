@@ -222,7 +222,7 @@ def cases() -> dict[str, Callable[[], object]]:
             _loss, stats = ce.ce_forward_launch(logits, labels, -100, 0.0)
             ce._bwd_launch(logits, labels, stats, _meta(1, dtype=torch.float32), -100, 0.0)
             scale = _meta(1, dtype=torch.float32)  # the linear CE's forward-with-gradient
-            ce.ce_forward_launch(logits, labels, -100, 0.0, grad=logits, scale=scale)
+            ce.ce_forward_launch(logits, labels, -100, 0.0, grad_scale=scale)
 
         out[f"cross_entropy 8192x{v}"] = xent
     return out

@@ -21,6 +21,11 @@ function):
   registers; it reads x once (ignored rows not at all) and writes loss_i and the row's softmax
   statistics (m_i, log d_i) (fp32, (N, 2)). Row offsets are int64 (N * V may pass 2^31); the
   reduction over rows is plain torch on (N,) fp32.
+- the blocks start at 16-byte boundaries of memory, not at the row's first column: with V = 50257
+  in bf16 a row starts anywhere, and blocks from the row start compiled to 16-bit loads and
+  stores (bench/kernel_asm.py, sm_90: 16 per thread per block, and 64 registers instead of 32);
+  aligned, every block access is a 16-byte vector. The < 16 bytes before the first boundary and
+  after the last are read (and written) as two small masked tiles.
 - why (m, log d) and not lse = m + log d: a confident row has lse ~ 20, whose fp32 spacing is
   2e-6, while its true-class gradient p_y - 1 and its loss are ~1e-6; exp(x - lse) and lse - x_y
   would carry that rounding (27% off at p_y = 1 - 4e-6). (x - m) - log d and (m - x_y) + log d
@@ -142,33 +147,89 @@ if triton_available():
 
     from kernels.backend import cast_like
 
+    LOG2E = tl.constexpr(1.4426950408889634)
+
     @triton.jit
-    def _ce_grad_tile(
-        X_ROWS,  # (ROWS, 1) pointers to the rows' logits, column stride 1
-        G_ROWS,  # (ROWS, 1) pointers to the rows' gradients (may equal X_ROWS: read before write)
-        active,  # (ROWS,) rows to compute; the others get zeros
-        y,  # (ROWS,) int64 labels
-        m,  # (ROWS,) fp32 row max (0 for inactive rows)
-        logd,  # (ROWS,) fp32 log sum_v exp(x_v - m)
-        scale,  # (ROWS,) fp32 dL/dloss per row (NaN for an out-of-vocabulary label)
-        z_loss,
-        V,
-        row_ok,  # (ROWS,) rows inside the tensor
-        BLOCK_V: tl.constexpr,
-    ):
-        """G[v] = scale * (exp((x_v - m) - log d) * (1 + 2 z lse) - [v == y]), fp32 math, per row
-        (lse = m + log d; p from (x - m) - log d is exact at the row max, see the docstring)."""
-        cols = tl.arange(0, BLOCK_V)
+    def _row_spans(rows, stride_x, V, ALIGN: tl.constexpr):
+        """Where each row's V logits lie, as flat element offsets from X (int64, (ROWS,) each):
+        the row starts at base and ends at end; [lo, hi) is its 16-byte-aligned body (lo, hi
+        multiples of ALIGN = 16 bytes / element size; hi < lo for a row inside one 16 bytes).
+
+        Why: with V (or the row stride) not a multiple of ALIGN, say V = 50257 in bf16, rows start
+        at arbitrary 2-byte addresses and a column-block walk from the row start compiles to
+        16-bit loads and stores (bench/kernel_asm.py: 16 per thread per block, and twice the
+        registers). Walking the body from an aligned lo instead lets every body access be one
+        16-byte vector; the < ALIGN elements before lo and after hi go through small masked
+        tiles."""
+        base = rows * stride_x
+        end = base + V
+        lo = (base + ALIGN - 1) // ALIGN * ALIGN
+        hi = end // ALIGN * ALIGN
+        return base, end, lo, hi
+
+    @triton.jit
+    def _ragged_ends(base, end, lo, hi, ALIGN: tl.constexpr):
+        """Flat offsets and masks of the (ROWS, ALIGN) head [base, lo) and tail [max(lo, hi), end)
+        of each row (together all of its elements outside [lo, hi))."""
+        e = tl.arange(0, ALIGN)
+        head = base[:, None] + e[None, :]
+        head_in = (head < lo[:, None]) & (head < end[:, None])
+        tail = tl.maximum(lo, hi)[:, None] + e[None, :]
+        tail_in = tail < end[:, None]
+        return head, head_in, tail, tail_in
+
+    @triton.jit
+    def _ce_grad_at(
+        X, G, offs, in_row, g_shift, col, col_y, m, logd, coef, scale, active, row_ok
+    ):  # fmt: skip
+        """G = scale * (exp((x - m) - log d) * (1 + 2 z lse) - [col == col_y]) at flat offsets
+        offs (ROWS, K) where in_row, fp32 math (p from (x - m) - log d is exact at the row max,
+        see the module docstring); inactive rows get zeros. col / col_y (int32): the columns'
+        and the label's positions from one origin per row (an int32 compare: an int64 one would
+        hold two registers per element). G's element sits at X's offset plus g_shift per row (0
+        in place): a shift divisible by 16 keeps G's stores aligned too."""
+        x = tl.load(X + offs, mask=active[:, None] & in_row, other=0.0)
+        t = (x.to(tl.float32) - m[:, None]) - logd[:, None]  # log p, exact where x == m
+        p = tl.exp2(t * LOG2E) * coef[:, None]
+        g = tl.where(col == col_y[:, None], p - 1.0, p) * scale[:, None]  # p - 1: fp32
+        g = tl.where(active[:, None], g, 0.0)
+        tl.store(G + (offs + g_shift[:, None]), cast_like(g, G), mask=row_ok[:, None] & in_row)
+
+    @triton.jit
+    def _ce_grad_rows(
+        X, G, rows, stride_x, g_shift, V, y, m, logd, scale, z_loss, active, row_ok,
+        BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+    ):  # fmt: skip
+        """dL/dx of whole rows (see _ce_grad_at): the ragged ends, then the aligned body in
+        BLOCK_V column blocks. y (ROWS,) int64 labels, m / logd the saved statistics, scale
+        dL/dloss per row (NaN for an out-of-vocabulary label)."""
+        base, end, lo, hi = _row_spans(rows, stride_x, V, ALIGN)
+        head, head_in, tail, tail_in = _ragged_ends(base, end, lo, hi, ALIGN)
         coef = 1.0 + 2.0 * z_loss * (m + logd)
+        e = tl.arange(0, ALIGN)[None, :]
+        y_at = base + y  # the label's flat offset, then relative to each piece's first column
+        _ce_grad_at(
+            X, G, head, head_in, g_shift, e, y.to(tl.int32), m, logd, coef, scale, active, row_ok
+        )  # fmt: skip
+        tail_y = (y_at - tl.maximum(lo, hi)).to(tl.int32)
+        _ce_grad_at(X, G, tail, tail_in, g_shift, e, tail_y, m, logd, coef, scale, active, row_ok)
+        body_y = (y_at - lo).to(tl.int32)
+        cols = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            col_ok = offs < V
-            x = tl.load(X_ROWS + offs[None, :], mask=active[:, None] & col_ok[None, :], other=0.0)
-            t = (x.to(tl.float32) - m[:, None]) - logd[:, None]  # log p, exact where x == m
-            p = tl.exp2(t * 1.4426950408889634) * coef[:, None]
-            g = tl.where(offs[None, :] == y[:, None], p - 1.0, p) * scale[:, None]  # p - 1: fp32
-            g = tl.where(active[:, None], g, 0.0)
-            tl.store(G_ROWS + offs[None, :], cast_like(g, G_ROWS), mask=row_ok[:, None] & col_ok)
+            offs = lo[:, None] + start + cols[None, :]
+            body_in = offs < hi[:, None]
+            _ce_grad_at(
+                X, G, offs, body_in, g_shift, start + cols[None, :], body_y, m, logd, coef,
+                scale, active, row_ok,
+            )  # fmt: skip
+
+    @triton.jit
+    def _online_max_sum(m, d, x):
+        """Fold a (ROWS, K) fp32 block x into the running row max m and sum d of exp(x - m)."""
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_safe = tl.where(m_new > -float("inf"), m_new, 0.0)  # no -inf - -inf = NaN below
+        d = d * tl.exp2((m - m_safe) * LOG2E) + tl.sum(tl.exp2((x - m_safe[:, None]) * LOG2E), 1)
+        return m_new, d
 
     @triton.jit
     def _ce_fwd_kernel(
@@ -176,45 +237,47 @@ if triton_available():
         LABELS,  # (N,) int64/int32, contiguous
         LOSS,  # (N,) fp32 out: per-row loss, 0 where ignored
         STATS,  # (N, 2) fp32 out: row max m and log d (lse = m + log d), 0 where ignored
-        G,  # (N, V) out when HAS_GRAD (may be X itself), row stride stride_g
-        SCALE,  # fp32 dL/dloss per row, read at row * stride_s (stride 0: one scalar)
+        SCALE,  # HAS_GRAD: fp32 dL/dloss per row, read at row * stride_s (stride 0: one scalar)
         n_rows,
         stride_x,
-        stride_g,
         stride_s,
         V,
         ignore_index,
         z_loss,
-        HAS_GRAD: tl.constexpr,
+        HAS_GRAD: tl.constexpr,  # also overwrite X in place with dL/dx, row by row
         BLOCK_V: tl.constexpr,
         ROWS: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
         row_ok = rows < n_rows
         y = tl.load(LABELS + rows, mask=row_ok, other=ignore_index).to(tl.int64)
         active = row_ok & (y != ignore_index)  # ignored rows are never read
-        X_ROWS = X + rows[:, None] * stride_x
 
-        # online softmax over column blocks: m = running max, d = sum exp(x - m), per row
+        # online softmax over the row: m = running max, d = sum exp(x - m), per row; first the
+        # ragged ends, then the 16-byte-aligned body in column blocks (see _row_spans)
+        base, end, lo, hi = _row_spans(rows, stride_x, V, ALIGN)
+        head, head_in, tail, tail_in = _ragged_ends(base, end, lo, hi, ALIGN)
+        ends = tl.join(
+            tl.load(X + head, mask=active[:, None] & head_in, other=-float("inf")),
+            tl.load(X + tail, mask=active[:, None] & tail_in, other=-float("inf")),
+        )  # (ROWS, ALIGN, 2)
+        m, d = _online_max_sum(
+            tl.full((ROWS,), -float("inf"), tl.float32), tl.zeros((ROWS,), tl.float32),
+            tl.reshape(ends, (ROWS, 2 * ALIGN)).to(tl.float32),
+        )  # fmt: skip
         cols = tl.arange(0, BLOCK_V)
-        m = tl.full((ROWS,), -float("inf"), tl.float32)
-        d = tl.zeros((ROWS,), tl.float32)
         for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = active[:, None] & (offs < V)[None, :]
-            x = tl.load(X_ROWS + offs[None, :], mask=mask, other=-float("inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=1))
-            m_safe = tl.where(active, m_new, 0.0)  # inactive rows: all -inf, keep NaN out
-            d = d * tl.exp2((m - m_safe) * 1.4426950408889634) + tl.sum(
-                tl.exp2((x - m_safe[:, None]) * 1.4426950408889634), axis=1
-            )
-            m = m_new
+            offs = lo[:, None] + start + cols[None, :]
+            mask = active[:, None] & (offs < hi[:, None])
+            xb = tl.load(X + offs, mask=mask, other=-float("inf"))
+            m, d = _online_max_sum(m, d, xb.to(tl.float32))
         m = tl.where(active, m, 0.0)
         logd = tl.where(active, tl.log(tl.where(active, d, 1.0)), 0.0)
         lse = m + logd
 
         in_vocab = (y >= 0) & (y < V)
-        x_y = tl.load(X + rows * stride_x + y, mask=active & in_vocab, other=0.0).to(tl.float32)
+        x_y = tl.load(X + base + y, mask=active & in_vocab, other=0.0).to(tl.float32)
         loss = tl.where(in_vocab, (m - x_y) + logd + z_loss * lse * lse, float("nan"))
         tl.store(LOSS + rows, tl.where(active, loss, 0.0), mask=row_ok)
         tl.store(STATS + 2 * rows, m, mask=row_ok)
@@ -222,8 +285,11 @@ if triton_available():
         if HAS_GRAD:
             scale = tl.load(SCALE + rows * stride_s, mask=row_ok, other=0.0).to(tl.float32)
             scale = tl.where(in_vocab, scale, float("nan"))
-            G_ROWS = G + rows[:, None] * stride_g
-            _ce_grad_tile(X_ROWS, G_ROWS, active, y, m, logd, scale, z_loss, V, row_ok, BLOCK_V)
+            in_place = tl.zeros((ROWS,), tl.int64)
+            _ce_grad_rows(
+                X, X, rows, stride_x, in_place, V, y, m, logd, scale, z_loss, active, row_ok,
+                BLOCK_V, ALIGN,
+            )  # fmt: skip
 
     @triton.jit
     def _ce_bwd_kernel(
@@ -231,16 +297,17 @@ if triton_available():
         LABELS,  # (N,) int64/int32, contiguous
         STATS,  # (N, 2) fp32 from the forward: m, log d
         DLOSS,  # fp32 dL/dloss per row, read at row * stride_s (stride 0: expanded scalar)
-        G,  # (N, V) out, row stride stride_g
+        G,  # (N, V) out, row stride stride_x + g_row_shift
         n_rows,
         stride_x,
-        stride_g,
+        g_row_shift,  # G's row stride minus X's (0 when both are (N, V) contiguous)
         stride_s,
         V,
         ignore_index,
         z_loss,
         BLOCK_V: tl.constexpr,
         ROWS: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
         row_ok = rows < n_rows
@@ -250,9 +317,9 @@ if triton_available():
         logd = tl.load(STATS + 2 * rows + 1, mask=active, other=0.0)
         scale = tl.load(DLOSS + rows * stride_s, mask=active, other=0.0).to(tl.float32)
         scale = tl.where((y >= 0) & (y < V), scale, float("nan"))
-        _ce_grad_tile(
-            X + rows[:, None] * stride_x, G + rows[:, None] * stride_g,
-            active, y, m, logd, scale, z_loss, V, row_ok, BLOCK_V,
+        _ce_grad_rows(
+            X, G, rows, stride_x, rows * g_row_shift, V, y, m, logd, scale, z_loss, active,
+            row_ok, BLOCK_V, ALIGN,
         )  # fmt: skip
 
 
@@ -277,33 +344,37 @@ def _cols_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _align(t: torch.Tensor) -> int:
+    """Elements per 16 bytes of t's dtype: the kernels' aligned body starts on such a boundary."""
+    return 16 // t.element_size()
+
+
 def ce_forward_launch(
     logits: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int,
     z_loss: float,
-    grad: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (N,) fp32 and softmax statistics (N, 2) fp32 (row max m, log d; see the
     module docstring) of logits (N, V) (column stride 1).
 
-    With `grad` (N, V), column stride 1, possibly `logits` itself) and `scale` (fp32, (N,) any
-    stride, or one element broadcast): also writes dL/dlogits = scale_i * (softmax - onehot).
+    With `grad_scale` (fp32 dL/dloss, (N,) of any stride, or one element for every row), the
+    kernel also overwrites `logits` in place with dL/dlogits = scale_i * (softmax - onehot), each
+    row right after its loss (the linear cross-entropy's per-chunk buffer, which has no other
+    user).
     """
     n_rows, vocab = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     stats = torch.empty((n_rows, 2), dtype=torch.float32, device=logits.device)
-    has_grad = grad is not None
-    if has_grad:
-        stride_s = scale.stride(0) if scale.numel() > 1 else 0
-    else:
-        grad, scale, stride_s = logits, loss, 0  # unused by the kernel
+    has_grad = grad_scale is not None
+    scale = grad_scale if has_grad else loss  # unused by the kernel without HAS_GRAD
+    stride_s = scale.stride(0) if has_grad and scale.numel() > 1 else 0
     block, rows, num_warps = _tiles(n_rows, vocab)
     _ce_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-        logits, labels.contiguous(), loss, stats, grad, scale,
-        n_rows, logits.stride(0), grad.stride(0), stride_s, vocab, ignore_index, z_loss,
-        HAS_GRAD=has_grad, BLOCK_V=block, ROWS=rows, num_warps=num_warps,
+        logits, labels.contiguous(), loss, stats, scale,
+        n_rows, logits.stride(0), stride_s, vocab, ignore_index, z_loss,
+        HAS_GRAD=has_grad, BLOCK_V=block, ROWS=rows, ALIGN=_align(logits), num_warps=num_warps,
     )  # fmt: skip
     return loss, stats
 
@@ -316,8 +387,9 @@ def _bwd_launch(logits, labels, stats, dloss, ignore_index, z_loss):
     block, rows, num_warps = _tiles(n_rows, vocab)
     _ce_bwd_kernel[(triton.cdiv(n_rows, rows),)](
         logits, labels.contiguous(), stats.contiguous(), dloss, grad,
-        n_rows, logits.stride(0), grad.stride(0), dloss.stride(0), vocab, ignore_index, z_loss,
-        BLOCK_V=block, ROWS=rows, num_warps=num_warps,
+        n_rows, logits.stride(0), grad.stride(0) - logits.stride(0), dloss.stride(0), vocab,
+        ignore_index, z_loss,
+        BLOCK_V=block, ROWS=rows, ALIGN=_align(logits), num_warps=num_warps,
     )  # fmt: skip
     return grad
 

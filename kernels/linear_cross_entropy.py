@@ -221,7 +221,7 @@ def _chunk_loop(
             s_c = scale if scale.numel() == 1 else scale[start:stop]
             # in place: logits becomes G_c = dL/dlogits of this chunk (padding columns stay 0)
             loss[start:stop], _ = ce_forward_launch(
-                logits, labels[start:stop], ignore_index, z_loss, grad=logits, scale=s_c
+                logits, labels[start:stop], ignore_index, z_loss, grad_scale=s_c
             )
             if need_dh:
                 dh[start:stop] = _mm_fp32(padded, w)  # (n, C)

@@ -56,3 +56,18 @@ def test_rmsnorm_and_rope_move_no_narrow_elements(launches):
             narrow = {k: n for k, n in ops.items() if k.endswith((".16", ".8"))}
             assert not narrow, f"{r['case']} {r['kernel']}: {narrow}"
             assert r["loads"].get("LDG.128", 0) + r["async_copies"].get("LDGSTS.128", 0) > 0
+
+
+def test_cross_entropy_rows_off_16_byte_boundaries_compile_like_aligned_rows(launches):
+    """V = 50257 bf16 (each row starts at a different offset from a 16-byte boundary) against
+    V = 50304 (every row aligned): the same registers and the same global loads and stores, by
+    width, in each of the three kernels (forward, backward, forward writing the gradient)."""
+    by_vocab = {
+        v: [r for r in launches if r["case"] == f"cross_entropy 8192x{v}"] for v in (50257, 50304)
+    }
+    assert len(by_vocab[50257]) == len(by_vocab[50304]) == 3
+    for odd, even in zip(by_vocab[50257], by_vocab[50304]):
+        assert odd["kernel"] == even["kernel"]
+        for key in ("regs", "loads", "stores"):
+            assert odd[key] == even[key], f"{odd['kernel']} {key}: {odd[key]} vs {even[key]}"
+        assert even["loads"].get("LDG.128", 0) >= 2, even

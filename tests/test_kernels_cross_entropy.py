@@ -72,6 +72,35 @@ def test_vocab_256k():
     check_against_reference(logits, _labels(3, 262144, ignore_every=2), "mean", z_loss=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [1, 3, 9, 37])
+def test_rows_off_16_byte_boundaries(dtype, vocab, monkeypatch):
+    """The kernels walk each row's 16-byte-aligned body in vectors and the elements before and
+    after it (fewer than 16 bytes each) as ragged ends. With V not a multiple of 16 bytes, row r
+    starts at byte r * V * size, so over 19 rows every offset from a boundary occurs, rows that
+    lie inside one 16-byte span included (V = 1, 3). Labels sit on each row's first and last
+    column and on the columns next to a boundary; blocks of 16 columns give several body blocks.
+    The forward that writes the gradient in place (the linear cross-entropy's) is checked
+    against the plain backward."""
+    monkeypatch.setattr(ce_mod, "TILE_ELEMENTS_INTERPRETED", 16)
+    n_rows = 19
+    logits = (torch.randn(n_rows, vocab) * 3).to(dtype)
+    align = 16 // logits.element_size()
+    cols = torch.arange(n_rows)
+    starts = cols * vocab  # flat offset of each row
+    first_boundary = (starts + align - 1) // align * align - starts  # column of lo
+    labels = torch.stack([cols * 0, cols * 0 + vocab - 1, first_boundary, first_boundary - 1])
+    labels = labels.clamp(0, vocab - 1)[cols % 4, cols]
+    labels[5] = -100
+    check_against_reference(logits, labels, "none", z_loss=1e-3)
+    check_against_reference(logits, labels, "mean")
+    _, want, _ = _loss_and_grad(triton_ce, logits, labels, "sum", upstream=torch.ones(()))
+    in_place = logits.clone()
+    loss, _ = ce_mod.ce_forward_launch(in_place, labels, -100, 0.0, grad_scale=torch.ones(1))
+    torch.testing.assert_close(loss.sum(), triton_ce(logits, labels, reduction="sum"))
+    torch.testing.assert_close(in_place, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("tile", [256, 8192])
 def test_online_softmax_over_column_blocks(monkeypatch, tile):
     """Tiles as small as a GPU's relative to V: 777 columns in 256-wide blocks (the online
@@ -286,8 +315,8 @@ def test_int64_offsets_past_2_pow_31(tmp_path):
     check_against_reference(logits, labels, "none", z_loss=1e-4)
     # in place, as kernels/linear_cross_entropy.py does: the gradient overwrites the logits
     want = logits.clone()  # (3, V) contiguous
-    want_loss, _ = ce_mod.ce_forward_launch(want, labels, -100, 0.0, grad=want, scale=torch.ones(1))
-    loss, _ = ce_mod.ce_forward_launch(logits, labels, -100, 0.0, grad=logits, scale=torch.ones(1))
+    want_loss, _ = ce_mod.ce_forward_launch(want, labels, -100, 0.0, grad_scale=torch.ones(1))
+    loss, _ = ce_mod.ce_forward_launch(logits, labels, -100, 0.0, grad_scale=torch.ones(1))
     torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
     torch.testing.assert_close(logits, want, rtol=0, atol=0)
     assert want.abs().sum() > 0
