@@ -78,19 +78,30 @@ def synchronize(device: torch.device | str | None = None) -> None:
 
 
 def time_cuda(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
-    """Median milliseconds of fn() on the GPU, timed with CUDA events (after warmup)."""
+    """Median milliseconds per call of fn() on the GPU: after `warmup` calls, `rep` calls
+    enqueued back to back, each between two CUDA events, and one synchronize at the end (as
+    triton.testing.do_bench does).
+
+    Why not a synchronize after each call (this function did that until 2026-12-06): then every
+    call starts on an idle GPU, and its time includes the host's whole path to its first kernel
+    launch (Python, op dispatch, autograd), which a kernel called through Python pays and a
+    device-to-device copy, the ceiling it is compared with, hardly does. Back to back, the host
+    prepares call i + 1 while the GPU runs call i: a GPU-bound call is timed at its GPU time,
+    and a host-bound one (the launch-bound seed shapes) still shows its host time, as a training
+    loop sees it."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(rep):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(rep)
+    ]
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
     return times[len(times) // 2]
 
 

@@ -14,11 +14,13 @@ provider, shape, ms, gbps, peak_mib, plus n_bytes, device and env_info() (hardwa
 commit, date), so every number says what produced it. At the end of the session the terminal
 shows these cases as one table (ms, GB/s, peak MiB), which pytest-benchmark's own tables lack.
 
-Timing on CUDA: `ms` is the median of CUDA-event-timed calls (bench.common.time_cuda: warmup
-first, so torch.compile's compilation is never timed; a synchronize after each call). The host
-clock pytest-benchmark reports is kept too, on a function that synchronizes after each call, so
-its statistics are honest wall times. L2 is not flushed between calls (a layer's input usually
-sits in L2 in training too); at the large shapes the data is far bigger than L2 anyway.
+Timing on CUDA: `ms` is the median of CUDA-event-timed calls enqueued back to back
+(bench.common.time_cuda: warmup first, so torch.compile's compilation is never timed; one
+synchronize at the end, so a GPU-bound call is timed at its GPU time, not plus the host's path to
+its first launch). The host clock pytest-benchmark reports is kept too, on a function that
+synchronizes after each call, so its statistics are honest wall times of one isolated call.
+L2 is not flushed between calls (a layer's input usually sits in L2 in training too); at the
+large shapes the data is far bigger than L2 anyway.
 `gbps` = bytes that must move (the caller's count: each input read once, each output written once,
 the same for every provider) / `ms`. `peak_mib` = peak CUDA memory allocated during one call above
 what was allocated before it (inputs excluded, outputs and temporaries included).
