@@ -36,10 +36,10 @@ def main() -> int:
             )
             return 1
     try:
-        import kernels
+        import octo_kernels
     except Exception as e:
         print(
-            f"check.py: Octo's kernels package does not import ({type(e).__name__}: {e}); run "
+            f"check.py: Octo's octo_kernels package does not import ({type(e).__name__}: {e}); run "
             'this from the repository root after: pip install -e ".[dev]"',
             file=sys.stderr,
         )
@@ -59,9 +59,9 @@ def main() -> int:
     else:
         print("GPU           none")
         print("bf16          n/a (no CUDA GPU)")
-    triton = "not installed" if not kernels.triton_available() else _version("triton")
+    triton = "not installed" if not octo_kernels.triton_available() else _version("triton")
     print(f"triton        {triton}")
-    print(f"kernels       {kernels.describe(device)} (on {device})")
+    print(f"kernels       {octo_kernels.describe(device)} (on {device})")
     for name in ("transformers", "safetensors", "tokenizers"):
         print(f"{name:<14}{versions[name]}")
     for name, why in OPTIONAL.items():

@@ -9,14 +9,14 @@ kernel decide much of its speed, and reading them costs no GPU time (the device 
 loads of bf16 logits rows whose length is odd, is a fact about the code that CI can hold, where a
 timing needs a GPU.
 
-How: each case runs the kernels' real launch code (kernels/*.py, the `_launch` functions, so the
-tile choices are the ones a GPU gets) on `meta` tensors, with Triton's active driver replaced by a
-stand-in that names an sm_90 target and launches nothing. Triton then specialises and compiles
-every kernel exactly as for a real H100 (a meta tensor's data_ptr() is 0, i.e. 16-byte aligned,
-as CUDA allocations are); the stand-in keeps each cubin, and the CUDA binary tools that ship with
+How: each case runs the kernels' real launch code (octo_kernels/*.py, the `_launch` functions, so
+the tile choices are the ones a GPU gets) on `meta` tensors, with Triton's active driver replaced by
+a stand-in that names an sm_90 target and launches nothing. Triton then specialises and compiles
+every kernel exactly as for a real H100 (a meta tensor's data_ptr() is 0, i.e. 16-byte aligned, as
+CUDA allocations are); the stand-in keeps each cubin, and the CUDA binary tools that ship with
 Triton read it: `cuobjdump -res-usage` (registers, stack = spill space, shared memory) and
-`cuobjdump -sass` (every LDG / STG / LDGSTS with its width in bits, and the BAR barriers).
-Counts are of instructions in the code, not of executions: a load inside a loop counts once.
+`cuobjdump -sass` (every LDG / STG / LDGSTS with its width in bits, and the BAR barriers). Counts
+are of instructions in the code, not of executions: a load inside a loop counts once.
 
 Needs Triton with its NVIDIA backend (pip's Triton on Linux x86_64 has it) and no GPU. The
 interpreter must be off, so this runs in its own process (the CPU test suite interprets).
@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret: set before kernels/ imports
+os.environ["TRITON_INTERPRET"] = "0"  # compile, do not interpret: set before octo_kernels/ imports
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; silences its warning
 
 import torch  # noqa: E402
@@ -190,9 +190,9 @@ def cases() -> dict[str, Callable[[], object]]:
     """Case name -> launch code on meta tensors."""
     import importlib
 
-    ce = importlib.import_module("kernels.cross_entropy")
-    rn = importlib.import_module("kernels.rmsnorm")
-    rp = importlib.import_module("kernels.rope")
+    ce = importlib.import_module("octo_kernels.cross_entropy")
+    rn = importlib.import_module("octo_kernels.rmsnorm")
+    rp = importlib.import_module("octo_kernels.rope")
     out: dict[str, Callable[[], object]] = {}
 
     for n, c in ((8192, 768), (65536, 4096)):

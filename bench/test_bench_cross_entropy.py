@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from bench.common import pass_fn
-from kernels.cross_entropy import cross_entropy, cross_entropy_ref
+from octo_kernels.cross_entropy import cross_entropy, cross_entropy_ref
 
 SHAPES = {"v16000": (8192, 16000), "v50257": (8192, 50257)}
 CPU_SHAPE = (512, 16000)

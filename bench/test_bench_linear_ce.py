@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bench.common import pass_fn
-from kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from octo_kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
 SHAPES = {"v16000": (8192, 768, 16000), "v50257": (8192, 768, 50257), "large": (65536, 4096, 50257)}
 CPU_SHAPE = (512, 256, 16000)

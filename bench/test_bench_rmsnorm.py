@@ -9,7 +9,7 @@ forward+backward adds reading dy and x and writing dx (3 R C). On the CPU only t
 providers run, at 512 x 768. Targets (issue 3, H100): Triton fwd+bwd >= 80% of the copy's GB/s at
 the large shape, and faster than torch.compile(reference) at the seed shape.
 triton_compiled (seed shape, GPU): the Triton path inside torch.compile, as the model runs it
-(bench/gpu_experiments.sh runs it, with and without OCTO_TRITON_OP=1; gpu.sh leaves it out).
+(bench/gpu.sh runs it with the default custom ops).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bench.common import pass_fn
-from kernels.rmsnorm import rms_norm, rms_norm_ref
+from octo_kernels.rmsnorm import rms_norm, rms_norm_ref
 
 SHAPES = {"seed": (8192, 768), "large": (65536, 4096)}
 CPU_SHAPE = (512, 768)

@@ -12,7 +12,7 @@ only the reference providers run, at B=2 T=128. Target (issue 3, H100): Triton f
 the copy's GB/s at the large shape, faster than torch.compile(reference) at the seed shape.
 Liger rotates in place, on contiguous (B, T, H, D) copies it makes of q and k.
 triton_compiled (seed shape, GPU): the Triton path inside torch.compile, as the model runs it
-(bench/gpu_experiments.sh runs it, with and without OCTO_TRITON_OP=1; gpu.sh leaves it out).
+(bench/gpu.sh runs it with the default custom ops).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from bench.common import pass_fn
-from kernels.rope import apply_rope, apply_rope_ref
+from octo_kernels.rope import apply_rope, apply_rope_ref
 
 # (B, T, Hq, Hkv, D)
 SHAPES = {"seed": (16, 512, 12, 3, 64), "large": (16, 4096, 32, 8, 128)}

@@ -17,7 +17,7 @@ On a CPU: the tiny config in fp32 (block 128, batch 8, accumulation 2).
 Reported per provider: tokens/s, MFU (6N + attention flops over the GPU's bf16 peak), peak memory,
 first-step time (compile included), and where a step's time goes (data wait, forward+backward,
 optimizer) from extra profiled steps (those sync per phase; the throughput steps do not).
-With OCTO_TRITON_OP=1 in the environment (kernels.backend) the octo-triton providers are named
+With OCTO_TRITON_OP=1 in the environment (octo_kernels.backend) the octo-triton providers are named
 "... +triton_op".
 """
 
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from bench.common import env_info
-from kernels.backend import INLINE_TRITON
 from octo import CausalLMOutput, OctoConfig, OctoForCausalLM
+from octo_kernels.backend import INLINE_TRITON
 from train.config import TrainConfig
 from train.loop import Trainer
 from train.metrics import gpu_peak_flops

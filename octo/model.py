@@ -7,7 +7,8 @@ Dimension legend:
 
 Parameter names are transformers' LlamaForCausalLM's (model.embed_tokens, model.layers.N.self_attn
 .q_proj, ..., mlp.gate_proj, input_layernorm, model.norm, lm_head), so a state dict is a Llama
-state dict. RMSNorm, RoPE and the loss go through `kernels.*` (Triton on CUDA, reference elsewhere).
+state dict. RMSNorm, RoPE and the loss go through `octo_kernels.*` (Triton on CUDA, reference
+elsewhere).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import octo_kernels
 from octo.config import OctoConfig
 
 
@@ -47,7 +48,7 @@ def rope_cos_sin(
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight, through kernels.rms_norm."""
+    """y = x / rms(x) * weight, through octo_kernels.rms_norm."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -55,7 +56,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., C)
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return octo_kernels.rms_norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -113,7 +114,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = kernels.apply_rope(q, k, cos, sin)
+        q, k = octo_kernels.apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, P, D)
         y = F.scaled_dot_product_attention(
@@ -254,9 +255,9 @@ class OctoForCausalLM(nn.Module):
         reduction: str = "mean",  # of the loss over non-ignored target tokens: mean | sum
     ) -> CausalLMOutput:
         """Logits and/or the loss. Position t predicts token t+1 (transformers' convention); with
-        labels and no return_logits, the loss comes from kernels.linear_cross_entropy, which never
-        materialises (B, T, V) on the fused path, and .logits is None. Positions count from 0 in
-        every row, padded or not (as transformers' forward does without position_ids)."""
+        labels and no return_logits, the loss comes from octo_kernels.linear_cross_entropy, which
+        never materialises (B, T, V) on the fused path, and .logits is None. Positions count from 0
+        in every row, padded or not (as transformers' forward does without position_ids)."""
         h = self.hidden_states(input_ids, attention_mask)  # (B, T, C)
         if return_logits is None:
             return_logits = labels is None
@@ -273,11 +274,11 @@ class OctoForCausalLM(nn.Module):
                 keep = F.pad(real[:, 1:] & real[:, :-1], (0, 1), value=False).reshape(-1)
                 targets = torch.where(keep, targets, torch.full_like(targets, -100))
             if logits is not None:
-                loss = kernels.cross_entropy(
+                loss = octo_kernels.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), targets, reduction=reduction
                 )
             else:
-                loss = kernels.linear_cross_entropy(
+                loss = octo_kernels.linear_cross_entropy(
                     h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets, reduction=reduction
                 )
         return CausalLMOutput(loss=loss, logits=logits)

@@ -1,9 +1,10 @@
 """OCTO_TRITON_OP=1: the RMSNorm and RoPE ops registered as `torch.library.triton_op`s, so
-torch.compile traces into them and Inductor launches the Triton kernels itself (kernels.backend).
+torch.compile traces into them and Inductor launches the Triton kernels itself
+(octo_kernels.backend).
 
-The flag is read when `kernels` is imported, so each case runs in a fresh Python process. On a CPU
-the ops run eagerly under the interpreter (torch.compile cannot trace a triton_op there: DESIGN.md's
-first trap); the compiled case needs a GPU.
+The flag is read when `octo_kernels` is imported, so each case runs in a fresh Python process. On a
+CPU the ops run eagerly under the interpreter (torch.compile cannot trace a triton_op there:
+DESIGN.md's first trap); the compiled case needs a GPU.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 EAGER = """
-import torch, kernels
+import torch, octo_kernels
 from torch._subclasses.functional_tensor import FunctionalTensorMode
-from kernels.backend import INLINE_TRITON
-from kernels.rmsnorm import rms_norm_bwd, rms_norm_fwd, rms_norm_ref
-from kernels.rope import apply_rope_ref, rope
+from octo_kernels.backend import INLINE_TRITON
+from octo_kernels.rmsnorm import rms_norm_bwd, rms_norm_fwd, rms_norm_ref
+from octo_kernels.rope import apply_rope_ref, rope
 assert INLINE_TRITON
 # a triton_op decomposes into its kernel launches under functionalization (what lets Inductor
 # see them); a custom_op registers no such rule (torch 2.13's CustomOpDef keeps it here)
@@ -34,7 +35,7 @@ dev = "cuda" if torch.cuda.is_available() else "cpu"
 x = torch.randn(199, 760, device=dev, requires_grad=True)
 w = torch.randn(760, device=dev, requires_grad=True)
 g = torch.randn(199, 760, device=dev)
-got = torch.autograd.grad(kernels.rms_norm(x, w, 1e-6, backend="triton"), (x, w), g)
+got = torch.autograd.grad(octo_kernels.rms_norm(x, w, 1e-6, backend="triton"), (x, w), g)
 want = torch.autograd.grad(rms_norm_ref(x, w, 1e-6), (x, w), g)
 for a, b in zip(got, want):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -44,7 +45,7 @@ ang = torch.randn(9, 8, device=dev)
 cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
 gq, gk = torch.randn_like(q), torch.randn_like(k)
 outs = {}
-for name, fn in (("triton", lambda: kernels.apply_rope(q, k, cos, sin, backend="triton")),
+for name, fn in (("triton", lambda: octo_kernels.apply_rope(q, k, cos, sin, backend="triton")),
                  ("ref", lambda: apply_rope_ref(q, k, cos, sin))):
     qo, ko = fn()
     outs[name] = (qo, ko, *torch.autograd.grad((qo, ko), (q, k), (gq, gk)))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels.backend import triton_available
+from octo_kernels.backend import triton_available
 
 ROOT = Path(__file__).resolve().parents[1]
 

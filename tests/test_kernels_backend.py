@@ -1,12 +1,13 @@
-"""kernels.backend: which implementation runs (OCTO_KERNELS / backend=); cast_like's rounding."""
+"""octo_kernels.backend: which implementation runs (OCTO_KERNELS / backend=); cast_like's
+rounding."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import kernels
-from kernels import backend
+import octo_kernels
+from octo_kernels import backend
 
 
 def test_requested_backend_argument_env_and_default(monkeypatch):
@@ -22,7 +23,7 @@ def test_unknown_backend_is_one_clear_error(monkeypatch):
         backend.requested_backend("cuda")
     monkeypatch.setenv("OCTO_KERNELS", "fast")
     with pytest.raises(ValueError, match=r"'fast' \(from OCTO_KERNELS\); use one of"):
-        kernels.rms_norm(torch.randn(2, 8), torch.ones(8))
+        octo_kernels.rms_norm(torch.randn(2, 8), torch.ones(8))
 
 
 def test_use_triton_on_cpu_tensors(monkeypatch):
@@ -40,11 +41,11 @@ def test_env_var_picks_the_path(monkeypatch):
     x = torch.randn(3, 16, requires_grad=True)
     w = torch.ones(16)
     monkeypatch.setenv("OCTO_KERNELS", "triton")
-    assert "octo_rms_norm_fwd" in type(kernels.rms_norm(x, w).grad_fn).__name__
+    assert "octo_rms_norm_fwd" in type(octo_kernels.rms_norm(x, w).grad_fn).__name__
     monkeypatch.setenv("OCTO_KERNELS", "torch")
-    assert "octo" not in type(kernels.rms_norm(x, w).grad_fn).__name__
+    assert "octo" not in type(octo_kernels.rms_norm(x, w).grad_fn).__name__
     monkeypatch.setenv("OCTO_KERNELS", "auto")  # CPU tensors: the reference
-    assert "octo" not in type(kernels.rms_norm(x, w).grad_fn).__name__
+    assert "octo" not in type(octo_kernels.rms_norm(x, w).grad_fn).__name__
 
 
 def test_argument_overrides_env_in_every_public_function(monkeypatch):
@@ -53,10 +54,14 @@ def test_argument_overrides_env_in_every_public_function(monkeypatch):
     cos, sin = torch.ones(4, 16), torch.zeros(4, 16)
     labels, head = torch.tensor([1, 2, -100]), torch.randn(5, 16)
     calls = {  # each returns an output made by the op itself (its grad_fn names the op)
-        "rms_norm": lambda b: kernels.rms_norm(x, w, backend=b),
-        "rope": lambda b: kernels.apply_rope(q, k, cos, sin, backend=b)[0],
-        "cross_entropy": lambda b: kernels.cross_entropy(x, labels, reduction="none", backend=b),
-        "linear_cross_entropy": lambda b: kernels.linear_cross_entropy(x, head, labels, backend=b),
+        "rms_norm": lambda b: octo_kernels.rms_norm(x, w, backend=b),
+        "rope": lambda b: octo_kernels.apply_rope(q, k, cos, sin, backend=b)[0],
+        "cross_entropy": lambda b: octo_kernels.cross_entropy(
+            x, labels, reduction="none", backend=b
+        ),
+        "linear_cross_entropy": lambda b: octo_kernels.linear_cross_entropy(
+            x, head, labels, backend=b
+        ),
     }
     for env, arg in (("torch", "triton"), ("triton", "torch")):
         monkeypatch.setenv("OCTO_KERNELS", env)
@@ -72,7 +77,7 @@ def test_without_triton(monkeypatch):
     assert backend.use_triton(x, backend="auto") is False
     assert backend.use_triton(x, backend="torch") is False
     with pytest.raises(RuntimeError, match="'triton' requested but Triton does not import"):
-        kernels.rms_norm(x, torch.ones(8), backend="triton")
+        octo_kernels.rms_norm(x, torch.ones(8), backend="triton")
 
 
 def test_describe(monkeypatch):
@@ -88,7 +93,7 @@ if backend.triton_available():
     import triton
     import triton.language as tl
 
-    from kernels.backend import cast_like
+    from octo_kernels.backend import cast_like
 
     @triton.jit
     def _cast_kernel(X, Y, N: tl.constexpr):

@@ -1,4 +1,4 @@
-"""Triton cross-entropy (kernels/cross_entropy.py) against its reference: loss and gradient.
+"""Triton cross-entropy (octo_kernels/cross_entropy.py) against its reference: loss and gradient.
 
 On a machine without a GPU the Triton kernels run on CPU tensors through the interpreter
 (backend="triton"; tests/conftest.py sets TRITON_INTERPRET=1), which proves the math. Tolerances
@@ -16,12 +16,12 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels import cross_entropy, cross_entropy_ref
-from kernels.backend import interpreting
+import octo_kernels
+from octo_kernels import cross_entropy, cross_entropy_ref
+from octo_kernels.backend import interpreting
 from tests.numerics import FAR_STRIDE, assert_kernel_close, far_view
 
-ce_mod = sys.modules["kernels.cross_entropy"]
+ce_mod = sys.modules["octo_kernels.cross_entropy"]
 triton_ce = functools.partial(cross_entropy, backend="triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -203,7 +203,7 @@ def test_confident_rows_keep_fp32_precision_near_one(path):
     else:
         eye = torch.eye(vocab)
         loss, grad, _ = _loss_and_grad(
-            lambda x, y, **kw: kernels.linear_cross_entropy(x, eye, y, backend="triton", **kw),
+            lambda x, y, **kw: octo_kernels.linear_cross_entropy(x, eye, y, backend="triton", **kw),
             logits, labels, "none", upstream=ones,
         )  # fmt: skip
     ref, ref_grad, _ = _loss_and_grad(
@@ -268,7 +268,7 @@ def test_public_function_dispatch():
     torch.testing.assert_close(out, cross_entropy_ref(logits, labels, reduction="none"))
     fp32 = cross_entropy(logits.float(), labels, reduction="none", backend="triton")
     assert "octo_cross_entropy_fwd" in type(fp32.grad_fn).__name__
-    assert kernels.cross_entropy is cross_entropy
+    assert octo_kernels.cross_entropy is cross_entropy
     assert not ce_mod.triton_eligible(torch.randn(0, 20))
 
 
@@ -313,7 +313,7 @@ def test_int64_offsets_past_2_pow_31(tmp_path):
     logits.copy_((3 * torch.randn(3, vocab)).to(torch.bfloat16))
     labels = torch.tensor([5, vocab - 1, 17])
     check_against_reference(logits, labels, "none", z_loss=1e-4)
-    # in place, as kernels/linear_cross_entropy.py does: the gradient overwrites the logits
+    # in place, as octo_kernels/linear_cross_entropy.py does: the gradient overwrites the logits
     want = logits.clone()  # (3, V) contiguous
     want_loss, _ = ce_mod.ce_forward_launch(want, labels, -100, 0.0, grad_scale=torch.ones(1))
     loss, _ = ce_mod.ce_forward_launch(logits, labels, -100, 0.0, grad_scale=torch.ones(1))

@@ -1,4 +1,4 @@
-"""Fused linear + cross-entropy (kernels/linear_cross_entropy.py) against its reference.
+"""Fused linear + cross-entropy (octo_kernels/linear_cross_entropy.py) against its reference.
 
 The Triton part runs through the interpreter on CPU tensors (backend="triton"). Shapes stay
 small, so the chunking is forced with a small MIN_CHUNK_ELEMENTS where a test wants several
@@ -14,10 +14,10 @@ import sys
 import pytest
 import torch
 
-from kernels import cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
+from octo_kernels import cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
 from tests.numerics import assert_kernel_close
 
-lce_mod = sys.modules["kernels.linear_cross_entropy"]
+lce_mod = sys.modules["octo_kernels.linear_cross_entropy"]
 triton_lce = functools.partial(linear_cross_entropy, backend="triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

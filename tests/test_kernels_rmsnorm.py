@@ -14,8 +14,8 @@ import pytest
 import torch
 from numerics import FAR_STRIDE, assert_kernel_close, far_view
 
-from kernels.backend import interpreting
-from kernels.rmsnorm import MAX_HIDDEN, rms_norm, rms_norm_bwd, rms_norm_fwd, rms_norm_ref
+from octo_kernels.backend import interpreting
+from octo_kernels.rmsnorm import MAX_HIDDEN, rms_norm, rms_norm_bwd, rms_norm_fwd, rms_norm_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

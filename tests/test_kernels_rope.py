@@ -16,8 +16,8 @@ import pytest
 import torch
 from numerics import FAR_STRIDE, assert_kernel_close, far_view
 
-from kernels.backend import interpreting
-from kernels.rope import apply_rope, apply_rope_ref, rope
+from octo_kernels.backend import interpreting
+from octo_kernels.rope import apply_rope, apply_rope_ref, rope
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

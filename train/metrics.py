@@ -176,7 +176,7 @@ class IntervalMeter:
 
 def start_lines(t: Any) -> list[str]:
     """What a run prints first; t is the Trainer (train/loop.py)."""
-    import kernels
+    import octo_kernels
     from train.optim import tokens_per_step
     from train.runtime import compile_enabled
 
@@ -199,7 +199,7 @@ def start_lines(t: Any) -> list[str]:
         f"Planned steps: {t.total_steps} ({t.steps_source}){resuming}",
         f"Device: {dev} ({name}); precision: {t.precision.describe()}; "
         f"torch.compile: {compile_phrase}",
-        f"Kernels: {kernels.describe(dev)}",
+        f"Kernels: {octo_kernels.describe(dev)}",
         f"Checkpoints: {Path(cfg.checkpoint_dir).resolve()}; logs: {t.log.log_path}",
     ]
 

@@ -20,7 +20,7 @@ Triton path (reference, kernel, launcher, torch.library op, public function):
   so no transpose copy is made in either direction. Nothing is written in place.
 - the op octo::rope(q, k, cos, sin, position_offset, transpose) is a `torch.library.custom_op`
   with a fake implementation (no graph break under torch.compile), or with OCTO_TRITON_OP=1 a
-  `triton_op` that Inductor traces into (kernels.backend); its backward is the same op with
+  `triton_op` that Inductor traces into (octo_kernels.backend); its backward is the same op with
   `transpose` flipped. Inputs whose last dim is not contiguous (e.g. the stride-0 expanded
   gradient a compiled graph can hand over) are made contiguous inside the op.
 Eligible: q, k fp32/bf16/fp16, cos/sin floating and not requiring grad (the kernel does not
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import interpreting, launcher, library_op, triton_available, use_triton
+from octo_kernels.backend import interpreting, launcher, library_op, triton_available, use_triton
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEADS_X_HALF = 16384  # next_pow2(H) * next_pow2(D / 2) per tile; beyond it the reference runs
@@ -111,7 +111,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from kernels.backend import cast_like
+    from octo_kernels.backend import cast_like
 
     @triton.jit
     def _rope_heads(

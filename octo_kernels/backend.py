@@ -70,7 +70,7 @@ if _TRITON_AVAILABLE:
 # Inductor launches the Triton kernels from its own generated code, instead of calling back into
 # Python through the dispatcher and Triton's launcher for each of the ~74 RMSNorm/RoPE calls of a
 # micro-batch (issue 8: the compiled step is host bound). An experiment until measured on a GPU
-# (bench/NOTES.md, bench/gpu_experiments.sh). Eager calls work everywhere, also interpreted; under
+# (bench/NOTES.md; bench/gpu.sh measures it). Eager calls work everywhere, also interpreted; under
 # TRITON_INTERPRET=1, torch.compile cannot trace a triton_op (DESIGN.md's first trap).
 INLINE_TRITON = os.environ.get("OCTO_TRITON_OP", "0") == "1" and _TRITON_AVAILABLE
 

@@ -1,7 +1,7 @@
 """Fused linear + cross-entropy: loss(hidden @ weight.T, labels) without the full logits.
 
 Shapes: hidden (N, C), weight (V, C) (the lm_head), labels (N,) int64 (or int32).
-The loss is exactly cross_entropy(hidden @ weight.T, labels, ...) of kernels/cross_entropy.py
+The loss is exactly cross_entropy(hidden @ weight.T, labels, ...) of octo_kernels/cross_entropy.py
 (same math, same ignore_index / z_loss / reduction rules); with G = dL/dlogits (N, V):
     dL/dhidden = G @ weight          (N, C)
     dL/dweight = G.T @ hidden        (V, C)
@@ -10,7 +10,7 @@ Triton path (this file, top to bottom: reference, chunk size, the chunk loop, to
 public function):
 - the N tokens are walked in chunks of `chunk_rows(N, V, C)` rows, so only one (chunk, V) block
   of logits ever exists. Per chunk: logits = h_c @ W.T (torch, cuBLAS); the Triton cross-entropy
-  forward kernel (kernels/cross_entropy.py, HAS_GRAD) writes each row's loss and overwrites the
+  forward kernel (octo_kernels/cross_entropy.py, HAS_GRAD) writes each row's loss and overwrites the
   row's logits with its gradient (the buffer is ours alone; every element is read before it is
   written); then dL/dh_c = G_c @ W goes into its rows of an fp32 (N, C) result and G_c.T @ h_c
   is added into an fp32 (V, C) accumulator. With "mean"/"sum" the gradients are made during the
@@ -34,7 +34,7 @@ public function):
   among them).
 Eligible for Triton: hidden fp32/bf16/fp16, weight fp32/bf16/fp16, N > 0, V > 0. Labels outside
 [0, V) other than ignore_index give a NaN loss and NaN gradients on the Triton path (see
-kernels/cross_entropy.py); the reference raises.
+octo_kernels/cross_entropy.py); the reference raises.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ import functools
 
 import torch
 
-from kernels.backend import triton_available, use_triton
-from kernels.cross_entropy import (
+from octo_kernels.backend import triton_available, use_triton
+from octo_kernels.cross_entropy import (
     KERNEL_DTYPES,
     ce_forward_launch,
     check_cross_entropy_args,
@@ -374,8 +374,8 @@ def linear_cross_entropy(
     """loss(hidden (N, C) @ weight (V, C).T, labels (N,)); fp32 result. See module docstring.
 
     reduction "mean" (over non-ignored rows) | "sum" -> scalar, "none" -> (N,). backend: None
-    (OCTO_KERNELS), "auto", "triton" or "torch"; see kernels.backend. Under autocast the matmuls
-    run in the autocast dtype, as `hidden @ weight.T` would.
+    (OCTO_KERNELS), "auto", "triton" or "torch"; see octo_kernels.backend. Under autocast the
+    matmuls run in the autocast dtype, as `hidden @ weight.T` would.
     """
     check_linear_args(hidden, weight)
     check_cross_entropy_args(hidden[:, :1], labels, ignore_index, reduction)

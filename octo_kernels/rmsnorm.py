@@ -21,7 +21,7 @@ function):
   deterministic. (Liger-Kernel's backward has the same partials; the prefetch is quack's idea.)
 - both are `torch.library.custom_op`s (octo::rms_norm_fwd / octo::rms_norm_bwd) with fake
   implementations, so `torch.compile(fullgraph=True)` keeps them as opaque calls (no graph break);
-  with OCTO_TRITON_OP=1 they are `triton_op`s that Inductor traces into (kernels.backend).
+  with OCTO_TRITON_OP=1 they are `triton_op`s that Inductor traces into (octo_kernels.backend).
   Inputs are made last-dim-contiguous inside the ops: a compiled graph may hand the backward an
   expanded stride-0 gradient even where the caller wrote `.contiguous()`.
 Eligible: x and w on one device, x fp32/bf16/fp16, w floating, 0 < C <= MAX_HIDDEN, x non-empty.
@@ -34,7 +34,7 @@ import functools
 
 import torch
 
-from kernels.backend import interpreting, launcher, library_op, triton_available, use_triton
+from octo_kernels.backend import interpreting, launcher, library_op, triton_available, use_triton
 
 MAX_HIDDEN = 32768  # one row lives in registers; beyond this the reference runs
 BWD_PIPELINE_SMEM = 128 * 1024  # shared memory the backward may use to prefetch the next tile
@@ -74,7 +74,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from kernels.backend import cast_like
+    from octo_kernels.backend import cast_like
 
     @triton.jit
     def _rms_norm_fwd_kernel(
@@ -293,7 +293,7 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMSNorm over the last dim. x (..., C), weight (C,) -> (..., C) in x's dtype.
 
-    backend: None (OCTO_KERNELS), "auto", "triton" or "torch"; see kernels.backend. Inputs the
+    backend: None (OCTO_KERNELS), "auto", "triton" or "torch"; see octo_kernels.backend. Inputs the
     kernel does not handle (see `triton_eligible`) run the reference.
     """
     _check_args(x, weight)

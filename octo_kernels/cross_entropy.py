@@ -41,7 +41,7 @@ function):
   to skip it when that is 1), and keeps logits and gradient alive together from forward to
   backward; writing it in place over the logits corrupts any other user of those logits.
 - the same forward kernel, with HAS_GRAD, also writes the gradient of a row right after its
-  loss; kernels/linear_cross_entropy.py uses that on its own per-chunk logits buffer (in place:
+  loss; octo_kernels/linear_cross_entropy.py uses that on its own per-chunk logits buffer (in place:
   each element is read before it is overwritten, and the buffer has no other user).
 Labels outside [0, V) other than ignore_index: the reference raises (one host sync); the Triton
 path does not sync to check and gives that row a NaN loss and a NaN gradient row instead (never
@@ -54,7 +54,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import interpreting, triton_available, use_triton
+from octo_kernels.backend import interpreting, triton_available, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -145,7 +145,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from kernels.backend import cast_like
+    from octo_kernels.backend import cast_like
 
     LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -476,8 +476,9 @@ def cross_entropy(
     """Cross-entropy of logits (N, V) against labels (N,); fp32 result. See module docstring.
 
     reduction "mean" (over non-ignored rows) | "sum" -> scalar, "none" -> (N,). backend: None
-    (OCTO_KERNELS), "auto", "triton" or "torch"; see kernels.backend. On the Triton path a label
-    outside [0, V) other than ignore_index gives a NaN loss instead of an error (no host sync).
+    (OCTO_KERNELS), "auto", "triton" or "torch"; see octo_kernels.backend. On the Triton path a
+    label outside [0, V) other than ignore_index gives a NaN loss instead of an error (no host
+    sync).
     """
     check_cross_entropy_args(logits, labels, ignore_index, reduction)
     if use_triton(logits, labels, backend=backend) and triton_eligible(logits):
