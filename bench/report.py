@@ -1,11 +1,13 @@
 """Turn one GPU run's raw results into bench/results/<date>-<gpu>.json and .md.
 
-    python -m bench.report --kernels kernels.json --e2e train_throughput.json --outdir bench/results
+    python -m bench.report --kernels kernels.json --e2e e2e.json [e2e_more.json ...] \
+        --outdir bench/results
 
 kernels.json is pytest-benchmark's --benchmark-json output, whose extra_info per case holds what
-bench/conftest.py records (provider, shape, ms, GB/s, peak MiB); train_throughput.json is
-bench.train_throughput's output. Both are copied into the result JSON verbatim; the Markdown holds
-the tables a person reads.
+bench/conftest.py records (provider, shape, ms, GB/s, peak MiB); each e2e JSON is one
+bench.train_throughput run's output (several: their rows are merged, in order, e.g. a run with
+OCTO_TRITON_OP=1 beside one without). Both are copied into the result JSON; the Markdown holds the
+tables a person reads.
 """
 
 from __future__ import annotations
@@ -78,13 +80,16 @@ def _read_json(path: Path | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", type=Path, help="pytest-benchmark JSON")
-    ap.add_argument("--e2e", type=Path, help="bench.train_throughput JSON")
+    ap.add_argument("--e2e", type=Path, nargs="*", default=[], help="bench.train_throughput JSONs")
     ap.add_argument("--tests-log", type=Path, help="output of the GPU tests")
     ap.add_argument("--outdir", type=Path, default=Path("bench/results"))
     ap.add_argument("--commit", help="the commit measured (the GPU copy of the tree has no .git)")
     args = ap.parse_args(argv)
     kernels = _read_json(args.kernels)
-    e2e = _read_json(args.e2e)
+    runs = [run for run in map(_read_json, args.e2e) if run]
+    e2e = {}
+    if runs:
+        e2e = {"env": runs[0]["env"], "results": [r for run in runs for r in run["results"]]}
     env = e2e.get("env") or env_info()  # the GPU machine's facts when its run is given
     if args.commit:
         env["commit"] = args.commit
