@@ -15,7 +15,6 @@ makes the process SIGKILL itself at that point of that step's save.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.child_env import child_env
 from tests.run_logs import records, tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +54,7 @@ def train(corpus, run_dir: Path, *overrides: str, env: dict | None = None, check
         "keep_last_checkpoints=10", "sample_max_new_tokens=1", *MODES["stream_0_workers"],
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "train", "--model-config", "tiny", "--set", *settings, *overrides]
-    full_env = {k: v for k, v in os.environ.items() if k != "OCTO_CRASH_AT"}
-    full_env.update(PYTHONPATH=str(ROOT), **(env or {}))
+    full_env = child_env(drop=("OCTO_CRASH_AT",), **(env or {}))
     run_dir.mkdir(parents=True, exist_ok=True)
     if popen:
         return subprocess.Popen(cmd, cwd=run_dir, env=full_env, stdout=subprocess.PIPE,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.child_env import child_env
 from train.config import ConfigError, TrainConfig, load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +161,9 @@ def config_runs(tmp_path_factory):
         if model is not None:
             (d / "m.json").write_text(json.dumps(model))
             cmd += ["--model-config", str(d / "m.json")]
-        procs[name] = (d, subprocess.Popen(cmd + args, cwd=d, stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True))  # fmt: skip
+        procs[name] = (d, subprocess.Popen(cmd + args, cwd=d, env=child_env(),
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True))  # fmt: skip
     out = {}
     for name, (d, p) in procs.items():
         stdout, stderr = p.communicate(timeout=120)

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.child_env import child_env
 from tests.fakes import ListData
 from tests.run_logs import records, tensors
 
@@ -85,8 +86,7 @@ def torchrun(corpus, run_dir: Path, *overrides: str, script: list[str] | None = 
 def rank_env() -> dict[str, str]:
     """The ranks' environment: this one without a fault injection or WORLD_SIZE, the checkout
     importable, one thread per rank on CPU (2 ranks share 2 cores)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OCTO_CRASH_AT", "WORLD_SIZE")}
-    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return child_env(drop=("OCTO_CRASH_AT", "WORLD_SIZE"), OMP_NUM_THREADS="1")
 
 
 def ok(r: subprocess.CompletedProcess) -> str:

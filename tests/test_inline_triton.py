@@ -9,13 +9,14 @@ DESIGN.md's first trap); the compiled case needs a GPU.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.child_env import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,7 @@ print("OK")
 
 
 def run_flagged(code: str, interpret: bool) -> str:
-    env = {**os.environ, "OCTO_TRITON_OP": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(OCTO_TRITON_OP="1")
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     else:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from octo import OctoConfig, OctoForCausalLM
+from tests.child_env import child_env
 from tests.run_logs import records
 from train.checkpoint import (
     CheckpointError,
@@ -154,8 +155,7 @@ def test_printed_resume_command_works_from_another_directory(corpus, tmp_path):
     shutil.copytree(corpus["data"], run_dir / "stories")
     shutil.copytree(corpus["tokenizer"], run_dir / "tok")
     (bin_dir / "python").symlink_to(sys.executable)  # the printed `python` is this one
-    env = {k: v for k, v in os.environ.items() if k != "OCTO_CRASH_AT"}
-    env.update(PYTHONPATH=str(ROOT), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    env = child_env(drop=("OCTO_CRASH_AT",), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     cmd = [sys.executable, "-m", "train", "--model-config", "tiny", "--set",
            "dataset_name=./stories", "tokenizer_name=./tok", "data_cache_dir=cache",
            "checkpoint_dir=ckpt", "log_dir=logs", "device=cpu", "precision=fp32", "compile=off",

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from octo import OctoForCausalLM
+from tests.child_env import child_env
 from train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def demo_run(tmp_path_factory, cache):
     tmp = tmp_path_factory.mktemp("demo_run")
     cmd = command(tmp, cache, "max_steps=40", "warmup_steps=10", "log_interval_steps=10",
                   "eval_interval_steps=20", "save_interval_steps=1000")  # fmt: skip
-    p = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=tmp, env=child_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     (log,) = (tmp / "logs").glob("training_*[0-9].log")
     records = [json.loads(line) for line in log.with_suffix(".jsonl").read_text().splitlines()]
@@ -131,8 +132,8 @@ def test_final_folder_loads_in_octo_and_transformers(demo_run):
 def stop_after(cmd: list[str], cwd: Path, step_line: str) -> tuple[str, str, int]:
     """Run cmd until it prints a line starting with step_line, then SIGTERM it: (stdout, stderr,
     exit code)."""
-    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
     head = []
     for line in p.stdout:
         head.append(line)
