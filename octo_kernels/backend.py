@@ -95,8 +95,10 @@ def library_op(name: str, fake: Callable) -> Callable[[Callable], Any]:
 
 def launcher(kernel: Any) -> Any:
     """`kernel` for `kernel[grid](...)`; wrapped by `torch.library.wrap_triton` when the ops are
-    triton_ops, so tracing records the launch (eager calls go straight to the kernel)."""
-    if INLINE_TRITON:
+    triton_ops, so tracing records the launch (eager calls go straight to the kernel). Not under
+    the interpreter, where nothing traces them: torch 2.11's wrap_triton rejects an interpreted
+    kernel ("only works on functions annotated with triton.jit"), 2.13's passes it through."""
+    if INLINE_TRITON and not interpreting():
         return torch.library.wrap_triton(kernel)
     return kernel
 
