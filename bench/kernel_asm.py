@@ -60,11 +60,6 @@ class Launch:
     async_copies: dict[str, int] = field(default_factory=dict)  # "LDGSTS.128": n (cp.async)
     barriers: int = 0
 
-    def narrow(self, prefix: str) -> int:
-        """Instructions of `prefix` ("LDG" / "STG") narrower than 128 bits."""
-        table = self.loads if prefix == "LDG" else self.stores
-        return sum(n for k, n in table.items() if k != f"{prefix}.128")
-
 
 class _StandInDriver:
     """Triton's driver interface with an sm_90 target and no device: kernels compile, and a
@@ -73,6 +68,7 @@ class _StandInDriver:
     def __init__(self) -> None:
         self.binaries: list[tuple[str, bytes, object]] = []  # (name, cubin, metadata)
         self.launched: list[int] = []  # indices into binaries, one per launch
+        self._metadata = None  # the kernel launcher_cls was last made for
         self.utils = self  # Triton calls driver.utils.load_binary / get_device_properties
 
     @staticmethod
@@ -89,7 +85,7 @@ class _StandInDriver:
         return 0
 
     def get_device_properties(self, device: int) -> dict:
-        return {"max_shared_mem": 227 * 1024, "multiprocessor_count": 132}
+        return {"max_shared_mem": 227 * 1024}  # sm_90's per-block limit, all Triton asks
 
     def load_binary(self, name, cubin, shared, device):
         """Keep the cubin; (module, function, regs, spills, max threads), function = its index."""
