@@ -144,6 +144,56 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cuda"
     return peak / 2**20
 
 
+# torch.profiler's trace categories of the work a device itself does (Kineto's names)
+DEVICE_WORK = {"cuda": ("kernel", "gpu_memcpy", "gpu_memset"), "cpu": ("cpu_op",)}
+
+
+def union_ms(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of (start_us, end_us) intervals, in ms: work on overlapping streams
+    (or nested CPU ops) counts once."""
+    total, reached = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total / 1e3
+
+
+def device_busy_ms(fn: Callable[[], object], device: torch.device | str = "cuda") -> float:
+    """Milliseconds during one call of fn() in which the device was working: the union of its
+    kernels, copies and memsets as torch.profiler (Kineto/CUPTI) records them.
+
+    Why: a step whose busy time is well under its wall time waits on the host (Python, op
+    dispatch, launches), not on the GPU; more kernel work will not show in its speed, and less
+    host work will. Read from the profiler's Chrome trace (its documented format) rather than its
+    Python event objects, which change between torch versions. On a CPU device the "work" is the
+    time inside profiled aten ops, which only serves to test this function."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    work = DEVICE_WORK[device.type]
+    spans = [
+        (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") in work and "dur" in e
+    ]
+    return union_ms(spans)
+
+
 def gbps(n_bytes: int, ms: float) -> float:
     """Bandwidth: bytes that must move, over time (GB/s, 1e9)."""
     return n_bytes / (ms * 1e-3) / 1e9

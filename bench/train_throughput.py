@@ -15,8 +15,10 @@ On a GPU: the seed config (block 512, batch 16, accumulation 4, bf16) at vocab 1
 On a CPU: the tiny config in fp32 (block 128, batch 8, accumulation 2).
 
 Reported per provider: tokens/s, MFU (6N + attention flops over the GPU's bf16 peak), peak memory,
-first-step time (compile included), and where a step's time goes (data wait, forward+backward,
-optimizer) from extra profiled steps (those sync per phase; the throughput steps do not).
+first-step time (compile included), where a step's time goes (data wait, forward+backward,
+optimizer) from extra profiled steps (those sync per phase; the throughput steps do not), and on
+a GPU how long the GPU itself worked during one more step (torch.profiler: kernels, copies; a
+step far longer than that is bound by the host, not the GPU).
 With OCTO_TRITON_OP=1 in the environment (octo_kernels.backend) the octo-triton providers are named
 "... +triton_op".
 """
@@ -32,7 +34,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from bench.common import env_info
+from bench.common import device_busy_ms, env_info
 from octo import CausalLMOutput, OctoConfig, OctoForCausalLM
 from octo_kernels.backend import INLINE_TRITON
 from train.config import TrainConfig
@@ -146,6 +148,12 @@ def run_provider(
         phases["data_wait"] += wait
         for k in ("forward_backward", "optimizer"):
             phases[k] += timings[k]
+    gpu_busy_ms = None
+    if device.type == "cuda":
+        try:
+            gpu_busy_ms = device_busy_ms(step, device)
+        except Exception as e:  # a profiler that cannot trace here must not lose the run
+            print(f"{provider}: GPU busy time not measured: {type(e).__name__}: {e}")
     tokens_per_step = cfg.batch_size * cfg.block_size * accum
     tok_s = steps * tokens_per_step / elapsed
     peak = gpu_peak_flops(device) if device.type == "cuda" else None
@@ -164,6 +172,7 @@ def run_provider(
         else None,
         "first_step_s": first_step_s,
         "phase_ms": {k: 1e3 * v / max(profiled_steps, 1) for k, v in phases.items()},
+        "gpu_busy_ms": gpu_busy_ms,
         "first_losses": [float(x) for x in losses],
         "kernels": cfg.kernels,
         "compile": compiled,
@@ -194,8 +203,8 @@ def markdown(results: list[dict], env: dict) -> str:
             f"vocab {vocab}, {rows[0]['tokens_per_step']} tokens/step, {rows[0]['precision']}:",
             "",
             "| provider | tokens/s | vs HF | MFU | peak mem GiB | vs HF | step ms | data / fwd+bwd"
-            " / optim ms | first step s |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+            " / optim ms | GPU busy ms | first step s |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
         ]
         for r in rows:
             speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
@@ -204,11 +213,13 @@ def markdown(results: list[dict], env: dict) -> str:
             ph = r["phase_ms"]
             mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             mem_s = "" if mem is None else f"{mem:.2f}"
+            busy = r.get("gpu_busy_ms")  # absent in JSONs written before 2026-12-06
+            busy_s = "" if busy is None else f"{busy:.1f}"
             out.append(
                 f"| {r['provider']} | {r['tokens_per_s']:,.0f} | {speed} | {mfu} | "
                 f"{mem_s} | {mem_ratio} | {r['step_ms']:.1f} | "
                 f"{ph['data_wait']:.2f} / {ph['forward_backward']:.1f} / {ph['optimizer']:.1f} | "
-                f"{r['first_step_s']:.1f} |"
+                f"{busy_s} | {r['first_step_s']:.1f} |"
             )
         out.append("")
     return "\n".join(out)
