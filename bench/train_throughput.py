@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         vocabs = [int(v) for v in args.vocabs.split(",")]
     env = env_info()
     results = []
+    if device.type == "cuda":  # start the profiler once before any CUDA graph exists: one
+        # captured first and profiled later could fault or hang it (pytorch#75504, #100441)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]):
+            pass
     if device.type == "cpu":  # the process's first provider ran ~1.5x slower than when repeated;
         # an untimed eager pass warms the process up (an eager one: no compile cache to reuse)
         run_provider("octo-reference-eager", OctoConfig.preset(preset, vocab_size=vocabs[0]),
