@@ -8,10 +8,23 @@ prints the prompt and its continuation, decoded with the tokenizer saved in DIR.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
 import torch
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """ValueError naming the bad argument. NaN passes a plain `< 0` test and then fails deep in
+    torch.multinomial, and an infinite temperature samples uniformly: both are refused here."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: no top-k filter), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 or None: no nucleus filter), got {top_p}")
 
 
 def sample_next(
@@ -23,12 +36,7 @@ def sample_next(
 ) -> torch.Tensor:  # (B,) int64
     """Pick the next token: greedy at temperature 0, else sample from the tempered distribution
     restricted to the top_k tokens and the smallest set whose probability reaches top_p."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 or None: no top-k filter), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 or None: no nucleus filter), got {top_p}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -70,36 +78,100 @@ def _parser() -> argparse.ArgumentParser:
 
 def load_local_tokenizer(directory: str | Path, hint: str = ""):
     """AutoTokenizer from a local folder, never the Hub; ValueError (with `hint` appended) when
-    the folder holds no tokenizer."""
+    the folder holds no tokenizer or one that does not load. transformers raises whatever its
+    readers raise (JSONDecodeError without a file name, OSError, KeyError, ...), so its JSON files
+    are parsed first to name a broken one, and any other failure is reported with the folder."""
     directory = Path(directory)
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(
             f"no tokenizer in {directory} (none of {', '.join(TOKENIZER_FILES)}){hint}"
         )
+    for path in sorted(directory.glob("*.json")):  # AutoTokenizer reads config.json too
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(
+                f"{path} does not read as JSON ({e}); restore or re-save it{hint}"
+            ) from None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as e:  # a third-party loader: whatever it raises means a bad folder
+        raise ValueError(
+            f"the tokenizer in {directory} does not load ({type(e).__name__}: {e}); its files are "
+            f"damaged or not a transformers tokenizer: re-save it{hint}"
+        ) from None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device -> torch.device, checked before anything loads (torch's own errors are a
+    RuntimeError listing every device type, or an AssertionError without CUDA)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not a device here; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name} asked for, but CUDA is not available; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: there are {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")  # fmt: skip
+    return device
+
+
+def load_model(directory: str | Path, device: torch.device):
+    """OctoForCausalLM from a checkpoint folder, as one ValueError naming the folder when it
+    cannot be read, and when a weight is NaN or infinite (a run that diverged saves such weights;
+    sampling from them fails deep in torch.multinomial)."""
+    from octo.model import OctoForCausalLM
+
+    directory = Path(directory)
+    if directory.is_file():
+        raise ValueError(
+            f"--checkpoint {directory} is a file; pass the checkpoint folder that holds "
+            f"config.json and the safetensors (e.g. {directory.parent})"
+        )
+    if not directory.is_dir():
+        raise ValueError(f"checkpoint folder {directory} does not exist")
+    try:
+        model = OctoForCausalLM.from_pretrained(directory, device=device)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(
+            f"could not load the model in {directory} ({type(e).__name__}: {e}); check that its "
+            "files are readable and complete (or, out of GPU memory, use --device cpu)"
+        ) from None
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"the checkpoint {directory}'s weights are not finite ({name} holds NaN or inf): "
+                "the run that saved it diverged; use an earlier checkpoint"
+            )
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print the prompt and its continuation. Errors are one line on stderr, exit status 2."""
     args = _parser().parse_args(argv)
     try:
-        from octo.model import OctoForCausalLM
-
-        if not Path(args.checkpoint).is_dir():
-            raise ValueError(f"checkpoint folder {args.checkpoint} does not exist")
+        # Every argument is checked before the model loads, so a typo costs no loading time.
+        device = resolve_device(args.device)
+        check_sampling(args.temperature, args.top_k, args.top_p)
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        model = load_model(args.checkpoint, device)
         if args.tokenizer:
-            tokenizer = load_local_tokenizer(args.tokenizer)
+            tokenizer = load_local_tokenizer(args.tokenizer, "; or pass another --tokenizer DIR")
         else:
             tokenizer = load_local_tokenizer(
                 args.checkpoint,
                 "; pass --tokenizer DIR with the tokenizer the model was trained on",
             )
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = OctoForCausalLM.from_pretrained(args.checkpoint, device=device)
         if len(tokenizer) > model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "

@@ -132,6 +132,8 @@ def test_sample_next_filters():
     "kwargs, needle",
     [
         (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
         (dict(top_k=-1), "top_k"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
@@ -218,3 +220,67 @@ def test_cli_refuses_a_tokenizer_larger_than_the_model(tmp_path, gpt2_tokenizer_
     assert main(["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "Hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint folder") and "does not exist" in err
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--device", "tpu"], "--device 'tpu' is not a device here; use cpu, cuda or cuda:N"),
+        (["--device", "cuda:1"], "CUDA"),  # not available, or not that many devices
+        (["--temperature", "nan"], "temperature must be a finite number >= 0"),
+        (["--temperature", "inf"], "temperature must be a finite number >= 0"),
+        (["--top-p", "nan"], "top_p must be in (0, 1]"),
+        (["--top-k", "-2"], "top_k must be >= 0"),
+    ],
+)
+def test_cli_checks_arguments_before_loading(extra, needle, tmp_path, capsys):
+    """Each is one line and exit 2 before the (here missing) checkpoint is looked at; torch's
+    own errors were a RuntimeError/AssertionError traceback or a NaN deep in multinomial."""
+    if extra[1] == "cuda:1" and torch.cuda.device_count() > 1:
+        pytest.skip("this machine has a cuda:1")
+    assert main(["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "Hi", *extra]) == 2
+    assert needle in one_error_line(capsys)
+
+
+def test_cli_refuses_a_file_and_non_finite_weights(tmp_path, capsys):
+    model = octo_model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    args = ["--prompt", "Hi", "--device", "cpu"]
+    assert main(["--checkpoint", str(tmp_path / "nan" / "config.json"), *args]) == 2
+    err = one_error_line(capsys)
+    assert (
+        "config.json is a file; pass the checkpoint folder" in err and str(tmp_path / "nan") in err
+    )
+    assert main(["--checkpoint", str(tmp_path / "nan"), *args]) == 2
+    err = one_error_line(capsys)
+    assert "weights are not finite (model.layers.0.mlp.up_proj.weight" in err
+    assert "use an earlier checkpoint" in err
+
+
+def test_cli_names_a_broken_config_or_tokenizer_file(tmp_path, capsys):
+    """AutoTokenizer's errors name no file (JSONDecodeError) or are a KeyError/OSError traceback;
+    each is now one line naming the folder or file."""
+    folder = tmp_path / "ckpt"
+    octo_model().save_pretrained(folder)
+    args = ["--checkpoint", str(folder), "--prompt", "Hi", "--device", "cpu"]
+    (folder / "tokenizer.json").write_text("{\n bad")
+    assert main(args) == 2
+    err = one_error_line(capsys)
+    assert f"{folder / 'tokenizer.json'} does not read as JSON" in err and "--tokenizer" in err
+    (folder / "tokenizer.json").write_text('{"a": 1}')  # JSON, but no tokenizer
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    assert main(args) == 2
+    assert f"the tokenizer in {folder} does not load" in one_error_line(capsys)
+    assert main([*args, "--tokenizer", str(tmp_path / "nowhere")]) == 2
+    assert "no tokenizer in" in one_error_line(capsys)
+    (folder / "config.json").write_text("{bad")
+    assert main(args) == 2
+    assert f"{folder / 'config.json'} is not valid JSON" in one_error_line(capsys)
