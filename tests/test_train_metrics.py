@@ -124,3 +124,47 @@ def test_plot_a_log_dir_draws_its_newest_run(tmp_path):
     assert main([str(tmp_path)]) == 0
     assert [p.name for p in tmp_path.glob("*.png")] == ["training_20261125_110000.png"]
     assert main([str(tmp_path / "empty")]) == 2
+
+
+def test_plot_skips_a_partial_last_line_and_odd_records(tmp_path, capsys):
+    """A run still writing (or killed mid-write) leaves a last line without its newline: the plot
+    draws the rest with a note. JSON that is not an object, or a record without the plotted
+    fields, is left out (they were an AttributeError or KeyError traceback)."""
+    pytest.importorskip("matplotlib")
+    from train.plot import main
+
+    recs = [{"type": "train", "step": s, "loss": 5.0 - s, "tokens_per_s": 9.0} for s in (1, 2)]
+    lines = [json.dumps(r) for r in recs] + ["[1, 2]", '{"type": "train", "step": 3}']
+    lines += ['{"type": "eval", "step": 2, "eval_loss": 3.5}', '{"type": "train", "st']
+    log = tmp_path / "training_1.jsonl"
+    log.write_text("\n".join(lines))  # the last line has no newline yet
+    assert main([str(log), "--out", str(tmp_path / "p")]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{tmp_path / 'p.png'}\n" and (tmp_path / "p.png").stat().st_size > 0
+    assert err == (
+        f"note: {log} line 6 is incomplete (the run is still writing it, or was killed); "
+        "plotting without it\n"
+    )
+
+
+def test_plot_errors_are_one_line(tmp_path, capsys):
+    """A corrupt line before the last is an error naming the file and line; an --out under a
+    regular file was a NotADirectoryError traceback."""
+    pytest.importorskip("matplotlib")
+    from train.plot import main
+
+    rec = json.dumps({"type": "train", "step": 1, "loss": 2.0, "tokens_per_s": 9.0})
+    log = tmp_path / "training_1.jsonl"
+    log.write_text(f'{rec}\n{{"type": "tr\n{rec}\n')
+    assert main([str(log)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {log} line 2 is not JSON (") and err.count("\n") == 1
+    log.write_text(rec + "\n")
+    (tmp_path / "afile").write_text("")
+    assert main([str(log), "--out", str(tmp_path / "afile" / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write the plot to {tmp_path / 'afile' / 'x.png'}")
+    assert err.count("\n") == 1 and not (tmp_path / "training_1.png").exists()
+    log.write_text('[1]\n{"type": "train", "step": 1}\n')
+    assert main([str(log)]) == 2
+    assert "holds no train or eval records with a loss yet" in capsys.readouterr().err

@@ -26,11 +26,48 @@ def run_records_path(path: str | Path) -> Path:
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """The JSON records of a run, from its .log or .jsonl path or a log_dir (its newest run)."""
+    """The JSON records of a run, from its .log or .jsonl path or a log_dir (its newest run).
+
+    A last line without its newline that does not parse is one the run is still writing (or was
+    killed while writing): it is left out with a note on stderr, so a live or killed run still
+    plots. Any other line that is not JSON is a ValueError naming the file and line. Lines that
+    are JSON but not objects are left out (the plot reads only objects' fields)."""
     jsonl = run_records_path(path)
     if not jsonl.is_file():
         raise FileNotFoundError(f"{jsonl} not found; pass a training_*.log or .jsonl of a run")
-    return [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    lines = jsonl.read_text(encoding="utf-8", errors="replace").split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # no newline after it: a partial write
+                print(f"note: {jsonl} line {number} is incomplete (the run is still writing it, "
+                      "or was killed); plotting without it", file=sys.stderr)  # fmt: skip
+                continue
+            raise ValueError(
+                f"{jsonl} line {number} is not JSON ({e}); delete or fix that line"
+            ) from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def points(records: list[dict], kind: str, field: str) -> tuple[list, list]:
+    """(steps, values) of the records of type `kind` that hold a numeric step and `field`; the
+    others (another version's or a foreign record shape) are left out rather than failing."""
+    pairs = [
+        (r["step"], r[field])
+        for r in records
+        if r.get("type") == kind and _is_number(r.get("step")) and _is_number(r.get(field))
+    ]
+    return [s for s, _ in pairs], [v for _, v in pairs]
 
 
 def plot(path: str | Path, out: str | Path | None = None) -> Path:
@@ -42,27 +79,37 @@ def plot(path: str | Path, out: str | Path | None = None) -> Path:
 
     path = run_records_path(path)
     records = read_records(path)
-    train = [r for r in records if r.get("type") == "train"]
-    evals = [r for r in records if r.get("type") == "eval"]
-    if not train and not evals:
-        raise ValueError(f"{path} holds no train or eval records yet")
-    fig, (ax_loss, ax_tps) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
-                     label="eval")  # fmt: skip
-    ax_loss.set_ylabel("loss (nats / token)")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    ax_tps.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], color="C2")
-    ax_tps.set_ylabel("tokens / s")
-    ax_tps.set_xlabel("step")
-    ax_tps.grid(alpha=0.3)
-    fig.suptitle(Path(path).stem)
-    fig.tight_layout()
+    train_loss = points(records, "train", "loss")
+    train_tps = points(records, "train", "tokens_per_s")
+    evals = points(records, "eval", "eval_loss")
+    if not train_loss[0] and not evals[0]:
+        raise ValueError(f"{path} holds no train or eval records with a loss yet")
     out = Path(out) if out is not None else Path(path).with_suffix(".png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    if not out.suffix:  # matplotlib would write OUT.png: name the file it writes
+        out = out.with_suffix(".png")
+    fig, (ax_loss, ax_tps) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    try:
+        ax_loss.plot(*train_loss, label="train")
+        if evals[0]:
+            ax_loss.plot(*evals, "o-", label="eval")
+        ax_loss.set_ylabel("loss (nats / token)")
+        ax_loss.legend()
+        ax_loss.grid(alpha=0.3)
+        ax_tps.plot(*train_tps, color="C2")
+        ax_tps.set_ylabel("tokens / s")
+        ax_tps.set_xlabel("step")
+        ax_tps.grid(alpha=0.3)
+        fig.suptitle(Path(path).stem)
+        fig.tight_layout()
+        try:
+            fig.savefig(out, dpi=100)
+        except OSError as e:
+            raise OSError(
+                f"cannot write the plot to {out} ({e.strerror or e}); pass --out a .png path in "
+                "a writable folder"
+            ) from None
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -75,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = plot(args.log, args.out)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing or unreadable log, an unwritable --out
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ImportError:
