@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ class OctoConfig:
             expected = {"int": int, "float": (int, float), "bool": bool}[f.type]
             if isinstance(value, bool) and f.type != "bool" or not isinstance(value, expected):
                 raise ValueError(f"OctoConfig.{f.name} must be {f.type}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):  # JSON allows Infinity, NaN
+                raise ValueError(f"OctoConfig.{f.name} must be a finite number, got {value}")
         for name in (
             "vocab_size",
             "hidden_size",
@@ -98,9 +101,13 @@ class OctoConfig:
         """Read a model config JSON: ours, or a transformers Llama config.json."""
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ValueError(f"model config {path} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"model config {path} is not UTF-8 text ({e}); save it as UTF-8"
+            ) from None
         except json.JSONDecodeError as e:
             raise ValueError(f"model config {path} is not valid JSON: {e}") from None
         if not isinstance(d, dict):

@@ -181,3 +181,85 @@ def test_bad_config_is_one_line_and_exit_2(config_runs, case):
     assert expected in lines[0], lines[0]
     assert stdout == ""
     assert not (d / "logs").exists() and not (d / "ckpt").exists()  # nothing was started
+
+
+# Values no key means anything by: out of range, NaN/Infinity (JSON and --set accept both), a seed
+# torch.manual_seed overflows on, "" for a path (it would mean the current folder).
+BAD_VALUES = [
+    ("adam_beta1=2", "'adam_beta1' must be in [0, 1), got 2"),
+    ("adam_beta2=-0.5", "'adam_beta2' must be in [0, 1), got -0.5"),
+    ("adam_eps=-1", "'adam_eps' must be positive, got -1"),
+    ("adam_eps=0", "'adam_eps' must be positive, got 0"),
+    ("learning_rate=Infinity", "'learning_rate' must be a finite number, got inf"),
+    ("weight_decay=Infinity", "'weight_decay' must be a finite number, got inf"),
+    ("weight_decay=NaN", "'weight_decay' must be a finite number, got nan"),
+    ("max_grad_norm=NaN", "'max_grad_norm' must be a finite number, got nan"),
+    ("min_lr_ratio=-Infinity", "'min_lr_ratio' must be a finite number, got -inf"),
+    ("seed=100000000000000000000000", "'seed' must be in [-2**63, 2**64), got 1000"),
+    ("data_cache_dir=", "'data_cache_dir' is an empty string; give a path"),
+    ("log_dir=", "'log_dir' is an empty string; give a path"),
+    ("checkpoint_dir=", "'checkpoint_dir' is an empty string; give a path"),
+    ("resume_from=", "'resume_from' is an empty string; give a path (or null for none)"),
+    ("max_shard_size=0", "max_shard_size must be positive, got 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("override,expected", BAD_VALUES, ids=[c[0] for c in BAD_VALUES])
+def test_out_of_range_values_are_one_line_config_errors(override, expected):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.load(None, [override])
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_edges_of_the_ranges_are_accepted():
+    import torch
+
+    cfg = TrainConfig.load(None, ["seed=18446744073709551615", "adam_beta2=0", "max_shard_size=7"])
+    torch.Generator().manual_seed(cfg.seed)  # the largest seed torch accepts
+    assert cfg.max_shard_size == 7  # an int of bytes, as the size message says
+    assert TrainConfig.load(None, ["seed=-9223372036854775808", "resume_from=null"]).seed < 0
+
+
+def test_config_file_that_is_a_folder_or_not_utf8(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="is a folder; pass --config PATH to a JSON file"):
+        TrainConfig.load(tmp_path)
+    (tmp_path / "c.json").write_bytes(b'{"seed": "\xff"}')
+    with pytest.raises(ConfigError, match="c.json is not UTF-8 text .*save it as UTF-8 JSON"):
+        TrainConfig.load(tmp_path / "c.json")
+    from train.__main__ import main  # the model config: same, through the command line
+
+    (tmp_path / "ok.json").write_text("{}")
+    for model, expected in ((tmp_path / "c.json", "c.json is not UTF-8 text"),
+                            (tmp_path, "is a folder; pass a JSON file"),
+                            ("", "model config is an empty string")):  # fmt: skip
+        assert main(["--config", str(tmp_path / "ok.json"), "--model-config", str(model)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and expected in err and err.count("model config") == 1, err
+
+
+def test_model_config_floats_must_be_finite(tmp_path):
+    from octo.config import OctoConfig
+
+    for key, value in (("rope_theta", float("inf")), ("rms_norm_eps", float("nan")),
+                       ("initializer_range", float("inf"))):  # fmt: skip
+        with pytest.raises(ValueError, match=f"OctoConfig.{key} must be a finite number"):
+            OctoConfig.preset("tiny", **{key: value})
+    (tmp_path / "m.json").write_text(json.dumps({**MODEL_OK, "rope_theta": float("inf")}))
+    with pytest.raises(ConfigError, match="rope_theta must be a finite number, got inf"):
+        load_model_config(TrainConfig(block_size=64), str(tmp_path / "m.json"))
+
+
+def test_triton_kernels_on_cpu_without_interpreter_is_a_config_error(monkeypatch):
+    """kernels=triton on the CPU fails at start with the fix, not at the first forward pass."""
+    pytest.importorskip("triton")
+    from train.runtime import set_kernel_backend
+
+    monkeypatch.setenv("OCTO_KERNELS", "auto")  # restored after the test
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="kernels 'triton'.*set kernels=auto.*TRITON_INTERPRET=1"):
+        set_kernel_backend(TrainConfig(kernels="triton", device="cpu"))
+    monkeypatch.setenv("OCTO_KERNELS", "triton")  # from the shell, kernels auto: the same
+    with pytest.raises(ConfigError, match=r"\(OCTO_KERNELS\)"):
+        set_kernel_backend(TrainConfig(device="cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    set_kernel_backend(TrainConfig(kernels="triton", device="cpu"))  # the interpreter runs it

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,12 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message is one line."""
+
+
+# Keys that name files or folders; an empty string is refused rather than read as "here".
+PATH_KEYS = ("dataset_name", "tokenizer_name", "checkpoint_dir", "resume_from", "model_config",
+             "data_cache_dir", "log_dir")  # fmt: skip
+NULLABLE_PATH_KEYS = ("resume_from", "model_config")
 
 
 @dataclasses.dataclass
@@ -67,7 +74,7 @@ class TrainConfig:
     data_cache_dir: str = "data_cache"
     eval_holdout_fraction: float = 0.0  # with eval_split null: this fraction of train docs
     keep_last_checkpoints: int = 3
-    max_shard_size: str = "2GB"  # safetensors shard size of saved models
+    max_shard_size: int | str = "2GB"  # safetensors shard size of saved models: bytes or "500MB"
     log_dir: str = "logs"
     max_consecutive_nonfinite: int = 5  # NaN/Inf steps skipped in a row before the run stops
     parallelism: str = "ddp"  # ddp | fsdp, when launched by torchrun with several processes
@@ -91,6 +98,18 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
+        # JSON and --set accept NaN and Infinity; no key means anything by them (an infinite
+        # learning rate trains NaN weights, a NaN max_grad_norm silently turns clipping off).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key {f.name!r} must be a finite number, got {value}")
+        for name in PATH_KEYS:  # "" would silently mean the current folder
+            if getattr(self, name) == "":
+                none = " (or null for none)" if name in NULLABLE_PATH_KEYS else ""
+                raise ConfigError(f"config key {name!r} is an empty string; give a path{none}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed accepts
+            raise ConfigError(f"config key 'seed' must be in [-2**63, 2**64), got {self.seed}")
         if self.block_size < 2:  # a block is inputs and their next tokens: one token predicts none
             raise ConfigError(
                 f"config key 'block_size' must be at least 2 (tokens per sequence, each predicting "
@@ -120,11 +139,13 @@ class TrainConfig:
         for name in ("weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
-        for name in ("min_lr_ratio", "eval_holdout_fraction"):
+        for name in ("min_lr_ratio", "eval_holdout_fraction", "adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(
                     f"config key {name!r} must be in [0, 1), got {getattr(self, name)}"
                 )
+        if not self.adam_eps > 0:
+            raise ConfigError(f"config key 'adam_eps' must be positive, got {self.adam_eps}")
         choices = {
             "lr_schedule": ("cosine", "linear", "constant"),
             "precision": ("auto", "bf16", "fp16", "fp32"),
@@ -164,14 +185,25 @@ class TrainConfig:
         d: dict[str, Any] = {}
         if path is not None:
             p = Path(path)
+            if p.is_dir():
+                raise ConfigError(f"config file {p} is a folder; pass --config PATH to a JSON file")
             if not p.is_file():
                 raise ConfigError(
                     f"config file {p} does not exist; pass --config PATH to a JSON file"
                 )
             try:
-                d = json.loads(p.read_text())
+                d = json.loads(p.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise ConfigError(
+                    f"config file {p} is not UTF-8 text ({e}); save it as UTF-8 JSON"
+                ) from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"config file {p} is not valid JSON: {e}") from None
+            except OSError as e:
+                raise ConfigError(
+                    f"config file {p} cannot be read ({e.strerror or e}); pass --config PATH to "
+                    "a readable JSON file"
+                ) from None
             if not isinstance(d, dict):
                 raise ConfigError(f"config file {p} must hold a JSON object of keys")
             mc = d.get("model_config")  # a relative path may be relative to the config's folder
@@ -220,7 +252,12 @@ def load_model_config(cfg: TrainConfig, override: str | None = None) -> dict[str
     """
     from octo.config import PRESETS, OctoConfig  # octo imports torch; only needed from here on
 
-    source = override if override is not None else cfg.model_config or "seed"
+    source = override if override is not None else cfg.model_config
+    if source == "":  # --model-config "" would otherwise mean the seed preset
+        raise ConfigError(
+            f"model config is an empty string; give a JSON file or one of {', '.join(PRESETS)}"
+        )
+    source = source or "seed"
     try:
         if isinstance(source, dict):  # the fields themselves (a saved train_config.json)
             fields = {"vocab_size": None, **source}
@@ -229,13 +266,18 @@ def load_model_config(cfg: TrainConfig, override: str | None = None) -> dict[str
             fields = {**PRESETS[source], "vocab_size": None}
         else:
             p = Path(source)
+            if p.is_dir():
+                raise ConfigError(
+                    f"model config {source!r} is a folder; pass a JSON file or one of "
+                    f"{', '.join(sorted(PRESETS))}"
+                )
             if not p.is_file():
                 raise ConfigError(
                     f"model config {source!r} is neither a JSON file nor a preset; "
                     f"pass a file path or one of {', '.join(sorted(PRESETS))}"
                 )
             fields = OctoConfig.from_json_file(p).to_dict()  # ValueError on bad JSON or keys
-            if "vocab_size" not in json.loads(p.read_text()):
+            if "vocab_size" not in json.loads(p.read_text(encoding="utf-8")):
                 fields["vocab_size"] = None
         # vocab_size is checked again once the tokenizer sized it; 64 stands in until then.
         vocab = fields["vocab_size"]
@@ -244,7 +286,10 @@ def load_model_config(cfg: TrainConfig, override: str | None = None) -> dict[str
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"model config {source}: {e}") from None
+        msg = str(e)  # OctoConfig.from_json_file's messages name the file already
+        raise ConfigError(
+            msg if msg.startswith("model config ") else f"model config {source}: {msg}"
+        ) from None
     if cfg.block_size > fields["max_position_embeddings"]:
         raise ConfigError(
             f"block_size {cfg.block_size} exceeds the model's max_position_embeddings "
