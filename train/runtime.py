@@ -113,9 +113,28 @@ def check_compile_mode(cfg: TrainConfig, distributed: bool) -> None:
 
 def set_kernel_backend(cfg: TrainConfig) -> None:
     """cfg.kernels -> OCTO_KERNELS. auto leaves the environment alone, so OCTO_KERNELS set in the
-    shell still chooses; triton/torch override it."""
+    shell still chooses; triton/torch override it. Triton asked for (by either) where it cannot
+    run -- Triton missing, or a CPU run without the interpreter -- is a ConfigError now, not a
+    RuntimeError at the first forward pass."""
     if cfg.kernels != "auto":
         os.environ["OCTO_KERNELS"] = cfg.kernels
+    from octo_kernels import backend
+
+    try:
+        name = backend.requested_backend()
+    except ValueError as e:  # OCTO_KERNELS in the shell names no backend
+        raise ConfigError(f"{e}; or set config key kernels") from None
+    if name != "triton":
+        return
+    source = "config key kernels" if cfg.kernels == "triton" else "OCTO_KERNELS"
+    if not backend.triton_available():
+        raise ConfigError(f"kernels 'triton' ({source}) asked for, but Triton does not import; "
+                          "set kernels=auto or torch, or install triton")  # fmt: skip
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and not backend.interpreting():
+        raise ConfigError(f"kernels 'triton' ({source}) on the CPU needs Triton's interpreter; "
+                          "set kernels=auto (the PyTorch reference on CPU), or TRITON_INTERPRET=1 "
+                          "in the environment (slow)")  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
