@@ -291,3 +291,33 @@ def test_unreachable_hub_name_says_no_local_folder_either(tok, tmp_path, monkeyp
         "start with ./",
     )
     assert "Couldn't reach" in msg
+
+
+def test_unreadable_lines_name_the_file_and_line(tok, tmp_path, capfd):
+    """A line that is not JSON, or a .txt byte that is not UTF-8, is one DataError naming the file
+    and its line: found when the source opens (the first file) or later (a second file), while
+    streaming in the main process or in DataLoader workers, or while pre-tokenizing (which
+    leaves no cache folder). `datasets` names neither the file nor the line itself."""
+    (tmp_path / "bad.txt").write_bytes(b"one story\n\ntwo \xff stories\n")
+    one_line_error(
+        lambda: build_train_data(cfg_for(tmp_path / "bad.txt", tmp_path), tok),
+        "bad.txt line 3: byte 0xff is not UTF-8",
+        "fix or remove that line",
+    )
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_jsonl(parts / "a.jsonl", DOCS * 9)  # more than open()'s first read of 1024 rows
+    (parts / "b.jsonl").write_text(json.dumps({"text": DOCS[0]}) + "\n{not json\n")
+    one_line_error(
+        lambda: build_train_data(cfg_for(parts / "b.jsonl", tmp_path), tok),
+        "b.jsonl line 2: not JSON",
+    )
+    for kw in ({"num_workers": 0}, {"num_workers": 2}, {"pretokenize": True}):
+        cfg = cfg_for(parts / "*.jsonl", tmp_path, **kw)
+        data = build_train_data(cfg, tok) if not kw.get("pretokenize") else None  # a.jsonl opens
+        one_line_error(
+            lambda c=cfg, d=data: list(d if d is not None else build_train_data(c, tok)),
+            "b.jsonl line 2: not JSON (Expecting property name",
+        )
+    assert [p.name for p in (tmp_path / "cache" / "pretok").iterdir() if p.is_dir()] == []
+    assert "Failed to load JSON" not in capfd.readouterr().err  # datasets' own log line

@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,7 @@ class DocSource:
         self.holdout = (f.numerator, f.denominator)  # p/q, exact integer arithmetic
         self._ds = None  # datasets.IterableDataset of the split, after open()
         self._strip_newlines = False
+        self._files: list[Path] = []  # the local files read, for locating a read error
 
     # ----- identity (needs no `datasets`) ------------------------------------------------------
 
@@ -144,7 +145,8 @@ class DocSource:
                 "reading a dataset needs the `datasets` package (pip install datasets), or a "
                 "complete pre-tokenized cache (python -m train.prepare on a machine that has it)"
             ) from None
-        datasets.logging.set_verbosity_error()
+        # CRITICAL: a read failure is reported as one DataError line; datasets would log it too
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
         name = self.name
         if name == DEMO_NAME:
             from train import demo_corpus
@@ -153,6 +155,7 @@ class DocSource:
         try:
             if is_local(name):
                 builder, files = local_files(name)
+                self._files = files
                 kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
                 self._strip_newlines = builder == "text"
                 p = Path(name).expanduser()
@@ -192,7 +195,7 @@ class DocSource:
         ds = dd[self.split]
         columns = ds.column_names
         if columns is None:  # some streaming builders know their columns only after a first row
-            first = next(iter(ds.take(1)), None)
+            first = next(self._guarded(ds.take(1)), None)
             columns = list(first) if first is not None else [self.column]
         if self.column not in columns:
             raise DataError(
@@ -217,7 +220,7 @@ class DocSource:
         self.open()
         p, q = self.holdout
         i = 0  # numbers the non-empty documents of the split
-        for rows in self._ds.iter(batch_size=1024):
+        for rows in self._guarded(self._ds.iter(batch_size=1024)):
             for text in rows[self.column]:
                 if text is None:
                     continue
@@ -231,6 +234,36 @@ class DocSource:
                 if text:
                     yield p > 0 and ((i + 1) * p) // q > (i * p) // q, text
                     i += 1
+
+    def _guarded(self, rows: Iterable[Any]) -> Iterator[Any]:
+        """rows, with a failure while reading them (a malformed JSON line, a byte that is not
+        UTF-8, a dropped connection) raised as one DataError naming the file and line where known
+        and the fix. In a DataLoader worker too: the main process keeps the DataError's line."""
+        it = iter(rows)
+        while True:
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            except DataError:
+                raise
+            except Exception as e:
+                raise DataError(self._read_error(e)) from None
+            yield item
+
+    def _read_error(self, e: Exception) -> str:
+        where = _find_bad_line(self._files)
+        if where is not None:
+            fix = "fix or remove that line (.jsonl: one JSON object per line; .txt: UTF-8 text)"
+        else:
+            where = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            fix = (
+                "check the files dataset_name names (.jsonl: one JSON object per line; .txt: "
+                "UTF-8 text)"
+                if self._files
+                else "check the network and the dataset name, then run again"
+            )
+        return f"cannot read {self.describe()}: {where}; {fix}"
 
     def iter_texts(
         self, start: int = 0, step: int = 1, offset: int = 0, batch_docs: int = 256
@@ -275,6 +308,34 @@ class DocSource:
             else f" ({self.part} part of a {self.holdout[0]}/{self.holdout[1]} holdout)"
         )
         return f"dataset {self.name!r} split {self.split!r}{part}"
+
+
+def _find_bad_line(files: list[Path]) -> str | None:
+    """'FILE line N: what is wrong' for the first line of `files` that is not UTF-8 or, in a
+    JSON-lines file, not JSON; None when none is found (the failure was elsewhere). Called only
+    after a read failed (`datasets` names neither the file nor the line: pyarrow's "row" counts
+    from the start of a chunk), so reading the files again costs nothing on the way that works."""
+    for f in files:
+        if f.suffix not in (".txt", ".json", ".jsonl"):
+            continue
+        try:
+            with open(f, "rb") as fh:
+                whole = f.suffix == ".json" and fh.read(4096).lstrip()[:1] == b"["  # a JSON array
+                fh.seek(0)
+                chunks = [fh.read()] if whole else fh  # the array is parsed whole, lines alone
+                for n, raw in enumerate(chunks, 1):
+                    try:
+                        text = raw.decode("utf-8")
+                        if f.suffix != ".txt" and text.strip():
+                            json.loads(text)
+                    except UnicodeDecodeError as e:
+                        line = n + raw.count(b"\n", 0, e.start)
+                        return f"{f} line {line}: byte {raw[e.start]:#04x} is not UTF-8"
+                    except json.JSONDecodeError as e:
+                        return f"{f} line {n + e.lineno - 1}: not JSON ({e.msg}, column {e.colno})"
+        except OSError as e:
+            return f"{f}: {e.strerror or e}"
+    return None
 
 
 # ----- token ids --------------------------------------------------------------------------------
