@@ -54,3 +54,47 @@ def test_max_docs_and_bad_arguments(tmp_path, capsys):
     assert "no column 'nope'" in err and err.count("\n") == 1
     with pytest.raises(DataError, match="below the 258"):
         train_tokenizer(DOCS, 100, tmp_path / "small")
+
+
+def test_bad_out_and_max_docs_are_one_line_before_training(tmp_path, capsys):
+    """--out naming a file, or a path under one, was a NotADirectoryError traceback after the
+    training; --max-docs -1 was islice's ValueError traceback."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS[:20]))
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"dataset_name": str(data)}))
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    args = ["--config", str(conf), "--vocab-size", "300"]
+    for out, needle in (
+        (afile, f"--out {afile} is a file; name a folder"),
+        (afile / "x", f"--out {afile / 'x'}: cannot create that folder (Not a directory)"),
+    ):
+        assert main([*args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {needle}") and err.count("\n") == 1
+    assert afile.read_text() == "keep"
+    for n in ("-1", "0"):
+        assert main([*args, "--out", str(tmp_path / "t"), "--max-docs", n]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --max-docs must be a positive number of documents, got {n}; " + (
+            "leave it out to use them all\n"
+        )
+    with pytest.raises(DataError, match="cannot write the tokenizer to"):
+        train_tokenizer(DOCS[:20], 300, afile / "y")
+
+
+def test_set_takes_the_forms_train_takes(tmp_path, capsys):
+    """`--set a=1 b=2` (as `python -m train` takes it) was 'unrecognized arguments' here and in
+    train.prepare: the second value now reaches the config (and is checked there)."""
+    from train.prepare import main as prepare_main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS[:20]))
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"dataset_name": str(data)}))
+    args = ["--config", str(conf), "--vocab-size", "300", "--out", str(tmp_path / "t")]
+    assert main([*args, "--set", "seed=3", "text_column=nope", "--set", "seed=4"]) == 2
+    assert "no column 'nope'" in capsys.readouterr().err
+    assert prepare_main(["--config", str(conf), "--set", "seed=3", "nokey=1"]) == 2
+    assert "unknown key 'nokey'" in capsys.readouterr().err

@@ -17,6 +17,19 @@ import time
 from pathlib import Path
 
 
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """--set KEY=VALUE, in the forms `python -m train` takes (--set a=1 b=2, repeatable), so a
+    command line copied from a training run works here and in train.tokenizer too."""
+    parser.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys (values parsed as JSON): --set a=1 b=2, repeatable",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from train.config import ConfigError, TrainConfig
     from train.data import DataError, eval_source, load_tokenizer, train_source
@@ -25,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="training config JSON")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
+    add_set_argument(ap)
     ap.add_argument("--processes", type=int, default=None, help="tokenizer processes (all cores)")
     args = ap.parse_args(argv)
     try:

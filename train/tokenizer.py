@@ -52,19 +52,40 @@ def train_tokenizer(
     )
     tok.train_from_iterator(texts, trainer=trainer)
     out = Path(out)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=BOS).save_pretrained(out)
-    # transformers 5 writes its own class name, which 4.x cannot load: name the common one.
-    cfg_path = out / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg.pop("backend", None)
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=BOS)
+    try:
+        fast.save_pretrained(out)
+        # transformers 5 writes its own class name, which 4.x cannot load: name the common one.
+        cfg_path = out / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg.pop("backend", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    except OSError as e:  # disk full, no permission, a path under a regular file
+        raise DataError(
+            f"cannot write the tokenizer to {out} ({e}); name a writable folder"
+        ) from None
     return AutoTokenizer.from_pretrained(out)
+
+
+def _make_out_folder(out: Path) -> None:
+    """Create --out before training (minutes, on a large corpus), so a path that cannot be a
+    folder fails at once as a DataError instead of a NotADirectoryError after the work."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; name a folder for the tokenizer")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"--out {out}: cannot create that folder ({e.strerror or e}); name a folder in a "
+            "writable place"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     from train.config import ConfigError, TrainConfig
     from train.data import train_source
+    from train.prepare import add_set_argument
 
     ap = argparse.ArgumentParser(
         prog="python -m train.tokenizer", description=__doc__.split("\n")[0]
@@ -73,13 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-size", type=int, required=True, help="total tokens, specials included")
     ap.add_argument("--out", required=True, help="folder to write (tokenizer_name: OUT)")
     ap.add_argument("--max-docs", type=int, default=None, help="train on the first N documents")
-    ap.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
-    )
+    add_set_argument(ap)
     args = ap.parse_args(argv)
+    out = Path(args.out)
     try:
+        if args.max_docs is not None and args.max_docs < 1:
+            raise ConfigError(f"--max-docs must be a positive number of documents, got "
+                              f"{args.max_docs}; leave it out to use them all")  # fmt: skip
         cfg = TrainConfig.load(args.config, args.set)
         src = train_source(cfg).open()
+        _make_out_folder(out)
         docs = 0
 
         def texts():
