@@ -57,6 +57,16 @@ def sample_next(
 # ----- python -m octo.generate -------------------------------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+# the JSON files AutoTokenizer may read (config.json: for the tokenizer class when
+# tokenizer_config.json does not name one); a checkpoint's other JSON files are not its business
+TOKENIZER_JSON = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "config.json",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,7 +96,7 @@ def load_local_tokenizer(directory: str | Path, hint: str = ""):
         raise ValueError(
             f"no tokenizer in {directory} (none of {', '.join(TOKENIZER_FILES)}){hint}"
         )
-    for path in sorted(directory.glob("*.json")):  # AutoTokenizer reads config.json too
+    for path in [directory / name for name in TOKENIZER_JSON if (directory / name).is_file()]:
         try:
             json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

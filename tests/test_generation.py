@@ -272,6 +272,7 @@ def test_cli_names_a_broken_config_or_tokenizer_file(tmp_path, capsys):
     octo_model().save_pretrained(folder)
     args = ["--checkpoint", str(folder), "--prompt", "Hi", "--device", "cpu"]
     (folder / "tokenizer.json").write_text("{\n bad")
+    (folder / "checkpoint_complete.json").write_text("{")  # not the tokenizer's: not read
     assert main(args) == 2
     err = one_error_line(capsys)
     assert f"{folder / 'tokenizer.json'} does not read as JSON" in err and "--tokenizer" in err
