@@ -232,7 +232,7 @@ def test_grad_scaler_state_round_trips_through_trainer_state(tmp_path, trained):
     scaler.step(opt)  # inf grads: the step is skipped and the scale backs off
     scaler.update()
     opt.zero_grad()
-    ckpt = save(tmp_path, 2, model, opt, state={"scaler": scaler.state_dict()})
+    ckpt = save(tmp_path, 2, model, opt, state={"step": 2, "scaler": scaler.state_dict()})
     state = load_checkpoint(ckpt, model=model, optimizer=opt)
     scaler2 = torch.amp.GradScaler("cpu")
     scaler2.load_state_dict(state["scaler"])
@@ -266,14 +266,32 @@ def test_keep_last_rotation_and_stale_cleanup(tmp_path, trained, caplog):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_4", "checkpoint_step_5"]
     assert any("checkpoint_step_9.tmp" in r.getMessage() for r in caplog.records if r.name == LOG)
     # A save at a lower step (a run resumed from an older checkpoint) is kept, being the newest
-    # written; a same-step save replaces the folder.
+    # written, and so are the checkpoints with higher steps (a later point of this or another
+    # run: removing them would lose work); a same-step save replaces the folder.
     save(tmp_path, 3, model, opt, keep_last=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_3", "checkpoint_step_5"]
-    save(tmp_path, 3, model, opt, keep_last=2, state={"again": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"checkpoint_step_{s}" for s in (3, 4, 5)]
+    save(tmp_path, 3, model, opt, keep_last=2, state={"step": 3, "again": True})
     assert load_checkpoint(tmp_path / "checkpoint_step_3", model=model, optimizer=opt) == {
-        "again": True
+        "step": 3,
+        "again": True,
     }
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_3", "checkpoint_step_5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"checkpoint_step_{s}" for s in (3, 4, 5)]
+
+
+def test_resumed_run_never_rotates_out_a_newer_checkpoint(tmp_path, trained):
+    """Audit finding 5: resume_from=checkpoint_step_10 into the same folder with keep_last=1 used
+    to delete checkpoint_step_20 at the first save. Only checkpoints older than the save rotate."""
+    model, opt = trained
+    for step in (10, 20):
+        save(tmp_path, step, model, opt, keep_last=2)
+    for step in (12, 14):  # the resumed run
+        save(tmp_path, step, model, opt, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_step_14",
+        "checkpoint_step_20",
+    ]
+    save(tmp_path, 22, model, opt, keep_last=1)  # past it: ordinary rotation again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_step_22"]
 
 
 def test_unsaveable_trainer_state_is_a_clear_error(tmp_path, trained):
@@ -447,10 +465,29 @@ def _corrupt_json(ckpt, name="trainer_state.json"):
     return p
 
 
+def _flip_tensor_byte(ckpt, kind="model"):
+    """Flip one bit in the tensor data (past the header): sizes and headers stay valid."""
+    p = _shard(ckpt, kind)
+    data = bytearray(p.read_bytes())
+    data[-1000] ^= 0x10
+    p.write_bytes(bytes(data))
+    return p
+
+
+def _stap(ckpt):
+    """The audit's same-size edit: "step" -> "stap" in trainer_state.json."""
+    p = ckpt / "trainer_state.json"
+    p.write_text(p.read_text().replace('"step"', '"stap"'))
+    return p
+
+
 @pytest.mark.parametrize(
     "damage, why",
     [
         (lambda c: _truncate(c), "bytes, expected"),
+        (lambda c: _flip_tensor_byte(c), "does not match its checksum"),
+        (lambda c: _flip_tensor_byte(c, "optimizer"), "does not match its checksum"),
+        (lambda c: _stap(c), "does not match its checksum"),
         (lambda c: (p := _shard(c)).unlink() or p, "missing"),
         (lambda c: _corrupt_json(c), "not valid JSON"),
         (lambda c: _corrupt_json(c, "optimizer.json"), "not valid JSON"),
@@ -458,6 +495,9 @@ def _corrupt_json(ckpt, name="trainer_state.json"):
     ],
     ids=[
         "truncated_shard",
+        "bit_flip_in_model_data",
+        "bit_flip_in_optimizer_data",
+        "same_size_json_edit",
         "missing_shard",
         "bad_trainer_state",
         "bad_optimizer_json",
@@ -487,6 +527,73 @@ def test_same_size_bit_flip_in_a_shard_header_is_caught(three):
     with pytest.raises(CheckpointError, match=p.name):
         verify_checkpoint(p.parent)
     assert resolve_resume(three) == three / "checkpoint_step_2"
+
+
+def _drop_checksums(ckpt):
+    """Make ckpt look like a checkpoint written before checksums (marker format 1)."""
+    marker = json.loads((ckpt / MARKER).read_text())
+    for key in ("crc32", "crc32_chunk"):
+        del marker[key]
+    (ckpt / MARKER).write_text(json.dumps({**marker, "format": 1}))
+
+
+def test_checkpoint_without_checksums_still_loads(three, trained):
+    model, opt = trained
+    ckpt = three / "checkpoint_step_3"
+    _drop_checksums(ckpt)
+    assert resolve_resume(three) == ckpt
+    assert load_checkpoint(ckpt, model=model, optimizer=opt)["step"] == 3
+    # Without checksums a same-size edit is caught by the trainer_state field check, one line
+    # naming the file and the field (it was a KeyError deep in the trainer).
+    _stap(ckpt)
+    with pytest.raises(CheckpointError, match="trainer_state.json has no 'step' field") as e:
+        resolve_resume(ckpt)
+    assert "\n" not in str(e.value)
+    assert resolve_resume(three) == three / "checkpoint_step_2"
+
+
+@pytest.mark.parametrize(
+    "state, why",
+    [
+        ([1], "not an object"),
+        ({"step": "3"}, "'step' is '3', not int"),
+        ({"step": 3, "rng": 1}, "'rng'"),
+    ],
+)
+def test_trainer_state_fields_are_checked(tmp_path, trained, state, why):
+    model, opt = trained
+    ckpt = save(tmp_path, 3, model, opt, state=state)
+    with pytest.raises(CheckpointError, match=why):
+        verify_checkpoint(ckpt)
+
+
+def test_load_verifies_checksums_once_per_unchanged_folder(three, trained, monkeypatch):
+    """resolve_resume then load_checkpoint: the bytes are checksummed once, not twice; a folder
+    changed since is checked again."""
+    model, opt = trained
+    calls = []
+    real = checkpoint_io.checksum_mismatch
+    monkeypatch.setattr(
+        checkpoint_io, "checksum_mismatch", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    ckpt = resolve_resume(three)
+    load_checkpoint(ckpt, model=model, optimizer=opt)
+    assert len(calls) == 1
+    _flip_tensor_byte(ckpt)
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(ckpt, model=model, optimizer=opt)
+
+
+def test_from_pretrained_checks_a_checkpoint_folders_checksums(three):
+    from octo.hf_io import from_pretrained
+
+    ckpt = three / "checkpoint_step_3"
+    assert from_pretrained(OctoForCausalLM, ckpt) is not None
+    _flip_tensor_byte(ckpt)
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        from_pretrained(OctoForCausalLM, ckpt)
+    (ckpt / MARKER).unlink()  # no marker (e.g. a transformers save): loads, unchecked
+    assert from_pretrained(OctoForCausalLM, ckpt) is not None
 
 
 def test_nothing_to_resume_from(tmp_path):

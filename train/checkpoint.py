@@ -8,7 +8,9 @@ which checkpoint to resume from.
       trainer_state.json    step, epoch, tokens_seen, scheduler, scaler, data position, RNG states
       train_config.json     the resolved TrainConfig
       tokenizer files       (when a tokenizer is given)
-      checkpoint_complete.json   written last: {"step", "files": {relative path: size in bytes}}
+      checkpoint_complete.json   written last: {"format": 2, "step", "files": {relative path:
+                                 size in bytes}, "crc32": {relative path: [CRC-32 of each
+                                 "crc32_chunk" bytes]}} (format 1, before checksums: no "crc32")
 
 Atomic: everything goes to the sibling `checkpoint_step_5000.tmp`, each file is fsynced, the
 completion marker is written last, the folder is renamed into place and the parent fsynced. A crash
@@ -43,12 +45,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from octo.hf_io import _read_weight_map, parse_size, unwrap_model
+from octo.hf_io import CHECKSUM_CHUNK, MARKER_NAME, _read_weight_map, parse_size, unwrap_model
 from train.checkpoint_io import (
     CheckpointError,
     check_files,
+    fsync_and_checksum,
     fsync_dir,
-    fsync_tree,
     load_optimizer,
     param_names,
     read_header,
@@ -63,6 +65,7 @@ from train.data_stream import batch_size_change_effect
 __all__ = [
     "CheckpointError",
     "capture_rng_state",
+    "complete_checkpoints",
     "load_checkpoint",
     "resolve_resume",
     "restore_rng_state",
@@ -73,7 +76,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MARKER = "checkpoint_complete.json"
+MARKER = MARKER_NAME
 _FINAL = re.compile(r"checkpoint_step_(\d+)")
 _TRANSIENT = re.compile(r"checkpoint_step_(\d+)\.(tmp|old)")  # a save or a removal in progress
 _REQUIRED = ("config.json", "trainer_state.json", "optimizer.json")
@@ -287,10 +290,11 @@ def save_checkpoint(
             what = "the tokenizer files"
             tokenizer.save_pretrained(str(tmp))
         what = "the files (fsync)"
-        files = fsync_tree(tmp)
+        files, crcs = fsync_and_checksum(tmp, CHECKSUM_CHUNK)
         _crash_point("before_marker", step)
         what = MARKER
-        write_json(tmp / MARKER, {"format": 1, "step": step, "files": files})
+        marker = {"format": 2, "step": step, "files": files, "crc32": crcs}
+        write_json(tmp / MARKER, {**marker, "crc32_chunk": CHECKSUM_CHUNK})
         fsync_dir(tmp)
         _crash_point("before_rename", step)
         what = "the checkpoint folder (rename)"
@@ -307,11 +311,17 @@ def save_checkpoint(
             ) from e
         raise
     _crash_point("before_rotate", step)
-    # The one just written always stays (it may have a lower step than a stale newer one, after a
-    # resume from an older checkpoint); of the others, the newest keep_last - 1 stay.
-    others = [p for _, p in complete_checkpoints(root) if p != final]
-    for p in others[: max(0, len(others) - (keep_last - 1))]:
+    # The one just written stays, and so does every checkpoint with a higher step: after a resume
+    # from an older checkpoint into the same folder, those belong to a later point of this or
+    # another run, and removing them would lose that work (the person decides). Of the older
+    # ones, the newest keep_last - 1 stay.
+    found = complete_checkpoints(root)
+    older = [p for s, p in found if s < step]
+    for p in older[: max(0, len(older) - (keep_last - 1))]:
         _remove(p)
+    newer = [p.name for s, p in found if s > step]
+    if newer:
+        log.info("keeping %s: newer than step %d, not this run's to rotate", ", ".join(newer), step)
     fsync_dir(root)
     log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - t0)
     return final
@@ -320,10 +330,58 @@ def save_checkpoint(
 # ----- resume -------------------------------------------------------------------------------------
 
 
+# Checkpoints verified in this process, by path: the files' (name, size, mtime, inode) then.
+# resolve_resume verifies the folder it picks and load_checkpoint verifies it again; while no
+# file changed in between, the second check skips re-reading every byte for the checksums.
+_verified: dict[Path, tuple] = {}
+
+
+def _signature(path: Path, files: dict) -> tuple:
+    stats = [(rel, os.stat(path / rel)) for rel in sorted(files)]
+    return tuple((rel, st.st_size, st.st_mtime_ns, st.st_ino) for rel, st in stats)
+
+
+# trainer_state.json: field -> (the JSON types it may have, whether it must be there). The
+# trainer reads these (train/loop.py resume, train/checkpoint_dist.rank_state); anything else in
+# the file is passed along untouched.
+_STATE_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "step": ((int,), True),
+    "epoch": ((int,), False),
+    "tokens_seen": ((int,), False),
+    "nonfinite_skips": ((int,), False),
+    "scaler": ((dict, type(None)), False),
+    "data": ((dict, type(None)), False),
+    "rng": ((dict, type(None)), False),
+    "ranks": ((list, type(None)), False),
+}
+
+
+def check_trainer_state(path: Path, state: Any) -> None:
+    """CheckpointError (one line naming the file and the field) unless `state`, read from `path`,
+    has the fields the trainer reads, with JSON types it can use."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not an object (corrupt)")
+    for field, (types, required) in _STATE_FIELDS.items():
+        if field not in state:
+            if required:
+                raise CheckpointError(f"{path} has no {field!r} field (corrupt checkpoint)")
+            continue
+        value = state[field]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise CheckpointError(
+                f"{path}: field {field!r} is {value!r:.60}, not "
+                f"{' or '.join(t.__name__ for t in types)} (corrupt checkpoint)"
+            )
+    if state["step"] < 0:
+        raise CheckpointError(f"{path}: field 'step' is {state['step']} (corrupt checkpoint)")
+
+
 def verify_checkpoint(path: str | Path) -> None:
-    """Cheap integrity check of a checkpoint folder (marker present and parsed; every file it
-    lists present with its size; safetensors headers consistent with their file sizes; JSON
-    parses). Raises CheckpointError naming the first bad file."""
+    """Integrity check of a checkpoint folder: marker present and parsed; every file it lists
+    present with its size and (since format 2) its checksums, which reads every byte once (see
+    _verified); safetensors headers consistent with their file sizes; JSON parses;
+    trainer_state.json has the fields the trainer reads. Raises CheckpointError naming the first
+    bad file. A format-1 checkpoint (no checksums) gets the size, header and parse checks."""
     path = Path(path)
     marker = path / MARKER
     if not marker.is_file():
@@ -331,7 +389,8 @@ def verify_checkpoint(path: str | Path) -> None:
             f"{path} has no {MARKER}: its save never finished; resume from an earlier checkpoint "
             "(or name the parent folder to pick the newest complete one)"
         )
-    files = read_json(marker).get("files")
+    meta = read_json(marker)
+    files = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(files, dict):
         raise CheckpointError(f"{marker} lists no files (corrupt checkpoint)")
     for name in _REQUIRED:
@@ -339,7 +398,24 @@ def verify_checkpoint(path: str | Path) -> None:
             raise CheckpointError(f"{path / name} is not part of the checkpoint (corrupt)")
     if "model.safetensors.index.json" not in files and "model.safetensors" not in files:
         raise CheckpointError(f"{path} holds no model weights (model*.safetensors)")
-    check_files(path, files)
+    crcs, chunk = meta.get("crc32"), meta.get("crc32_chunk")
+    if crcs is not None and not (
+        isinstance(crcs, dict)
+        and all(isinstance(v, list) and all(type(c) is int for c in v) for v in crcs.values())
+        and type(chunk) is int
+        and chunk > 0
+    ):
+        raise CheckpointError(f"{marker} has malformed checksums (corrupt checkpoint)")
+    try:
+        signature = _signature(path, files)
+    except OSError:
+        signature = None  # a file is missing: check_files names it
+    if signature is not None and _verified.get(path.resolve()) == signature:
+        return
+    check_files(path, files, crcs, chunk or 0)
+    check_trainer_state(path / "trainer_state.json", read_json(path / "trainer_state.json"))
+    if signature is not None:
+        _verified[path.resolve()] = signature
 
 
 def resolve_resume(resume_from: str | Path) -> Path:

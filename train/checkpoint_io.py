@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from octo.hf_io import plan_shards, save_safetensors
+from octo.hf_io import checksum_mismatch, file_checksums, plan_shards, save_safetensors
 
 
 class CheckpointError(ValueError):
@@ -82,6 +82,16 @@ def fsync_tree(root: Path) -> dict[str, int]:
                 os.close(fd)
         fsync_dir(Path(dirpath))
     return dict(sorted(sizes.items()))
+
+
+def fsync_and_checksum(root: Path, chunk: int) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """fsync_tree(root), and the chunk CRC-32s of every file (octo.hf_io.file_checksums) computed
+    meanwhile: the files were just written, so they are read back from the page cache while the
+    fsyncs wait on the disk. Returns ({relative path: size}, {relative path: [CRC-32s]})."""
+    paths = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+    sizes: dict[str, int] = {}
+    crcs = file_checksums(paths, chunk, extra=[lambda: sizes.update(fsync_tree(root))])
+    return sizes, crcs
 
 
 # ----- integrity ----------------------------------------------------------------------------------
@@ -170,8 +180,13 @@ def read_tensors(
     return out
 
 
-def check_files(ckpt: Path, files: dict[str, int]) -> None:
-    """Every file the completion marker lists exists with the recorded size and parses."""
+def check_files(
+    ckpt: Path, files: dict[str, int], crcs: dict[str, list[int]] | None = None, chunk: int = 0
+) -> None:
+    """Every file the completion marker lists exists with the recorded size and parses, and, when
+    the marker records checksums (crcs: {path: chunk CRC-32s}, checkpoints since format 2), its
+    bytes match them: this reads every byte, which catches a flipped bit inside the tensor data or
+    a same-size edit of a JSON file that the size and header checks cannot."""
     for rel, expected in files.items():
         p = ckpt / rel
         if not p.is_file():
@@ -183,6 +198,13 @@ def check_files(ckpt: Path, files: dict[str, int]) -> None:
             read_header(p)
         elif rel.endswith(".json"):
             read_json(p)
+    if crcs is not None:
+        unchecked = sorted(set(files) - set(crcs))
+        if unchecked:
+            raise CheckpointError(f"{ckpt / unchecked[0]} has no checksum in the marker (corrupt)")
+        bad = checksum_mismatch(ckpt, crcs, chunk, names=list(files))
+        if bad:
+            raise CheckpointError(bad)
 
 
 # ----- optimizer state ----------------------------------------------------------------------------
