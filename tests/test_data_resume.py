@@ -192,3 +192,48 @@ def test_pretokenized_resume_two_ranks_and_rank_union(corpus, tok, tmp_path):
     assert torch.equal(merged[0], torch.cat(single[0:2]))
     assert torch.equal(merged[len(merged) // 2], torch.cat(single[per_epoch : per_epoch + 2]))
     check_resume(cfg, tok, ranks[1], [0, 5, len(ranks[1]) - 1], 1, 2)
+
+
+# ----- the tokenizer and text column are part of a streamed position (audit finding 6) -----------
+
+
+def test_streaming_resume_refuses_another_tokenizer_or_text_column(corpus, tok, tmp_path):
+    """Resuming a streamed run with another tokenizer of the same size used to train on silently
+    on other token ids (loss 0.87 -> 8.3); another text_column likewise reads other text."""
+    data = build_train_data(make_cfg(corpus, tmp_path), tok)
+    next(data)
+    state = json.loads(json.dumps(data.state_dict()))
+    other_tok = train_tokenizer(DOCS[::-1][:60], 400, tmp_path / "other_tok")
+    assert len(other_tok) == len(tok)
+    other = build_train_data(make_cfg(corpus, tmp_path), other_tok)
+    with pytest.raises(DataError, match="another tokenizer.*set tokenizer_name") as e:
+        other.load_state_dict(state)
+    assert "\n" not in str(e.value)
+    two = tmp_path / "two_columns.jsonl"
+    two.write_text("".join(json.dumps({"text": t, "story": t[::-1]}) + "\n" for t in DOCS))
+    by_text = build_train_data(make_cfg(str(two), tmp_path), tok)
+    next(by_text)
+    renamed = build_train_data(make_cfg(str(two), tmp_path, text_column="story"), tok)
+    with pytest.raises(DataError, match="text_column was 'text', this run's is 'story'"):
+        renamed.load_state_dict(by_text.state_dict())
+    # A position saved before these keys were recorded still resumes.
+    old = {k: v for k, v in state.items() if k not in ("tokenizer", "text_column")}
+    build_train_data(make_cfg(corpus, tmp_path), tok).load_state_dict(old)
+
+
+def test_tokenizer_identity_is_the_same_for_every_copy(tok, tmp_path, gpt2_tokenizer_dir):
+    """The same tokenizer from its folder, from a checkpoint's copy (save_pretrained, as
+    save_checkpoint does) reloaded, and after a call that set truncation and padding, has one
+    identity, so a legitimate resume is never refused. GPT-2 as built from the Hub's
+    vocab.json/merges.txt (offline) and its saved copy too."""
+    from train.data import load_tokenizer
+    from train.data_stream import tokenizer_identity
+
+    for original in (tok, load_tokenizer(str(gpt2_tokenizer_dir))):
+        want = tokenizer_identity(original)
+        original.save_pretrained(str(tmp_path / "copy"))
+        copy = load_tokenizer(str(tmp_path / "copy"))
+        original.pad_token = original.eos_token
+        original(["a b c", "d"], truncation=True, max_length=2, padding="max_length")
+        assert tokenizer_identity(copy) == want == tokenizer_identity(original)
+    assert tokenizer_identity(tok) != tokenizer_identity(load_tokenizer(str(gpt2_tokenizer_dir)))

@@ -96,6 +96,31 @@ def batch_size_change_effect(state: dict[str, Any], batch_size: int) -> str | No
     )
 
 
+# Identity keys older checkpoints do not record: not compared when absent.
+_ADDED_LATER = ("text_column", "tokenizer")
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """sha256 of what the token ids depend on: the backend tokenizer's serialisation (vocabulary,
+    merges, normalizer, pre-tokenizer, added tokens) and the EOS id, without the parts that do
+    not change ids or that differ between copies of one tokenizer: truncation and padding (set
+    per call; encode_docs switches them off) and the merges' spelling (["a", "b"] since
+    tokenizers 0.20, "a b" before). So the same tokenizer loaded from its folder, the Hub cache or
+    a checkpoint's copy gives the same string. (data_source.tokenizer_fingerprint, the token
+    cache's key, also holds the tokenizer's name and library version: too strict for this.)"""
+    import hashlib
+    import json
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    model = spec.get("model") or {}
+    if isinstance(model.get("merges"), list):
+        model["merges"] = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+    spec["eos_token_id"] = tokenizer.eos_token_id
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
 def stream_batches(
     src: DocSource,
     tokenizer,
@@ -212,6 +237,7 @@ class StreamingTrainData:
         self.W = max(1, cfg.num_workers)
         self.S = world_size * self.W
         self.epoch = 0
+        self._tokenizer_id: str | None = None  # tokenizer_identity, computed on first use
         self._it: Iterator[dict[str, Any]] | None = None
         self._new_epoch()
 
@@ -278,9 +304,13 @@ class StreamingTrainData:
 
     def _identity(self) -> dict[str, Any]:
         c = self.cfg
+        if self._tokenizer_id is None:
+            self._tokenizer_id = tokenizer_identity(self.tokenizer)
         return {
             "dataset": c.dataset_name,
             "split": c.train_split,
+            "text_column": c.text_column,
+            "tokenizer": self._tokenizer_id,
             "holdout": list(self.src.holdout),
             "num_streams": self.S,
             "batch_size": c.batch_size,
@@ -319,6 +349,15 @@ class StreamingTrainData:
                 # line: train.checkpoint.resume_warnings, with batch_size_change_effect).
                 streams = [s and {**s, "emitted": 0} for s in streams]
                 continue
+            if was is None and key in _ADDED_LATER:
+                continue  # a checkpoint from before the key was recorded
+            if key == "tokenizer" and was != now:
+                raise DataError(
+                    "cannot resume the data position: the checkpoint's run tokenized its stream "
+                    f"with another tokenizer (fingerprint {was[:12]}, this run's tokenizer_name "
+                    f"{self.cfg.tokenizer_name!r} is {now[:12]}); set tokenizer_name to the one "
+                    "that run used (a copy is saved in every checkpoint folder)"
+                )
             if was != now:
                 hint = " (world_size x num_workers)" if key == "num_streams" else ""
                 raise DataError(
