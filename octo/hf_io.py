@@ -188,7 +188,8 @@ def checksum_mismatch(
             if a != b:
                 return (
                     f"{directory / n} does not match its checksum (bytes {k * chunk} to "
-                    f"{(k + 1) * chunk} changed after the save: corrupt checkpoint)"
+                    f"{min((k + 1) * chunk, (directory / n).stat().st_size)} changed after the "
+                    "save: corrupt checkpoint)"
                 )
         if len(got[n]) != len(expected[n]):
             return f"{directory / n} has {len(got[n])} checksum chunks, expected {len(expected[n])}"
