@@ -94,7 +94,14 @@ def _duration(seconds: float) -> str:
 
 
 def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))  # exp overflows a double above ~709
+    """exp(loss); inf where that overflows a double (loss above ~709: a run that blew up)."""
+    return math.inf if loss >= 709.0 else math.exp(loss)
+
+
+def _ppl(ppl: float) -> str:
+    """3378.45; 1.23e+07 from a million up (a diverged run's 300-digit number would swamp the
+    line); inf, nan."""
+    return f"{ppl:.2f}" if ppl < 1e6 else f"{ppl:.2e}" if math.isfinite(ppl) else str(ppl)
 
 
 def format_log_line(r: dict[str, Any]) -> str:
@@ -102,7 +109,7 @@ def format_log_line(r: dict[str, Any]) -> str:
     mem=4.2GB/80GB` (+ ` skipped=N` when steps were skipped, ` eta=...`): mfu and mem only where
     known (a GPU). GB here are GiB, as nvidia-smi counts."""
     line = (
-        f"Step {r['step']}: loss={r['loss']:.4f} ppl={r['ppl']:.2f} lr={r['lr']:.1e} "
+        f"Step {r['step']}: loss={r['loss']:.4f} ppl={_ppl(r['ppl'])} lr={r['lr']:.1e} "
         f"grad_norm={r['grad_norm']:.2f} tok/s={_si(r['tokens_per_s'])}"
     )
     if r.get("mfu") is not None:
@@ -117,7 +124,7 @@ def format_log_line(r: dict[str, Any]) -> str:
 
 
 def format_eval_line(r: dict[str, Any]) -> str:
-    return f"Eval at step {r['step']}: loss={r['eval_loss']:.4f} ppl={r['eval_ppl']:.2f}"
+    return f"Eval at step {r['step']}: loss={r['eval_loss']:.4f} ppl={_ppl(r['eval_ppl'])}"
 
 
 class IntervalMeter:
@@ -233,6 +240,7 @@ class RunLogger:
         self.stream = stream or sys.stdout
         self.bar = None
         self.log_path = self.jsonl_path = None
+        self._log = self._jsonl = None  # None once closed, or after a failed write (_write)
         # rank 0 shows the modules' warnings in its log; the other ranks' (the same ones) are
         # dropped rather than printed bare once per process
         self._handler = _WarningsToRunLog(self) if enabled else logging.NullHandler()
@@ -241,11 +249,15 @@ class RunLogger:
             return
         stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
         log_dir = Path(log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"training_{stamp}.log"
         self.jsonl_path = self.log_path.with_suffix(".jsonl")
-        self._log = open(self.log_path, "a", buffering=1)  # line-buffered; closed in close()
-        self._jsonl = open(self.jsonl_path, "a", buffering=1)
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "a", buffering=1)  # line-buffered; closed in close()
+            self._jsonl = open(self.jsonl_path, "a", buffering=1)
+        except OSError as e:
+            self.close()
+            raise log_dir_error(log_dir, Path(e.filename or log_dir), e) from None
 
     def start_progress(self, total_steps: int, initial_step: int = 0) -> None:
         """The tqdm bar (with ETA), on a terminal only."""
@@ -267,24 +279,64 @@ class RunLogger:
             # share the pipe) can land between them
             self.stream.write(msg + "\n")
             self.stream.flush()
-        self._log.write(msg + "\n")
+        self._write("_log", msg + "\n")
 
     def record(self, event: dict[str, Any]) -> None:
         """One JSON line (the numbers of a log line, an eval, the start or the end)."""
         if self.enabled:
             event = {"time": round(time.time(), 3), **event}
-            self._jsonl.write(json.dumps(event) + "\n")
+            self._write("_jsonl", json.dumps(event) + "\n")
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)
 
-    def close(self) -> None:
-        logging.getLogger("train").removeHandler(self._handler)
-        if not self.enabled:
+    def _write(self, name: str, text: str) -> None:
+        """Write to the .log ("_log") or .jsonl ("_jsonl") file. Why never raise: the log is a
+        by-product of training, and a full or failing log_dir hours into a run must not end it
+        without a checkpoint. A failed write is one warning on stderr, and neither file is
+        written again; training, the console lines and the checkpoints go on."""
+        f = getattr(self, name)
+        if f is None:
             return
+        try:
+            f.write(text)
+        except OSError as e:
+            self._close_files(f.name, e)
+
+    def _close_files(self, failed: str | None = None, error: OSError | None = None) -> None:
+        """Close both files (a close flushes, so it can fail too); one warning for the first
+        failure, if any."""
+        for name in ("_log", "_jsonl"):
+            f = getattr(self, name)
+            setattr(self, name, None)
+            try:
+                if f is not None:
+                    f.close()
+            except OSError as e:
+                failed, error = failed or f.name, error or e
+        if error is not None:
+            print(f"warning: writing the run log {failed} failed ({error.strerror or error}); "
+                  "the run's .log and .jsonl are not written from here on (training, the console "
+                  "output and checkpoints go on): free space or set log_dir to another disk",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        """Stop routing warnings, close the bar and the files; never raises (see _write)."""
+        logging.getLogger("train").removeHandler(self._handler)
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        self._log.close()
-        self._jsonl.close()
+        self._close_files()
+
+
+def log_dir_error(log_dir: str | Path, path: Path, e: OSError):
+    """The ConfigError (one line, exit 2) for a file of the run's log folder that cannot be
+    created or written before training starts: nothing is lost by stopping then, and a run that
+    would go unlogged from its first step is better fixed than started."""
+    from train.config import ConfigError
+
+    return ConfigError(
+        f"config key 'log_dir' is {str(log_dir)!r}: writing {path} failed "
+        f"({e.strerror or e}); free disk space or set log_dir to a folder you can write to"
+    )
