@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import resource
+import shutil
 import signal
 from pathlib import Path
 
@@ -183,3 +185,82 @@ def test_resume_warnings_are_lines_of_the_run_log(corpus, tmp_path, capsys):
         "again); continuing"
     ], log
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("held", ["checkpoints_and_final", "final_only"])
+def test_fresh_run_refuses_a_checkpoint_dir_holding_a_run(tmp_path, capsys, held):
+    """A run that does not resume, into a folder with another run's complete checkpoints or final
+    model: one line naming the folder, the newest one and the fixes, before any data is read (it
+    used to replace that run's final model and same-step checkpoints, and leave its newer ones
+    for a later resume_from=<folder> to pick). Unfinished saves (.tmp) are no run."""
+    from train.checkpoint import MARKER
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "final").mkdir(parents=True)
+    (ckpt / "checkpoint_step_30.tmp").mkdir()
+    if held == "checkpoints_and_final":
+        for step in (10, 20):
+            (ckpt / f"checkpoint_step_{step}").mkdir()
+            (ckpt / f"checkpoint_step_{step}" / MARKER).write_text("{}")
+    rc, err = run_main(tmp_path, capsys)
+    assert rc == 2 and "\n" not in err, err
+    if held == "checkpoints_and_final":
+        assert err == (
+            f"error: checkpoint_dir {ckpt} already holds a run's checkpoints (newest: "
+            "checkpoint_step_20 and final) and this run starts from scratch; continue that run "
+            f"with --set resume_from={ckpt}, or start over with another or an empty checkpoint_dir"
+        )
+    else:
+        assert err == (
+            f"error: checkpoint_dir {ckpt} already holds a run's checkpoints (newest: final) and "
+            "this run starts from scratch; start over with another or an empty checkpoint_dir"
+        )
+    shutil.rmtree(ckpt / "final")
+    shutil.rmtree(ckpt / "checkpoint_step_10", ignore_errors=True)
+    shutil.rmtree(ckpt / "checkpoint_step_20", ignore_errors=True)
+    rc, err = run_main(tmp_path, capsys)  # only an unfinished save left: the run goes on
+    assert rc == 2 and err.startswith("error: tokenizer folder"), err
+
+
+def test_perplexity_of_a_diverged_loss_is_short():
+    """exp(loss) of a blown-up loss was printed as a 300-digit number."""
+    from train.metrics import format_eval_line, format_log_line, perplexity
+
+    r = {"step": 7, "loss": 50.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 10.0}
+    assert " ppl=5.18e+21 " in format_log_line({**r, "ppl": perplexity(50.0)})
+    assert " ppl=inf " in format_log_line({**r, "loss": 800.0, "ppl": perplexity(800.0)})
+    assert " ppl=nan " in format_log_line({**r, "loss": math.nan, "ppl": perplexity(math.nan)})
+    assert " ppl=8.14 " in format_log_line({**r, "loss": 2.0973, "ppl": perplexity(2.0973)})
+    assert format_eval_line({"step": 7, "eval_loss": 1e4, "eval_ppl": perplexity(1e4)}) == (
+        "Eval at step 7: loss=10000.0000 ppl=inf"
+    )
+
+
+def test_run_log_close_that_fails_is_a_warning(tmp_path, capsys):
+    """close() flushes; a full disk then was a second traceback while the run ended."""
+    import io
+
+    from train.metrics import RunLogger
+
+    log = RunLogger(tmp_path, stream=io.StringIO())
+    real = log._log
+
+    class FullOnClose:
+        name = real.name
+
+        def write(self, text):
+            return real.write(text)
+
+        def close(self):
+            real.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log._log = FullOnClose()
+    log.info("a line")
+    log.close()
+    log.close()  # twice is fine
+    assert capsys.readouterr().err == (
+        f"warning: writing the run log {log.log_path} failed (No space left on device); the "
+        "run's .log and .jsonl are not written from here on (training, the console output and "
+        "checkpoints go on): free space or set log_dir to another disk\n"
+    )

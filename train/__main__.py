@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -39,19 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from train.config import ConfigError, TrainConfig, load_model_config
-
     try:
-        cfg = TrainConfig.load(args.config, args.set)
-        if args.model_config is not None:
-            cfg.model_config = args.model_config
-        model_fields = load_model_config(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from train.config import ConfigError, TrainConfig, load_model_config
 
-    from train.run import run
+        try:
+            cfg = TrainConfig.load(args.config, args.set)
+            if args.model_config is not None:
+                cfg.model_config = args.model_config
+            model_fields = load_model_config(cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
+        from train.run import run  # imports torch: seconds, where a Ctrl-C often lands
+    except KeyboardInterrupt:  # run() reports its own
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     return run(cfg, model_fields)
 
 
@@ -75,4 +79,6 @@ def exit_process(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # it is over: a late Ctrl-C prints no traceback
+    exit_process(code)

@@ -50,6 +50,7 @@ from train.metrics import (
     flops_per_token,
     format_eval_line,
     format_log_line,
+    log_dir_error,
     matmul_params,
     perplexity,
     start_lines,
@@ -85,7 +86,8 @@ class StepStats:
 class FitResult:
     status: str  # "completed" | "interrupted" (SIGINT/SIGTERM) | "nonfinite"
     step: int
-    checkpoint: Path | None  # the last checkpoint written (None on ranks that do not write)
+    checkpoint: Path | None  # the newest checkpoint, written or resumed from (None on ranks
+    # that do not write and did not resume)
     signal: str | None = None
     eval: dict[str, float] | None = None
 
@@ -152,6 +154,10 @@ class Trainer:
         self._flags_event = torch.cuda.Event() if dev.type == "cuda" else None
         self.consecutive_nonfinite = self.nonfinite_skips = 0  # host copies (one step late on GPU)
         self._stop_signal: str | None = None
+        # the newest complete checkpoint of this run (saved or resumed from; None on ranks other
+        # than 0) and the step it holds (on every rank), so an unchanged state is not saved twice
+        self.last_checkpoint: Path | None = None
+        self._checkpoint_step: int | None = None
 
     @property
     def log(self) -> RunLogger:
@@ -296,8 +302,11 @@ class Trainer:
         previous = self._install_signal_handlers()
         data = iter(self.train_data)
         self.meter.restart(self.step, self.tokens_seen)
-        status, last_eval, last_ckpt, saved_at = "completed", None, None, None
+        status, last_eval = "completed", None
         seen_skips = self.nonfinite_skips
+        # The handlers stay until the last save is done: a Ctrl-C during the final evaluation or
+        # save ends the run as one in the loop does (the save finishes, exit 0), and Python's
+        # default handler would abort that save instead.
         try:
             while self.step < self.total_steps:
                 batches = _next_micro_batches(data, cfg.gradient_accumulation_steps)
@@ -322,18 +331,22 @@ class Trainer:
                 if self.step % cfg.eval_interval_steps == 0:
                     last_eval = self.meter.paused(self._evaluate_and_log)
                 if self.step % cfg.save_interval_steps == 0:
-                    last_ckpt, saved_at = self.meter.paused(self.save_checkpoint), self.step
+                    self.meter.paused(self.save_checkpoint)
                 if host_any(self._stop_signal is not None, self.env):  # a signal on any rank
-                    self._stop_signal = self._stop_signal or "a signal to another process"
                     status = "interrupted"
                     break
+            if status == "completed" and (last_eval is None or last_eval["step"] != self.step):
+                last_eval = self._evaluate_and_log()
+            if self._checkpoint_step != self.step:  # not saved (or resumed from) at this step
+                self.save_checkpoint()
+            if status == "completed" and host_any(self._stop_signal is not None, self.env):
+                status = "interrupted"  # during the final evaluation or save: no final model
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if status == "completed" and (last_eval is None or last_eval["step"] != self.step):
-            last_eval = self._evaluate_and_log()
-        if saved_at != self.step:
-            last_ckpt = self.save_checkpoint()
+        if status == "interrupted":
+            self._stop_signal = self._stop_signal or "a signal to another process"
+        last_ckpt = self.last_checkpoint
         if status == "nonfinite":
             log.info(f"Stopping at step {self.step}: {self.consecutive_nonfinite} non-finite steps "
                      f"in a row (max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); the "
@@ -360,19 +373,26 @@ class Trainer:
         return r
 
     def _log_start(self) -> None:
-        log = self.log
+        log, c = self.log, self.model.config
+        if log.log_path is not None:  # the resolved configs, beside the log, before any line:
+            stem = log.log_path.with_name(log.log_path.stem)  # a full log_dir is one error line
+            path = Path(f"{stem}_config.json")
+            try:
+                self.cfg.save(path)
+                path = Path(f"{stem}_model.json")
+                c.to_json_file(path)
+            except OSError as e:
+                raise log_dir_error(self.cfg.log_dir, path, e) from None
         for line in start_lines(self):
             log.info(line)
-        c = self.model.config
-        if log.log_path is not None:  # the resolved configs, beside the log
-            self.cfg.save(log.log_path.with_name(log.log_path.stem + "_config.json"))
-            c.to_json_file(log.log_path.with_name(log.log_path.stem + "_model.json"))
         log.record({"type": "start", "step": self.step, "total_steps": self.total_steps,
                     "parameters": self.model.num_parameters(), "precision": self.precision.name,
                     "config": self.cfg.to_dict(), "model_config": c.to_dict()})  # fmt: skip
 
     def _install_signal_handlers(self) -> dict:
-        """SIGINT/SIGTERM: finish the step, save, exit 0. A second Ctrl-C aborts at once."""
+        """SIGINT/SIGTERM: finish the step, save, exit 0. A second Ctrl-C aborts at once (a
+        KeyboardInterrupt: a save in progress is dropped whole, and run() names the last complete
+        checkpoint, exit 130)."""
         if threading.current_thread() is not threading.main_thread():
             return {}
 
@@ -412,7 +432,9 @@ class Trainer:
             tokenizer=self.tokenizer, keep_last=cfg.keep_last_checkpoints,
             max_shard_size=cfg.max_shard_size,
         )  # fmt: skip
+        self._checkpoint_step = self.step
         if path is not None:
+            self.last_checkpoint = path
             self.log.info(f"Saved checkpoint {path}")
         return path
 
@@ -438,6 +460,7 @@ class Trainer:
                                     learning_rate=self.cfg.learning_rate,
                                     world_size=self.env.world_size):  # fmt: skip
             self.log.info(f"warning: {line}; continuing")
+        self.last_checkpoint, self._checkpoint_step = Path(path), self.step
         self.log.info(f"Resumed from {path} at step {self.step}")
 
 

@@ -3,7 +3,8 @@ final model folder and a generated sample, or the line to resume). `python -m tr
 
 Exit codes: 0 done (also after SIGINT/SIGTERM, with a checkpoint); 1 the run failed (non-finite
 losses, CUDA out of memory); 2 a problem with the config, the data, the tokenizer or a checkpoint,
-reported in one line.
+reported in one line; 130 stopped at once by Ctrl-C (a second one during training, or one before
+training or after the last checkpoint), with one line saying what was saved.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     from train.checkpoint import CheckpointError
     from train.data import DataError
 
-    trainer = env = None
+    trainer = env = final = None
     cwd = Path.cwd()  # the directory the run's relative paths mean (see resume_command)
     try:
         try:
@@ -51,6 +52,8 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
                 pretokenize=cfg.pretokenized,
             )
             check_writable_folders(cfg)
+            if not cfg.resume_from:
+                check_fresh_checkpoint_dir(cfg.checkpoint_dir)
             set_kernel_backend(cfg)
             device = resolve_device(cfg)
             env = init_distributed(device)
@@ -61,6 +64,7 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             log = trainer.log  # before the resume: its warnings become lines of this log
             if resume is not None:
                 trainer.resume(resume)
+                check_resume_step(trainer, resume)
             result = trainer.fit()
         except (ConfigError, DataError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -91,11 +95,75 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             if trainer.tokenizer is not None:
                 log.info(f"Samples from {final}:\n{generate_sample(trainer)}")
         return 0
+    except KeyboardInterrupt:  # Python's Ctrl-C, or the trainer's on a second one
+        if env is None or env.is_main:
+            print(interrupted_line(trainer, env, cwd, final), file=sys.stderr, flush=True)
+        return 130
     finally:
         if trainer is not None:
             trainer.log.close()
         if env is not None:
             cleanup(env)
+
+
+def interrupted_line(trainer: Trainer | None, env: Any, cwd: Path, final: Path | None) -> str:
+    """What a run stopped at once by Ctrl-C leaves: nothing, or its newest complete checkpoint
+    (and the command that resumes from it). A Ctrl-C during a save's last steps (older
+    checkpoints being removed) may come after the new checkpoint stood complete: it is named."""
+    from train.checkpoint import complete_checkpoints
+
+    if trainer is None:
+        return "interrupted before training started; nothing was saved"
+    line = f"interrupted at step {trainer.step}"
+    saved = dict(complete_checkpoints(Path(trainer.cfg.checkpoint_dir)))
+    ckpt = saved.get(trainer.step, getattr(trainer, "last_checkpoint", None))
+    if final is not None:  # while sampling: the run is complete
+        return f"{line} while sampling; the final model {final} and checkpoint {ckpt} are saved"
+    if ckpt is None:
+        return f"{line}; nothing was saved (no checkpoint yet)"
+    return (f"{line}; the last complete checkpoint is {ckpt}. Resume with: "
+            f"{resume_command(ckpt, env, cwd)}")  # fmt: skip
+
+
+def check_fresh_checkpoint_dir(checkpoint_dir: str) -> None:
+    """A run that does not resume refuses a checkpoint_dir that holds complete checkpoints or a
+    final model (CheckpointError, exit 2, before any data is read). Why: its saves would replace
+    the other run's final model and same-step checkpoints, and a later resume_from=<folder>
+    would pick whichever run's checkpoint is newest."""
+    from train.checkpoint import CheckpointError, complete_checkpoints
+
+    root = Path(checkpoint_dir)
+    found = complete_checkpoints(root)
+    has_final = (root / "final").is_dir()
+    if not found and not has_final:
+        return
+    held = [found[-1][1].name] if found else []
+    held += ["final"] if has_final else []
+    resume = shlex.quote(f"resume_from={root}")
+    cont = f"continue that run with --set {resume}, or " if found else ""
+    raise CheckpointError(
+        f"checkpoint_dir {root} already holds a run's checkpoints (newest: {' and '.join(held)}) "
+        f"and this run starts from scratch; {cont}start over with another or an empty "
+        "checkpoint_dir"
+    )
+
+
+def check_resume_step(trainer: Trainer, resume: Path) -> None:
+    """A checkpoint past the run's planned last step is one ConfigError line (exit 2): there is
+    nothing to train, and going on would only save that checkpoint's weights again as this
+    run's final model, which is surely not what the changed max_steps meant. A checkpoint at the
+    last step is fine: the run saves its final model and samples (what an interrupted end of a
+    run left to do)."""
+    step, total = trainer.step, trainer.total_steps
+    if step <= total:
+        return
+    fix = f"raise max_steps above {step}"
+    if trainer.steps_source != "max_steps":
+        fix = f"raise num_epochs or set max_steps above {step}"
+    raise ConfigError(
+        f"resume_from {resume} is at step {step}, past this run's last step {total} "
+        f"({trainer.steps_source}); {fix} to train on from it"
+    )
 
 
 def agree_on_resume(resume_from: str, env: Any) -> Path:
@@ -204,7 +272,9 @@ def build_trainer(
 
 def save_final_model(trainer: Trainer) -> Path:
     """{checkpoint_dir}/final: the model (Llama-format safetensors + config.json), the tokenizer
-    and train_config.json; written beside, then renamed, so a half-written folder never stands."""
+    and train_config.json; written beside, then renamed, so a half-written folder never stands.
+    Whatever stops it (a full disk, Ctrl-C) removes final.tmp and leaves an earlier `final`
+    in place."""
     from train.checkpoint import CheckpointError, replace_folder, write_error_fix
     from train.checkpoint_io import fsync_tree
 
@@ -219,8 +289,13 @@ def save_final_model(trainer: Trainer) -> Path:
         cfg.save(tmp / "train_config.json")
         fsync_tree(tmp)
         replace_folder(tmp, final)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or Ctrl-C: no final.tmp is left, `final` stands
         shutil.rmtree(tmp, ignore_errors=True)
+        old = final.with_name("final.old")
+        if old.is_dir() and not final.exists():  # stopped between replace_folder's two renames
+            os.rename(old, final)
+        if not isinstance(e, OSError):
+            raise
         raise CheckpointError(
             f"saving the final model to {final} failed: {e.strerror or e}; {write_error_fix(e)}. "
             "The checkpoints are intact"
