@@ -17,6 +17,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from train.config import add_set_argument  # light: no torch
+
     parser = argparse.ArgumentParser(
         prog="python -m train", description="Train an Octo (Llama-architecture) language model."
     )
@@ -30,14 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="model config JSON or preset name (seed, tiny); overrides the config's model_config",
     )
-    parser.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys (values parsed as JSON): --set a=1 b=2, repeatable",
-    )
+    add_set_argument(parser)
     args = parser.parse_args(argv)
 
     try:

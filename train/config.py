@@ -7,6 +7,7 @@ the value and the fix; `python -m train` turns it into exit code 2.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -329,3 +330,17 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
             "null" if t is type(None) else (typing.get_origin(t) or t).__name__ for t in args
         )
         raise ConfigError(f"config key {name!r} must be {want}, got {value!r}")
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """--set KEY=VALUE, in the forms `python -m train` takes (--set a=1 b=2, repeatable), one
+    definition for python -m train, train.prepare and train.tokenizer, so a command line copied
+    from one works in the others."""
+    parser.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys (values parsed as JSON): --set a=1 b=2, repeatable",
+    )

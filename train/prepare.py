@@ -17,21 +17,8 @@ import time
 from pathlib import Path
 
 
-def add_set_argument(parser: argparse.ArgumentParser) -> None:
-    """--set KEY=VALUE, in the forms `python -m train` takes (--set a=1 b=2, repeatable), so a
-    command line copied from a training run works here and in train.tokenizer too."""
-    parser.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config keys (values parsed as JSON): --set a=1 b=2, repeatable",
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    from train.config import ConfigError, TrainConfig
+    from train.config import ConfigError, TrainConfig, add_set_argument
     from train.data import DataError, eval_source, load_tokenizer, train_source
     from train.data_pretok import cache_path, ensure_token_cache
     from train.data_source import COMPLETE

@@ -83,9 +83,8 @@ def _make_out_folder(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.config import ConfigError, TrainConfig
+    from train.config import ConfigError, TrainConfig, add_set_argument
     from train.data import train_source
-    from train.prepare import add_set_argument
 
     ap = argparse.ArgumentParser(
         prog="python -m train.tokenizer", description=__doc__.split("\n")[0]
