@@ -32,7 +32,7 @@ def _seed():
     yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data beside the checkout; tests that need it skip (with a reason) without it."""
     if not SHARED_DATA.is_dir():
@@ -40,9 +40,10 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def gpt2_tokenizer_dir(shared_data, tmp_path_factory) -> Path:
-    """A transformers tokenizer folder built offline from ../shared/data/gpt2."""
+    """A transformers tokenizer folder built offline from ../shared/data/gpt2 (once per session,
+    ~2 s; tests read it, none writes into it)."""
     from transformers import GPT2TokenizerFast
 
     out = tmp_path_factory.mktemp("gpt2_tok")
