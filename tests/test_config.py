@@ -218,6 +218,13 @@ def test_edges_of_the_ranges_are_accepted():
     torch.Generator().manual_seed(cfg.seed)  # the largest seed torch accepts
     assert cfg.max_shard_size == 7  # an int of bytes, as the size message says
     assert TrainConfig.load(None, ["seed=-9223372036854775808", "resume_from=null"]).seed < 0
+    # JSON's 0 is an int; torch's AdamW refused betas (0, 0.95) ("either both floats or both
+    # Tensors"): float keys hold floats, so the optimizer builds at the edge of the range
+    from train.optim import build_optimizer
+
+    cfg = TrainConfig.load(None, ["adam_beta1=0", "learning_rate=1"])
+    assert type(cfg.adam_beta1) is float and type(cfg.learning_rate) is float
+    build_optimizer(torch.nn.Linear(2, 2), cfg, torch.device("cpu"))
 
 
 def test_config_file_that_is_a_folder_or_not_utf8(tmp_path, capsys):

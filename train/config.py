@@ -103,6 +103,11 @@ class TrainConfig:
         # learning rate trains NaN weights, a NaN max_grad_norm silently turns clipping off).
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            if is_int and _holds_float(hints[f.name]):
+                # JSON's 0 is an int: torch's AdamW refuses betas (0, 0.95), an int beside a float
+                value = float(value) if abs(value) < 2**1000 else math.inf
+                setattr(self, f.name, value)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"config key {f.name!r} must be a finite number, got {value}")
         for name in PATH_KEYS:  # "" would silently mean the current folder
@@ -330,6 +335,11 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
             "null" if t is type(None) else (typing.get_origin(t) or t).__name__ for t in args
         )
         raise ConfigError(f"config key {name!r} must be {want}, got {value!r}")
+
+
+def _holds_float(hint: Any) -> bool:
+    """True for a field typed float or float | None."""
+    return hint is float or float in typing.get_args(hint)
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
