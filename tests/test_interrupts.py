@@ -5,8 +5,8 @@ final model's save never leaves final.tmp nor damages an earlier `final`; a resu
 step saves nothing again, and one past it is one line (exit 2); a log file that fails mid-run
 is one warning, and training and its checkpoints go on.
 
-Signals are sent to this process (os.kill); a guard handler turns a SIGINT that reaches the
-default handler into a test failure instead of a KeyboardInterrupt that would end pytest."""
+Signals are sent to this process (os.kill); a guard handler turns a SIGINT or SIGTERM that reaches
+the default handler into a test failure instead of ending pytest."""
 
 from __future__ import annotations
 
@@ -32,17 +32,18 @@ MODEL = OctoConfig.preset("tiny", vocab_size=VOCAB, max_position_embeddings=64)
 
 
 class StrayInterrupt(Exception):
-    """A SIGINT that reached the handler in place before fit() installed its own."""
+    """A SIGINT or SIGTERM that reached the handler in place before Octo installed its own."""
 
 
 @pytest.fixture(autouse=True)
 def sigint_guard():
     def stray(signum, frame):
-        raise StrayInterrupt("SIGINT reached the handler outside the trainer's")
+        raise StrayInterrupt(f"{signal.Signals(signum).name} reached the handler outside Octo's")
 
-    previous = signal.signal(signal.SIGINT, stray)
+    previous = {sig: signal.signal(sig, stray) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield
-    signal.signal(signal.SIGINT, previous)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def make_trainer(tmp_path: Path, **kw) -> Trainer:
@@ -168,6 +169,46 @@ def test_ctrl_c_during_final_model_save_is_one_line(tmp_path, monkeypatch, capsy
     ckpt = tmp_path / "ckpt" / "checkpoint_step_3"
     assert err.startswith(f"interrupted at step 3; the last complete checkpoint is {ckpt}. ")
     assert err.count("\n") == 1, err
+
+
+def test_sigterm_outside_training_is_taken_as_ctrl_c(tmp_path, monkeypatch, capsys):
+    """SIGTERM during the final model's save (fit's handlers are gone by then): Python's default
+    killed the process with no line and left final.tmp (~340 MB for the seed model); now it is
+    Ctrl-C's path: final.tmp removed, one line, exit 130. run() restores the SIGTERM handler."""
+    tr = make_trainer(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
+
+    real = tr.model.save_pretrained
+
+    def save_pretrained(folder, **kw):  # the final model half written when SIGTERM comes
+        real(folder, **kw)
+        if Path(folder).name == "final.tmp":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tr.model, "save_pretrained", save_pretrained)
+    assert run_trainer(tr, monkeypatch) == 130
+    err = capsys.readouterr().err
+    ckpt = tmp_path / "ckpt" / "checkpoint_step_3"
+    assert err.startswith(f"interrupted at step 3; the last complete checkpoint is {ckpt}. ")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint_step_3"]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_resumed_run_stopped_before_training_names_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C while a resumed run starts: its checkpoint is intact (the line said "nothing was
+    saved (no checkpoint yet)")."""
+
+    def interrupted(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "agree_on_resume", interrupted)
+    cfg = TrainConfig(device="cpu", log_dir=str(tmp_path / "l"), checkpoint_dir=str(tmp_path),
+                      resume_from=str(tmp_path / "checkpoint_step_10"))  # fmt: skip
+    assert no_escape(run_mod.run, cfg, {}) == 130
+    assert capsys.readouterr().err == (
+        "interrupted before training started; nothing new was saved: run the same command again "
+        f"to resume from {tmp_path / 'checkpoint_step_10'}\n"
+    )
 
 
 def test_resume_at_or_past_the_last_step(tmp_path, monkeypatch, capsys):

@@ -4,7 +4,7 @@ final model folder and a generated sample, or the line to resume). `python -m tr
 Exit codes: 0 done (also after SIGINT/SIGTERM, with a checkpoint); 1 the run failed (non-finite
 losses, CUDA out of memory); 2 a problem with the config, the data, the tokenizer or a checkpoint,
 reported in one line; 130 stopped at once by Ctrl-C (a second one during training, or one before
-training or after the last checkpoint), with one line saying what was saved.
+training or after the last checkpoint; SIGTERM there too), with one line saying what was saved.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import errno
 import os
 import shlex
 import shutil
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,10 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
 
     trainer = env = final = None
     cwd = Path.cwd()  # the directory the run's relative paths mean (see resume_command)
+    # SIGTERM outside fit() (which installs its own handlers: finish the step, save) is taken as
+    # Ctrl-C: at start-up, during the final model's save or sampling, the except below names what
+    # is saved and save_final_model removes its partial folder. (Python's default just dies.)
+    sigterm = _sigterm_as_interrupt()
     try:
         try:
             # The configs a run saves say what it did: the model by its fields (or preset) and
@@ -95,32 +101,52 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             if trainer.tokenizer is not None:
                 log.info(f"Samples from {final}:\n{generate_sample(trainer)}")
         return 0
-    except KeyboardInterrupt:  # Python's Ctrl-C, or the trainer's on a second one
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM outside fit), or the trainer's second one
         if env is None or env.is_main:
-            print(interrupted_line(trainer, env, cwd, final), file=sys.stderr, flush=True)
+            line = interrupted_line(trainer, env, cwd, final, cfg.resume_from)
+            print(line, file=sys.stderr, flush=True)
         return 130
     finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         if trainer is not None:
             trainer.log.close()
         if env is not None:
             cleanup(env)
 
 
-def interrupted_line(trainer: Trainer | None, env: Any, cwd: Path, final: Path | None) -> str:
+def _sigterm_as_interrupt() -> Any:
+    """Make SIGTERM raise KeyboardInterrupt; returns the handler it replaced (None off the main
+    thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def interrupted_line(
+    trainer: Trainer | None, env: Any, cwd: Path, final: Path | None, resume_from: str | None
+) -> str:
     """What a run stopped at once by Ctrl-C leaves: nothing, or its newest complete checkpoint
     (and the command that resumes from it). A Ctrl-C during a save's last steps (older
-    checkpoints being removed) may come after the new checkpoint stood complete: it is named."""
+    checkpoints being removed) may come after the new checkpoint stood complete: it is named. A
+    resumed run stopped before it trained still has the checkpoint it resumes from."""
     from train.checkpoint import complete_checkpoints
 
+    again = (f"; nothing new was saved: run the same command again to resume from {resume_from}"
+             if resume_from else "")  # fmt: skip
     if trainer is None:
-        return "interrupted before training started; nothing was saved"
+        return "interrupted before training started" + (again or "; nothing was saved")
     line = f"interrupted at step {trainer.step}"
     saved = dict(complete_checkpoints(Path(trainer.cfg.checkpoint_dir)))
     ckpt = saved.get(trainer.step, getattr(trainer, "last_checkpoint", None))
     if final is not None:  # while sampling: the run is complete
         return f"{line} while sampling; the final model {final} and checkpoint {ckpt} are saved"
     if ckpt is None:
-        return f"{line}; nothing was saved (no checkpoint yet)"
+        return line + (again or "; nothing was saved (no checkpoint yet)")
     return (f"{line}; the last complete checkpoint is {ckpt}. Resume with: "
             f"{resume_command(ckpt, env, cwd)}")  # fmt: skip
 
