@@ -600,6 +600,10 @@ def test_nothing_to_resume_from(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no complete checkpoint_step_N folder"):
         resolve_resume(tmp_path / "empty")
+    (tmp_path / "final").mkdir()  # a final model: weights, no trainer state
+    (tmp_path / "final" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="final: a model folder .*empty checkpoint_dir"):
+        resolve_resume(tmp_path / "final")
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_resume(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="does not exist"):

@@ -475,9 +475,12 @@ def resolve_resume(resume_from: str | Path) -> Path:
             continue
         log.info("resuming from %s", child)
         return child
+    what = "no complete checkpoint_step_N folder in it"
+    if (p / "config.json").is_file():  # e.g. `final`: the weights without any trainer state
+        what = "a model folder (weights only, no optimizer or trainer state), not a checkpoint"
     raise CheckpointError(
-        f"resume_from {p}: no complete checkpoint_step_N folder in it; check the path, or set "
-        "resume_from to null to start a fresh run"
+        f"resume_from {p}: {what}; check the path, or set resume_from to null to start a fresh "
+        "run (with another or an empty checkpoint_dir)"
     )
 
 
