@@ -142,7 +142,7 @@ def interrupted_line(
         return "interrupted before training started" + (again or "; nothing was saved")
     line = f"interrupted at step {trainer.step}"
     saved = dict(complete_checkpoints(Path(trainer.cfg.checkpoint_dir)))
-    ckpt = saved.get(trainer.step, getattr(trainer, "last_checkpoint", None))
+    ckpt = saved.get(trainer.step, trainer.last_checkpoint)
     if final is not None:  # while sampling: the run is complete
         return f"{line} while sampling; the final model {final} and checkpoint {ckpt} are saved"
     if ckpt is None:
