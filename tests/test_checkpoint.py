@@ -35,21 +35,29 @@ from train.checkpoint import (
     verify_checkpoint,
 )
 from train.config import TrainConfig
+from train.muon import build_muon
 
 LOG = "train.checkpoint"
 
 
-def make(seed: int = 0, cfg: OctoConfig | None = None, reverse: bool = False, **adam):
-    """A tiny model and an AdamW with the loop's two groups (decay / no decay)."""
+def make(
+    seed: int = 0, cfg: OctoConfig | None = None, reverse: bool = False, muon: bool = False, **adam
+):
+    """A tiny model and an AdamW with the loop's two groups (decay / no decay); muon=True:
+    train.muon's Muon for the decoder layers' matrices joined to that AdamW for the rest."""
     torch.manual_seed(seed)
     model = OctoForCausalLM(cfg or OctoConfig.preset("tiny"))
     named = list(model.named_parameters())
     if reverse:  # a different parameter order than the one that was saved
         named = named[::-1]
+    matrices = [p for n, p in named if muon and p.dim() == 2 and ".layers." in n]
+    named = [(n, p) for n, p in named if not any(p is q for q in matrices)]
     decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=adam.pop("lr", 1e-3), betas=(0.9, 0.95), **adam)
+    if muon:
+        opt = build_muon(matrices, opt, TrainConfig(optimizer="muon", learning_rate=1e-3))
     return model, opt
 
 
@@ -92,7 +100,9 @@ def trained():
 
 
 @pytest.mark.parametrize(
-    "adam", [{}, {"amsgrad": True, "lr": torch.tensor(1e-3)}], ids=["adamw", "amsgrad_tensor_lr"]
+    "adam",
+    [{}, {"amsgrad": True, "lr": torch.tensor(1e-3)}, {"muon": True}],
+    ids=["adamw", "amsgrad_tensor_lr", "muon"],
 )
 def test_round_trip_is_bit_exact(tmp_path, adam):
     model, opt = make(**adam)

@@ -201,6 +201,10 @@ BAD_VALUES = [
     ("checkpoint_dir=", "'checkpoint_dir' is an empty string; give a path"),
     ("resume_from=", "'resume_from' is an empty string; give a path (or null for none)"),
     ("max_shard_size=0", "max_shard_size must be positive, got 0"),
+    ("optimizer=sgd", "'optimizer' is 'sgd'; choose one of adamw, muon"),
+    ("muon_learning_rate=0", "'muon_learning_rate' must be positive, got 0"),
+    ("muon_momentum=1", "'muon_momentum' must be in [0, 1), got 1"),
+    ("muon_weight_decay=-0.1", "'muon_weight_decay' must be >= 0, got -0.1"),
 ]  # fmt: skip
 
 

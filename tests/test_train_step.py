@@ -174,8 +174,9 @@ def nan_switch(trainer: Trainer) -> dict:
     return flag
 
 
-def test_nonfinite_step_is_skipped_and_counted(tmp_path):
-    tr = Trainer(make_cfg(tmp_path), MODEL)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, optimizer):
+    tr = Trainer(make_cfg(tmp_path, optimizer=optimizer), MODEL)
     flag = nan_switch(tr)
     batches = random_batches(3)
     tr.train_step([batches[0]])
@@ -188,7 +189,7 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     for k, v in tr.model.state_dict().items():
         assert torch.equal(v, before[k]), k  # the update was not applied
     for k, v in tr.optimizer.state[tr._params[0]].items():
-        assert torch.equal(v, opt_before[k]), k  # nor Adam's moments or step count
+        assert torch.equal(v, opt_before[k]), k  # nor Adam's moments or step (Muon's momentum)
     flag["on"] = False
     stats = tr.train_step([batches[2]])
     assert not bool(stats.skipped) and tr.consecutive_nonfinite == 0 and tr.nonfinite_skips == 1
@@ -227,11 +228,13 @@ def run_losses(tr: Trainer) -> list[float]:
     return [r["loss"] for r in records if r["type"] == "train"]
 
 
-def test_sigterm_saves_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sigterm_saves_and_resume_is_exact(tmp_path, optimizer):
     """SIGTERM mid-run: the step finishes, a checkpoint is written, fit returns "interrupted";
     a new Trainer resumed from it logs the same per-step losses as an uninterrupted run."""
     batches = random_batches(12)
-    kw = dict(max_steps=10, log_interval_steps=1, gradient_accumulation_steps=2)
+    kw = dict(max_steps=10, log_interval_steps=1, gradient_accumulation_steps=2,
+              optimizer=optimizer)  # fmt: skip
     straight = run_losses(Trainer(make_cfg(tmp_path / "a", **kw), MODEL,
                                   train_data=ListData(batches)))  # fmt: skip
 

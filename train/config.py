@@ -63,6 +63,12 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    # adamw | muon (torch.optim.Muon for the decoder layers' matrices, AdamW at learning_rate for
+    # the rest; train/muon.py); the muon_* keys apply only to muon
+    optimizer: str = "adamw"
+    muon_learning_rate: float = 0.02  # Muon's peak lr, on the same schedule as learning_rate
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0  # decoupled: W <- W (1 - lr * muon_weight_decay)
     precision: str = "auto"  # auto (from use_mixed_precision) | bf16 | fp16 | fp32
     compile: str = "auto"  # auto (on for CUDA) | on | off | cudagraphs (on + CUDA graphs)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -138,14 +144,17 @@ class TrainConfig:
         for name in ("warmup_steps", "num_workers", "buffer_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ConfigError(
-                f"config key 'learning_rate' must be positive, got {self.learning_rate}"
-            )
-        for name in ("weight_decay", "max_grad_norm"):
+        for name in ("learning_rate", "muon_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(
+                    f"config key {name!r} must be positive, got {getattr(self, name)}"
+                )
+        for name in ("weight_decay", "max_grad_norm", "muon_weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
-        for name in ("min_lr_ratio", "eval_holdout_fraction", "adam_beta1", "adam_beta2"):
+        unit = ("min_lr_ratio", "eval_holdout_fraction", "adam_beta1", "adam_beta2",
+                "muon_momentum")  # fmt: skip
+        for name in unit:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(
                     f"config key {name!r} must be in [0, 1), got {getattr(self, name)}"
@@ -158,6 +167,7 @@ class TrainConfig:
             "compile": ("auto", "on", "off", "cudagraphs"),
             "kernels": ("auto", "triton", "torch"),
             "parallelism": ("ddp", "fsdp"),
+            "optimizer": ("adamw", "muon"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

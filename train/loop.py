@@ -55,7 +55,8 @@ from train.metrics import (
     perplexity,
     start_lines,
 )
-from train.optim import LRSchedule, apply_hyperparameters, build_optimizer, planned_steps
+from train.muon import check_optimizer
+from train.optim import LRSchedule, apply_hyperparameters, build_optimizer, planned_steps, set_lr
 from train.runtime import (
     check_compile_mode,
     maybe_compile,
@@ -115,6 +116,7 @@ class Trainer:
         self.device = device if device is not None else resolve_device(cfg)
         self.env = env if env is not None else init_distributed(self.device)
         check_compile_mode(cfg, self.env.enabled)
+        check_optimizer(cfg, self.env.enabled)
         self._cuda_graphs = cfg.compile == "cudagraphs"
         set_kernel_backend(cfg)
         seed_everything(cfg.seed)
@@ -205,15 +207,14 @@ class Trainer:
             fault = ~torch.isfinite(loss_sum)
         fault = any_rank(fault, self.env)  # every rank skips the same steps
         lr = self.schedule(self.step)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(opt, lr)  # Muon's groups: lr * muon_learning_rate / learning_rate
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()
         elif self._fused:
             opt.found_inf = fault.float()  # fused AdamW skips the whole update on device when 1
             opt.step()
-        elif not bool(fault):  # host sync: only optimizers without the fused kernel
+        elif not bool(fault):  # host sync: only optimizers without the fused kernel (Muon)
             opt.step()
         opt.zero_grad(set_to_none=not self._cuda_graphs)
         self._count(fault, loss_sum, n_targets, norm)
@@ -360,8 +361,11 @@ class Trainer:
     def _log_interval(self) -> None:
         """The log line and its JSON record over the steps since the last one (one host sync)."""
         r = self.meter.record(self.step, self.tokens_seen, self.total_steps)
-        r.update(lr=self.schedule(self.step - 1), nonfinite_skips=self.nonfinite_skips,
+        lr = self.schedule(self.step - 1)
+        r.update(lr=lr, optimizer=self.cfg.optimizer, nonfinite_skips=self.nonfinite_skips,
                  epoch=getattr(self.train_data, "epoch", 0))  # fmt: skip
+        if self.cfg.optimizer == "muon":
+            r["muon_lr"] = lr * self.cfg.muon_learning_rate / self.cfg.learning_rate
         self.log.info(format_log_line(r))
         self.log.record(r)
 

@@ -108,8 +108,11 @@ def format_log_line(r: dict[str, Any]) -> str:
     """`Step 100: loss=8.1234 ppl=3378.45 lr=3.0e-04 grad_norm=1.02 tok/s=412k mfu=38.1%
     mem=4.2GB/80GB` (+ ` skipped=N` when steps were skipped, ` eta=...`): mfu and mem only where
     known (a GPU). GB here are GiB, as nvidia-smi counts."""
+    lr = f"lr={r['lr']:.1e}"
+    if r.get("muon_lr") is not None:  # optimizer muon: lr= is AdamW's, muon_lr= Muon's
+        lr += f" muon_lr={r['muon_lr']:.1e}"
     line = (
-        f"Step {r['step']}: loss={r['loss']:.4f} ppl={_ppl(r['ppl'])} lr={r['lr']:.1e} "
+        f"Step {r['step']}: loss={r['loss']:.4f} ppl={_ppl(r['ppl'])} {lr} "
         f"grad_norm={r['grad_norm']:.2f} tok/s={_si(r['tokens_per_s'])}"
     )
     if r.get("mfu") is not None:
@@ -184,7 +187,7 @@ class IntervalMeter:
 def start_lines(t: Any) -> list[str]:
     """What a run prints first; t is the Trainer (train/loop.py)."""
     import octo_kernels
-    from train.optim import tokens_per_step
+    from train.optim import describe_optimizer, tokens_per_step
     from train.runtime import compile_enabled
 
     cfg, c, dev = t.cfg, t.model.config, t.device
@@ -207,6 +210,7 @@ def start_lines(t: Any) -> list[str]:
         f"Device: {dev} ({name}); precision: {t.precision.describe()}; "
         f"torch.compile: {compile_phrase}",
         f"Kernels: {octo_kernels.describe(dev)}",
+        f"Optimizer: {describe_optimizer(t.optimizer, cfg)}",
         f"Checkpoints: {Path(cfg.checkpoint_dir).resolve()}; logs: {t.log.log_path}",
     ]
 

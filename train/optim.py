@@ -22,14 +22,18 @@ import torch
 from torch import nn
 
 from train.config import ConfigError, TrainConfig
+from train.muon import MuonWithAdamW, build_muon, decoder_matrices
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, exclude: set[int] = frozenset()
+) -> list[dict[str, Any]]:
     """Two AdamW groups: matrices of linear layers decay; norms, biases and embeddings (and a
     lm_head tied to the embedding) do not: decaying them pulls scales and token vectors toward
-    zero for no regularisation benefit. Each parameter appears once (tied weights shared)."""
+    zero for no regularisation benefit. Each parameter appears once (tied weights shared);
+    parameters whose id() is in `exclude` (another optimizer's) in neither."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
+    decay, no_decay, seen = [], [], set(exclude)
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -41,12 +45,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over param_groups, fused (one kernel for all parameters) where torch has it: CUDA and
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """cfg.optimizer "adamw": AdamW over param_groups(model). "muon": train.muon.MuonWithAdamW,
+    Muon for the decoder layers' matrices and this AdamW for the other parameters."""
+    if cfg.optimizer == "muon":
+        matrices = decoder_matrices(model)
+        rest = param_groups(model, cfg.weight_decay, exclude={id(p) for p in matrices})
+        return build_muon(matrices, _adamw(rest, cfg, device), cfg)
+    return _adamw(param_groups(model, cfg.weight_decay), cfg, device)
+
+
+def _adamw(
+    groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW over groups, fused (one kernel for all parameters) where torch has it: CUDA and
     CPU. The fused path also skips a step on device when told `found_inf` (no host sync), which the
     loop uses for non-finite steps."""
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    groups = param_groups(model, cfg.weight_decay)
     if device.type in ("cuda", "cpu"):
         try:
             return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -56,12 +73,49 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    """Re-impose the config's betas, eps and weight decay (a resumed optimizer state brings the
-    checkpoint's values; the config in force wins). Group 0 decays, group 1 does not."""
-    for i, g in enumerate(optimizer.param_groups):
+    """Re-impose the config's hyperparameters (a resumed optimizer state brings the checkpoint's
+    values; the config in force wins). AdamW: betas, eps, weight decay (its group 0 decays, group
+    1 does not); Muon's groups: momentum, weight decay and lr_scale."""
+    muon = isinstance(optimizer, MuonWithAdamW)
+    adamw = optimizer.adamw if muon else optimizer
+    for i, g in enumerate(adamw.param_groups):
         g["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
         g["eps"] = cfg.adam_eps
         g["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
+    for g in optimizer.muon.param_groups if muon else []:
+        g["momentum"] = cfg.muon_momentum
+        g["weight_decay"] = cfg.muon_weight_decay
+        g["lr_scale"] = cfg.muon_learning_rate / cfg.learning_rate
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled lr into every group: lr itself, times the group's lr_scale where it has one
+    (Muon's groups: muon_learning_rate / learning_rate), so one schedule drives both."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_scale"] if "lr_scale" in g else lr
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> str:
+    """The start line's words for the optimizer: which, over which parameters, at what peak lr."""
+
+    def count(groups: list[dict[str, Any]]) -> str:
+        n = sum(p.numel() for g in groups for p in g["params"])
+        return f"{n / 1e6:.2f}M parameters"
+
+    betas = f"betas {cfg.adam_beta1}/{cfg.adam_beta2}"
+    if not isinstance(optimizer, MuonWithAdamW):
+        fused = ", fused" if optimizer.defaults.get("fused") else ""
+        return (f"AdamW (lr {cfg.learning_rate:.1e}, {betas}, weight decay {cfg.weight_decay}"
+                f"{fused})")  # fmt: skip
+    muon = optimizer.muon.param_groups
+    n_matrices = sum(len(g["params"]) for g in muon)
+    return (
+        f"Muon for the {n_matrices} decoder-layer matrices ({count(muon)}; lr "
+        f"{cfg.muon_learning_rate:.1e}, momentum {cfg.muon_momentum}, weight decay "
+        f"{cfg.muon_weight_decay}) + AdamW for embeddings, lm_head, norms and biases "
+        f"({count(optimizer.adamw.param_groups)}; lr {cfg.learning_rate:.1e}, {betas}, weight "
+        f"decay {cfg.weight_decay} on untied matrices)"
+    )
 
 
 class LRSchedule:

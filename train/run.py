@@ -28,6 +28,7 @@ from octo import OctoConfig
 from train.config import ConfigError, TrainConfig, resolved_model_config
 from train.distributed import cleanup, init_distributed
 from train.loop import Trainer
+from train.muon import check_optimizer
 from train.runtime import check_compile_mode, resolve_device, set_kernel_backend
 
 OOM_HINT = (
@@ -64,6 +65,7 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             device = resolve_device(cfg)
             env = init_distributed(device)
             check_compile_mode(cfg, env.enabled)
+            check_optimizer(cfg, env.enabled)
             # a bad resume_from is reported before any data is built
             resume = agree_on_resume(cfg.resume_from, env) if cfg.resume_from else None
             trainer = build_trainer(cfg, model_fields, device, env)
