@@ -157,6 +157,33 @@ def test_two_ranks_match_one_process(two_ranks, single, parallelism):
     assert state["tokens_seen"] == STEPS * 2 * 2 * 2 * 32
 
 
+def test_muon_ddp_two_ranks_match_one_process(corpus, tmp_path):
+    """optimizer muon under DDP: every rank runs torch.optim.Muon on the same all-reduced
+    gradients, so 2 ranks train as 1 process does. Not to fp32 tolerance: torch.optim.Muon's
+    Newton-Schulz runs in bf16, where an input differing by 1e-6 (the all-reduce's order of
+    sums) gives an update differing by ~1% (measured: 0.7-1.0% for 64-wide matrices), so the
+    runs drift apart by that much per step in their weights while their losses stay within
+    1e-5 (measured over these 8 steps: loss 8e-6, grad norm 2e-4, eval 7e-6, final weights
+    3.2% of a tensor's norm at most). That the ranks stay identical is exact:
+    test_ranks_agree_on_nan_skip_and_stop[muon]."""
+    train_here(corpus, tmp_path / "single", "optimizer=muon")
+    out = ok(torchrun(corpus, tmp_path / "ddp", "optimizer=muon", "parallelism=ddp"))
+    assert "Optimizer: Muon for the 14 decoder-layer matrices" in out  # tiny: 2 layers x 7
+    got, ref = records(tmp_path / "ddp"), records(tmp_path / "single")
+    assert sorted(got["train"]) == sorted(ref["train"]) == list(range(1, STEPS + 1))
+    for s, r in ref["train"].items():
+        assert got["train"][s]["loss"] == pytest.approx(r["loss"], rel=1e-4), s
+        assert got["train"][s]["grad_norm"] == pytest.approx(r["grad_norm"], rel=2e-3), s
+    assert got["eval"] == pytest.approx(ref["eval"], rel=1e-4) and ref["eval"]
+    step = f"checkpoint_step_{STEPS}"
+    for prefix in ("model", "optimizer"):  # Muon's momentum buffers and AdamW's moments
+        ta, tb = (tensors(tmp_path / d / "ckpt" / step, prefix) for d in ("ddp", "single"))
+        assert ta.keys() == tb.keys() and ta
+        for k in ta:
+            assert float((ta[k] - tb[k]).norm()) <= 0.1 * float(tb[k].norm()), k
+    assert "state.model.layers.0.self_attn.q_proj.weight.momentum_buffer" in ta
+
+
 def test_fsdp_resume_on_two_ranks_is_exact(corpus, tmp_path):
     """Streamed data (one position per rank), FSDP2: a run of 8 steps, then a run resumed from
     its step-4 checkpoint (both in one torchrun job, see _driver): steps 5..8 are bit-identical,
@@ -234,11 +261,14 @@ def test_world_size_change_streaming_is_one_clear_error(tmp_path):
     assert rank_state(pretok, DistEnv(), tmp_path)["data"]["position"] == 8
 
 
-def test_ranks_agree_on_nan_skip_and_stop(corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ranks_agree_on_nan_skip_and_stop(corpus, tmp_path, optimizer):
     """Rank 1 alone sees a NaN loss at step 2 (its gradients stay finite, so nothing else would
     tell rank 0) and alone gets SIGTERM after step 5: both ranks skip step 2, stop after step 5
-    with a checkpoint, and end with identical weights (DDP)."""
-    r = torchrun(corpus, tmp_path, "parallelism=ddp", script=[__file__, "agree"])
+    with a checkpoint, and end with identical weights (DDP; with muon, every rank's own Muon
+    step on the all-reduced gradients keeps them identical)."""
+    r = torchrun(corpus, tmp_path, "parallelism=ddp", f"optimizer={optimizer}",
+                 script=[__file__, "agree"])  # fmt: skip
     out = ok(r)
     log = "\n".join(p.read_text() for p in (tmp_path / "logs").glob("training_*.log"))
     assert "Step 2: non-finite loss or gradient norm, optimizer step skipped" in log
