@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +71,27 @@ def env_info() -> dict:
         except Exception:
             info["driver"] = None
     return info
+
+
+def gpt2_tokenizer_folder(gpt2: Path, out: Path) -> Path:
+    """A transformers tokenizer folder at `out`, built offline from the real GPT-2 vocab.json and
+    merges.txt in `gpt2` (../shared/data/gpt2), once; returns out."""
+    if not (out / "tokenizer.json").is_file():
+        import inspect
+
+        from transformers import GPT2TokenizerFast
+
+        vocab, merges = str(gpt2 / "vocab.json"), str(gpt2 / "merges.txt")
+        # transformers 5 names the files vocab=/merges= and silently ignores vocab_file= (leaving
+        # a 1-token tokenizer); 4.x is the other way round
+        if "vocab" in inspect.signature(GPT2TokenizerFast.__init__).parameters:
+            tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
+        else:
+            tok = GPT2TokenizerFast(vocab_file=vocab, merges_file=merges)
+        if len(tok) != 50257:
+            raise ValueError(f"{gpt2}: expected GPT-2's 50257 tokens, got {len(tok)}")
+        tok.save_pretrained(out)
+    return out
 
 
 def synchronize(device: torch.device | str | None = None) -> None:

@@ -10,8 +10,9 @@
 # longer fits is skipped with a line:
 #   1. check.py, and every GPU test (pytest -m gpu: kernels, model, trainer, CUDA graphs,
 #      OCTO_TRITON_OP)                                                                cap 150 s
-#   2. end to end at vocab 16000 (issue 8): Octo compiled (the default), + CUDA graphs, with the
-#      reference kernels compiled; transformers' Llama eager and compiled            cap 180 s
+#   2. end to end at vocab 16000 (issue 8): Octo compiled (the default), the same with optimizer
+#      muon (issue 17's step-time target), + CUDA graphs, with the reference kernels compiled;
+#      transformers' Llama eager and compiled                                        cap 180 s
 #   3. the two Triton Octo rows again with OCTO_TRITON_OP=1 (Inductor launches the
 #      RMSNorm/RoPE kernels itself)                                                    cap 90 s
 #   4. kernel benchmarks, forward+backward (issue 3's targets; the 65536 x 4096 linear +
@@ -63,7 +64,7 @@ main() {
     run check 30 python3 check.py
     run gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/
     e2e e2e_16000 180 16000 \
-        octo-triton-compiled,octo-triton-cudagraphs,octo-reference-compiled,hf-llama-eager,hf-llama-compiled
+        octo-triton-compiled,octo-triton-compiled-muon,octo-triton-cudagraphs,octo-reference-compiled,hf-llama-eager,hf-llama-compiled
     OCTO_TRITON_OP=1 e2e e2e_16000_triton_op 90 16000 octo-triton-compiled,octo-triton-cudagraphs
     run kernels 150 python3 -m pytest -q -p no:cacheprovider bench/test_bench_rmsnorm.py \
         bench/test_bench_rope.py bench/test_bench_cross_entropy.py bench/test_bench_linear_ce.py \

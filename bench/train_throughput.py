@@ -11,6 +11,8 @@ AdamW, the schedule) on synthetic tokens, side by side in one process:
     hf-llama-eager         transformers' LlamaForCausalLM (attn_implementation="sdpa"), same
                            weights shape, optimizer and precision, loss through its own loss path
     hf-llama-compiled      the same, torch.compile'd (graph breaks allowed), where it compiles
+    <any octo provider>-muon   (on request) the same with optimizer muon (train/muon.py): the
+                           step-time cost of Muon beside AdamW, in the same run
 On a GPU: the seed config (block 512, batch 16, accumulation 4, bf16) at vocab 16000 and 50304.
 On a CPU: the tiny config in fp32 (block 128, batch 8, accumulation 2).
 
@@ -96,11 +98,13 @@ def run_provider(
 ) -> dict:  # fmt: skip
     """Build a Trainer for `provider`, time its steps, return the measurements."""
     octo = provider.startswith("octo")
-    compiled = provider.endswith(("compiled", "cudagraphs"))
+    base = provider.removesuffix("-muon")
+    compiled = base.endswith(("compiled", "cudagraphs"))
     precision = "bf16" if device.type == "cuda" else "fp32"
     cfg = TrainConfig(
         **shape, precision=precision, device=str(device), max_steps=10_000, warmup_steps=10,
-        compile=("cudagraphs" if provider.endswith("cudagraphs") else "on")
+        optimizer="muon" if base != provider else "adamw",
+        compile=("cudagraphs" if base.endswith("cudagraphs") else "on")
         if (octo and compiled) else "off",
         kernels="triton" if provider.startswith("octo-triton") else "torch" if octo else "auto",
         log_dir="/tmp/octo-bench-logs",
