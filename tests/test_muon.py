@@ -154,3 +154,17 @@ def test_resuming_an_adamw_checkpoint_with_muon_is_one_clear_error(tmp_path):
     tr2 = Trainer(muon_cfg(tmp_path / "b"), MODEL)
     with pytest.raises(CheckpointError, match="holds AdamW state but the run uses MuonWithAdamW"):
         tr2.resume(tr.last_checkpoint)
+
+
+def test_state_from_another_torch_release_gets_missing_group_keys(tmp_path):
+    """A Muon group saved by a torch whose Muon reads fewer keys (say, no ns_steps) loads, and
+    the key takes this torch's default, so the step does not fail on it."""
+    tr = Trainer(muon_cfg(tmp_path), MODEL)
+    tr.train_step(random_batches(1))
+    sd = tr.optimizer.state_dict()
+    del sd["param_groups"][0]["ns_steps"], sd["param_groups"][0]["nesterov"]
+    tr.optimizer.load_state_dict(sd)
+    group = tr.optimizer.muon.param_groups[0]
+    assert group["ns_steps"] == 5 and group["nesterov"] is True
+    assert group is tr.optimizer.param_groups[0] and tr.optimizer.muon.state is tr.optimizer.state
+    tr.train_step(random_batches(1, seed=1))
