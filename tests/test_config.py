@@ -203,6 +203,7 @@ BAD_VALUES = [
     ("max_shard_size=0", "max_shard_size must be positive, got 0"),
     ("optimizer=sgd", "'optimizer' is 'sgd'; choose one of adamw, muon"),
     ("muon_learning_rate=0", "'muon_learning_rate' must be positive, got 0"),
+    ("muon_adamw_lr_scale=-1", "'muon_adamw_lr_scale' must be positive, got -1"),
     ("muon_momentum=1", "'muon_momentum' must be in [0, 1), got 1"),
     ("muon_weight_decay=-0.1", "'muon_weight_decay' must be >= 0, got -0.1"),
 ]  # fmt: skip

@@ -63,10 +63,11 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
-    # adamw | muon (torch.optim.Muon for the decoder layers' matrices, AdamW at learning_rate for
-    # the rest; train/muon.py); the muon_* keys apply only to muon
+    # adamw | muon (torch.optim.Muon for the decoder layers' matrices, AdamW for the rest;
+    # train/muon.py); the muon_* keys apply only to muon
     optimizer: str = "adamw"
     muon_learning_rate: float = 0.02  # Muon's peak lr, on the same schedule as learning_rate
+    muon_adamw_lr_scale: float = 2.0  # with muon, AdamW's peak lr is learning_rate x this
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0  # decoupled: W <- W (1 - lr * muon_weight_decay)
     precision: str = "auto"  # auto (from use_mixed_precision) | bf16 | fp16 | fp32
@@ -144,7 +145,7 @@ class TrainConfig:
         for name in ("warmup_steps", "num_workers", "buffer_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
-        for name in ("learning_rate", "muon_learning_rate"):
+        for name in ("learning_rate", "muon_learning_rate", "muon_adamw_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(
                     f"config key {name!r} must be positive, got {getattr(self, name)}"

@@ -364,7 +364,8 @@ class Trainer:
         lr = self.schedule(self.step - 1)
         r.update(lr=lr, optimizer=self.cfg.optimizer, nonfinite_skips=self.nonfinite_skips,
                  epoch=getattr(self.train_data, "epoch", 0))  # fmt: skip
-        if self.cfg.optimizer == "muon":
+        if self.cfg.optimizer == "muon":  # what each part stepped with (train.optim.set_lr)
+            r["lr"] = lr * self.cfg.muon_adamw_lr_scale
             r["muon_lr"] = lr * self.cfg.muon_learning_rate / self.cfg.learning_rate
         self.log.info(format_log_line(r))
         self.log.record(r)

@@ -53,6 +53,8 @@ def build_optimizer(
     if cfg.optimizer == "muon":
         matrices = decoder_matrices(model)
         rest = param_groups(model, cfg.weight_decay, exclude={id(p) for p in matrices})
+        for g in rest:
+            g["lr_scale"] = cfg.muon_adamw_lr_scale
         return build_muon(matrices, _adamw(rest, cfg, device), cfg)
     return _adamw(param_groups(model, cfg.weight_decay), cfg, device)
 
@@ -75,13 +77,15 @@ def _adamw(
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
     """Re-impose the config's hyperparameters (a resumed optimizer state brings the checkpoint's
     values; the config in force wins). AdamW: betas, eps, weight decay (its group 0 decays, group
-    1 does not); Muon's groups: momentum, weight decay and lr_scale."""
+    1 does not; with muon also its lr_scale); Muon's groups: momentum, weight decay, lr_scale."""
     muon = isinstance(optimizer, MuonWithAdamW)
     adamw = optimizer.adamw if muon else optimizer
     for i, g in enumerate(adamw.param_groups):
         g["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
         g["eps"] = cfg.adam_eps
         g["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
+        if muon:
+            g["lr_scale"] = cfg.muon_adamw_lr_scale
     for g in optimizer.muon.param_groups if muon else []:
         g["momentum"] = cfg.muon_momentum
         g["weight_decay"] = cfg.muon_weight_decay
@@ -90,7 +94,8 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) ->
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """The scheduled lr into every group: lr itself, times the group's lr_scale where it has one
-    (Muon's groups: muon_learning_rate / learning_rate), so one schedule drives both."""
+    (with muon, Muon's groups: muon_learning_rate / learning_rate; AdamW's: muon_adamw_lr_scale),
+    so one schedule drives both."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g["lr_scale"] if "lr_scale" in g else lr
 
@@ -109,12 +114,13 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> st
                 f"{fused})")  # fmt: skip
     muon = optimizer.muon.param_groups
     n_matrices = sum(len(g["params"]) for g in muon)
+    adamw_lr = cfg.learning_rate * cfg.muon_adamw_lr_scale
     return (
         f"Muon for the {n_matrices} decoder-layer matrices ({count(muon)}; lr "
         f"{cfg.muon_learning_rate:.1e}, momentum {cfg.muon_momentum}, weight decay "
         f"{cfg.muon_weight_decay}) + AdamW for embeddings, lm_head, norms and biases "
-        f"({count(optimizer.adamw.param_groups)}; lr {cfg.learning_rate:.1e}, {betas}, weight "
-        f"decay {cfg.weight_decay} on untied matrices)"
+        f"({count(optimizer.adamw.param_groups)}; lr {adamw_lr:.1e}, {betas}, weight decay "
+        f"{cfg.weight_decay} on untied matrices)"
     )
 
 
