@@ -66,8 +66,9 @@ class TrainConfig:
     # adamw | muon (torch.optim.Muon for the decoder layers' matrices, AdamW for the rest;
     # train/muon.py); the muon_* keys apply only to muon
     optimizer: str = "adamw"
-    muon_learning_rate: float = 0.02  # Muon's peak lr, on the same schedule as learning_rate
-    muon_adamw_lr_scale: float = 2.0  # with muon, AdamW's peak lr is learning_rate x this
+    # defaults from the sweep in bench/NOTES.md (demo and tiny-shakespeare)
+    muon_learning_rate: float = 0.01  # Muon's peak lr, on the same schedule as learning_rate
+    muon_adamw_lr_scale: float = 4.0  # with muon, AdamW's peak lr is learning_rate x this
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0  # decoupled: W <- W (1 - lr * muon_weight_decay)
     precision: str = "auto"  # auto (from use_mixed_precision) | bf16 | fp16 | fp32
