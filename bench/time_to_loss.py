@@ -145,9 +145,24 @@ def run_seed(case: str, seed: int, arms: list[tuple[str, dict]], args: argparse.
     return out
 
 
+def seconds_at(curve: list[list[float]], step: float) -> float:
+    """Training seconds an arm had spent by (fractional) `step`, linearly interpolated between
+    its evaluations (and the start: step 0 at 0 s)."""
+    prev = (0.0, 0.0)
+    for s, _, secs in curve:
+        if step <= s:
+            return prev[1] + (step - prev[0]) / (s - prev[0]) * (secs - prev[1])
+        prev = (s, secs)
+    return prev[1]
+
+
 def summarize(results: dict[str, dict], arms: list[str]) -> dict[str, Any]:
-    """Per case and arm (vs the first arm): the ratios of steps and seconds to the target, and of
-    the median step time, per seed; and whether Muon met issue 17's targets on every seed."""
+    """Per case and arm (vs the first arm, per seed): steps_ratio (steps to the target over the
+    first arm's steps), seconds_ratio (seconds to it over the first arm's training seconds, as
+    measured), same_load_seconds_ratio (steps_ratio x the two arms' time ratio over the steps up
+    to the crossing, which ran in lockstep: a load that changed later in the run, which only the
+    first arm's total still includes, drops out), step_time_ratio (median step times); and
+    whether issue 17's targets held on every seed (steps, and measured seconds)."""
     out = {}
     for case, seeds in results.items():
         base = arms[0]
@@ -156,11 +171,13 @@ def summarize(results: dict[str, dict], arms: list[str]) -> dict[str, Any]:
             per_seed = {}
             for seed, res in seeds.items():
                 b, a = res[base], res[arm]
+                hit, secs = a["steps_to_target"], a["seconds_to_target"]
+                steps_ratio = None if hit is None else hit / b["steps"]
                 per_seed[seed] = {
-                    "steps_ratio": None if a["steps_to_target"] is None
-                    else a["steps_to_target"] / b["steps"],
-                    "seconds_ratio": None if a["seconds_to_target"] is None
-                    else a["seconds_to_target"] / b["train_s"],
+                    "steps_ratio": steps_ratio,
+                    "seconds_ratio": None if secs is None else secs / b["train_s"],
+                    "same_load_seconds_ratio": None if hit is None
+                    else steps_ratio * secs / seconds_at(b["curve"], hit),
                     "step_time_ratio": a["step_s_median"] / b["step_s_median"],
                 }  # fmt: skip
             met = all(
@@ -172,33 +189,37 @@ def summarize(results: dict[str, dict], arms: list[str]) -> dict[str, Any]:
     return out
 
 
-def markdown(results: dict, summary: dict, env: dict, arms: list[str], args) -> str:
+def _cell(value: float | None, ratio: float | None = None) -> str:
+    if value is None:
+        return "not reached"
+    return f"{value:.0f}" + ("" if ratio is None else f" ({ratio:.2f}x)")
+
+
+def markdown(results: dict, summary: dict, env: dict, arms: list[str], eval_every: int) -> str:
     hw = env.get("gpu") or f"{env['cpu']}, {env['cpu_threads']} thread(s)"
     lines = [
         f"Hardware: {hw}; torch {env['torch']}, commit {env['commit']}, {env['date']}. "
-        f"Arms in lockstep, eval every {args.eval_every} steps; seconds are training time only.",
+        f"Arms in lockstep, eval every {eval_every} steps (crossings interpolated between "
+        "evaluations); seconds are training time only. Same-load x: the step ratio times the "
+        f"arms' time ratio up to the crossing (see bench/time_to_loss.py summarize).",
         "",
         f"| case | seed | arm | final eval loss | steps to {arms[0]}'s final (x) | seconds to it "
-        "(x) | step ms (x) |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "(x) | same-load x | step ms (x) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for case, seeds in results.items():
         for seed, res in seeds.items():
             for arm in arms:
                 r = res[arm]
-                s = summary[case][arm]["per_seed"][seed] if arm != arms[0] else None
-                fmt = lambda v, ratio: (
-                    "not reached"
-                    if v is None
-                    # noqa: E731
-                    else (f"{v:.0f}" + (f" ({ratio:.2f}x)" if ratio is not None else ""))
-                )
-                steps = fmt(r["steps_to_target"], s and s["steps_ratio"])
-                secs = fmt(r["seconds_to_target"], s and s["seconds_ratio"])
-                ms = f"{1e3 * r['step_s_median']:.1f}" + (
-                    f" ({s['step_time_ratio']:.2f}x)" if s else "")  # fmt: skip
+                s = summary[case][arm]["per_seed"][seed] if arm != arms[0] else {}
+                steps = _cell(r["steps_to_target"], s.get("steps_ratio"))
+                secs = _cell(r["seconds_to_target"], s.get("seconds_ratio"))
+                same = s.get("same_load_seconds_ratio")
+                same = "" if same is None else f"{same:.2f}x"
+                ms = f"{1e3 * r['step_s_median']:.1f}"
+                ms += f" ({s['step_time_ratio']:.2f}x)" if s else ""
                 lines.append(f"| {case} | {seed} | {arm} | {r['final_eval_loss']:.4f} | "
-                             f"{steps} | {secs} | {ms} |")  # fmt: skip
+                             f"{steps} | {secs} | {same} | {ms} |")  # fmt: skip
     lines.append("")
     for case, rows in summary.items():
         for arm, row in rows.items():
@@ -229,12 +250,28 @@ def plot(results: dict, arms: list[str], path: Path) -> None:
             axes[0][j].axhline(res[arms[0]]["target"], color="gray", lw=0.5)
         axes[0][j].set(title=f"{case}: eval loss", xlabel="step")
         axes[1][j].set(xlabel="training seconds", ylabel="eval loss")
-        for ax in axes[:, j]:
-            lo = min(p[1] for r in results[case].values() for a in arms for p in r[a]["curve"])
-            ax.set_ylim(lo - 0.05, lo + 1.5)
+        lo = min(p[1] for r in results[case].values() for a in arms for p in r[a]["curve"])
+        hi = max(r[arms[0]]["target"] for r in results[case].values())
+        for ax in axes[:, j]:  # the end of the curves, where the target is crossed
+            ax.set_ylim(lo - 0.02, hi + max(0.3, 2 * (hi - lo)))
             ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def write(out: Path, record: dict) -> str:
+    """OUT.json (record, its summary recomputed), OUT.md (the table) and OUT.png (the curves);
+    returns the table."""
+    labels, results = list(record["arms"]), record["results"]
+    record["summary"] = summarize(results, labels)
+    md = markdown(results, record["summary"], record["env"], labels, record["eval_every"])
+    md += "".join(f"- {case}: skipped: {why}\n" for case, why in record["skipped"].items())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    out.with_suffix(".md").write_text(md)
+    if results:
+        plot(results, labels, out.with_suffix(".png"))
+    return md
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,11 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     ap.add_argument("--work", default="runs/time_to_loss", help="logs and tokenizer go here")
     ap.add_argument("--out", help="write OUT.json, OUT.md and OUT.png")
+    ap.add_argument("--report", help="only redo the table and plot of a saved OUT.json, in place")
     args = ap.parse_args(argv)
+    if args.report:
+        out = Path(args.report)
+        print(write(out.with_suffix(""), json.loads(out.read_text())))
+        return 0
     torch.set_num_threads(args.threads)
     args.overrides = parse_pairs(args.set)
     arms = [(a.split(":", 1)[0], parse_pairs(a.split(":", 1)[1])) for a in args.arm or DEFAULT_ARMS]
-    labels = [a for a, _ in arms]
     env, results, skipped = env_info(), {}, {}
     for case in args.cases.split(","):
         work = Path(args.work) / case
@@ -264,22 +305,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results[case] = {}
         for seed in (int(s) for s in args.seeds.split(",")):
-            results[case][seed] = run_seed(case, seed, arms, args, work)
-    summary = summarize(results, labels)
-    md = markdown(results, summary, env, labels, args) + "".join(
-        f"- {case}: skipped: {why}\n" for case, why in skipped.items()
-    )
-    print(md)
+            results[case][str(seed)] = run_seed(case, seed, arms, args, work)
+    record = {"env": env, "arms": dict(arms), "set": args.overrides,
+              "eval_every": args.eval_every, "threads": args.threads, "results": results,
+              "skipped": skipped}  # fmt: skip
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"env": env, "arms": dict(arms), "set": args.overrides,
-                  "eval_every": args.eval_every, "threads": args.threads, "results": results,
-                  "summary": summary, "skipped": skipped}  # fmt: skip
-        out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-        out.with_suffix(".md").write_text(md)
-        if results:
-            plot(results, labels, out.with_suffix(".png"))
+        print(write(Path(args.out), record))
+    else:
+        labels = list(record["arms"])
+        print(markdown(results, summarize(results, labels), env, labels, args.eval_every))
     return 0
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bench.common import gpt2_tokenizer_folder
-from bench.time_to_loss import crossing, main, summarize
+from bench.time_to_loss import crossing, main, seconds_at, summarize
 
 
 def test_crossing_interpolates_between_the_evaluations_around_it():
@@ -20,9 +20,28 @@ def test_crossing_interpolates_between_the_evaluations_around_it():
     assert crossing([[10, 5.0, 1.0], [20, 5.0, 2.0]], 5.0) == (10, 1.0)
 
 
-def result(steps_to, secs_to, step_s, steps=100, train_s=10.0) -> dict:
+def result(steps_to, secs_to, step_s, steps=100, train_s=10.0, curve=None) -> dict:
     return {"steps_to_target": steps_to, "seconds_to_target": secs_to, "step_s_median": step_s,
-            "steps": steps, "train_s": train_s}  # fmt: skip
+            "steps": steps, "train_s": train_s,
+            "curve": curve or [[50, 1.0, train_s / 2], [100, 0.9, train_s]]}  # fmt: skip
+
+
+def test_seconds_at_interpolates_the_time_spent():
+    curve = [[10, 5.0, 2.0], [20, 4.0, 6.0]]
+    assert seconds_at(curve, 5) == 1.0 and seconds_at(curve, 15) == 4.0
+    assert seconds_at(curve, 20) == 6.0 and seconds_at(curve, 30) == 6.0
+
+
+def test_same_load_seconds_leave_out_a_load_change_after_the_crossing():
+    """The baseline's second half ran 3x slower (the machine got busy): measured seconds put that
+    on the baseline's total only; the same-load ratio compares the two over the same steps."""
+    slow_end = [[50, 1.0, 5.0], [100, 0.9, 20.0]]
+    base = result(100, 20.0, 0.2, train_s=20.0, curve=slow_end)
+    arm = result(50, 5.5, 0.11)  # reached at step 50, 1.1x the baseline's time up to there
+    s = summarize({"c": {"0": {"adamw": base, "muon": arm}}}, ["adamw", "muon"])
+    row = s["c"]["muon"]["per_seed"]["0"]
+    assert row["seconds_ratio"] == pytest.approx(5.5 / 20.0)
+    assert row["same_load_seconds_ratio"] == pytest.approx(0.5 * 1.1)
 
 
 def test_targets_must_hold_on_every_seed():
@@ -31,9 +50,10 @@ def test_targets_must_hold_on_every_seed():
     never = {"adamw": result(100, 10.0, 0.1), "muon": result(None, None, 0.1)}
     one = summarize({"c": {0: good, 1: good}}, ["adamw", "muon"])["c"]["muon"]
     assert one["targets_met_every_seed"]
-    assert one["per_seed"][0] == pytest.approx(
-        {"steps_ratio": 0.7, "seconds_ratio": 0.79, "step_time_ratio": 1.1}
-    )
+    # the baseline's default curve spends its time evenly: the same-load ratio is 0.7 x 7.9 / 7
+    assert one["per_seed"][0] == pytest.approx({"steps_ratio": 0.7, "seconds_ratio": 0.79,
+                                                "same_load_seconds_ratio": 0.79,
+                                                "step_time_ratio": 1.1})  # fmt: skip
     for bad in (slow, never):
         s = summarize({"c": {0: good, 1: bad}}, ["adamw", "muon"])["c"]["muon"]
         assert not s["targets_met_every_seed"]
