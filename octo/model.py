@@ -291,14 +291,37 @@ class OctoForCausalLM(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
+        *,
+        do_sample: bool | None = None,
+        pad_token_id: int | None = None,
+        attention_mask: torch.Tensor | None = None,  # (B, T0), all ones
     ) -> torch.Tensor:  # (B, T0 + n) with n <= max_new_tokens
-        """Sample with a KV cache: one prefill of the prompt, then one token per step.
-        temperature 0 is greedy. Rows that produced eos_token_id keep emitting it; generation stops
-        early once every row has."""
+        """Sample with a KV cache: one prefill of the prompt, then one token per step; stops
+        early once every row has produced an eos_token_id.
+
+        The names are transformers' (LlamaForCausalLM.generate), with their meaning, so code
+        written for it runs here: do_sample=False is greedy (temperature, top_k and top_p unused),
+        do_sample=True samples (temperature must then be > 0); left out, temperature decides (0:
+        greedy). eos_token_id is an id or a list of them; a finished row emits pad_token_id from
+        then on (default: its first eos id). attention_mask, as a tokenizer returns it, must be
+        all ones: prompts padded to one length are refused (generate them one by one), since
+        their positions would not be transformers'. Octo's own defaults (temperature 1.0, no
+        top-k or top-p filter) apply where an argument is left out."""
         from octo.generation import sample_next  # sampling helpers live beside the CLI
 
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError(
+                "generate does not take padded prompts (attention_mask has zeros); generate "
+                "each prompt on its own, or prompts of one length together"
+            )
+        if do_sample is not None:
+            if do_sample and temperature <= 0:
+                raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
+            temperature = temperature if do_sample else 0.0
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        fill = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
         was_training = self.training
         self.eval()
         B, T0 = input_ids.shape
@@ -309,17 +332,18 @@ class OctoForCausalLM(nn.Module):
         cache = KVCache(self.config, B, total, input_ids.device, dtype)
         out = input_ids
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        eos_ids = torch.tensor(eos, dtype=torch.long, device=input_ids.device)  # (E,)
         step_ids = input_ids
         for _ in range(total - T0):
             h = self.hidden_states(step_ids, cache=cache)[:, -1]  # (B, C)
             logits = self.lm_head(h).float()  # (B, V)
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
+            if eos:
+                nxt = torch.where(done, torch.full_like(nxt, fill), nxt)
+                done |= torch.isin(nxt, eos_ids)
             out = torch.cat([out, nxt[:, None]], dim=1)
             step_ids = nxt[:, None]  # (B, 1)
-            if eos_token_id is not None and bool(done.all()):
+            if eos and bool(done.all()):
                 break
         self.train(was_training)
         return out

@@ -77,6 +77,37 @@ def test_eos_stops_rows_and_generation():
         assert (out[b, f + 1 :] == eos).all()  # a finished row keeps emitting eos
 
 
+def test_transformers_generate_arguments_mean_the_same_on_octo():
+    """A call written for LlamaForCausalLM.generate (do_sample, max_new_tokens, eos_token_id as
+    an id or a list, pad_token_id, attention_mask as a tokenizer returns it) runs on Octo and
+    gives transformers' tokens: greedy, rows stopped at eos, then padded with pad_token_id."""
+    model = octo_model(num_key_value_heads=2).eval()
+    hf = hf_twin(model)
+    prompt = torch.randint(0, 256, (2, 7))
+    free = model.generate(prompt, max_new_tokens=12, temperature=0.0)[:, 7:]  # (2, 12)
+    for eos in (int(free[0, 3]), [int(free[0, 3]), int(free[1, 5])]):
+        call = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12,
+                    eos_token_id=eos, pad_token_id=0)  # fmt: skip
+        ours = model.generate(prompt, temperature=0.7, top_k=5, **call)  # sampling args unused
+        theirs = hf.generate(prompt, temperature=0.7, top_k=5, **call)
+        assert torch.equal(ours, theirs), (ours, theirs)
+        assert (ours[0, 7 + 4 :] == 0).all()  # row 0 ended at its eos, then pad_token_id
+    inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}  # tokenizer(...)
+    assert torch.equal(model.generate(**inputs, do_sample=False, max_new_tokens=12)[:, 7:], free)
+
+    def sample(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return model.generate(prompt, do_sample=True, max_new_tokens=8, top_p=0.9, generator=g)
+
+    assert torch.equal(sample(1), sample(1)) and not torch.equal(sample(1), sample(2))
+    with pytest.raises(ValueError, match="do_sample=True needs temperature > 0, got 0"):
+        model.generate(prompt, do_sample=True, temperature=0)
+    padded = torch.ones_like(prompt)
+    padded[1, :2] = 0
+    with pytest.raises(ValueError, match="padded prompts"):
+        model.generate(prompt, attention_mask=padded, do_sample=False)
+
+
 def test_generation_stops_at_max_position_embeddings():
     model = OctoForCausalLM(OctoConfig.preset("tiny", max_position_embeddings=12)).eval()
     out = model.generate(torch.zeros(1, 5, dtype=torch.long), max_new_tokens=50, temperature=0)

@@ -18,9 +18,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
 
 def main(argv: list[str] | None = None) -> int:
     from train.config import add_set_argument  # light: no torch
+    from train.config_docs import help_epilog
 
     parser = argparse.ArgumentParser(
-        prog="python -m train", description="Train an Octo (Llama-architecture) language model."
+        prog="python -m train",
+        description="Train an Octo (Llama-architecture) language model.",
+        epilog=help_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config",

@@ -33,6 +33,7 @@ import torch
 from train.data_pretok import PretokTrainData, ensure_token_cache, load_part
 from train.data_source import DEMO_NAME, DataError, DocSource, encode_docs
 from train.data_stream import StreamingTrainData
+from train.hub import hub_unreachable
 
 __all__ = [
     "DataError",
@@ -69,6 +70,8 @@ def load_tokenizer(name_or_path: str, cache_dir: str | Path = "data_cache"):
     if local and not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise DataError(f"tokenizer folder {name_or_path} {what}; {fix}")
+    if not local and (offline := hub_unreachable(f"tokenizer_name {name_or_path!r}")):
+        raise DataError(offline)
     try:
         from transformers import AutoTokenizer
 

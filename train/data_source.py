@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from train.hub import hub_unreachable
+
 
 class DataError(ValueError):
     """A data or tokenizer problem the user must fix; the message is one line naming the fix."""
@@ -167,6 +169,8 @@ class DocSource:
                         builder, data_files={"train": files_s}, streaming=True, **kwargs
                     )
             else:
+                if offline := hub_unreachable(f"dataset_name {name!r}"):
+                    raise DataError(offline)
                 dd = datasets.load_dataset(name, streaming=True)
         except DataError:
             raise

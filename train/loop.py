@@ -55,7 +55,13 @@ from train.metrics import (
     perplexity,
     start_lines,
 )
-from train.optim import LRSchedule, apply_hyperparameters, build_optimizer, planned_steps
+from train.optim import (
+    LRSchedule,
+    apply_hyperparameters,
+    build_optimizer,
+    planned_steps,
+    schedule_change,
+)
 from train.runtime import (
     check_compile_mode,
     maybe_compile,
@@ -456,9 +462,11 @@ class Trainer:
             self.train_data.load_state_dict(state["data"])
         if state.get("rng") is not None:
             restore_rng_state(state["rng"])
-        for line in resume_warnings(state, batch_size=self.cfg.batch_size,
-                                    learning_rate=self.cfg.learning_rate,
-                                    world_size=self.env.world_size):  # fmt: skip
+        warnings = resume_warnings(state, batch_size=self.cfg.batch_size,
+                                   learning_rate=self.cfg.learning_rate,
+                                   world_size=self.env.world_size)  # fmt: skip
+        warnings.append(schedule_change(state.get("scheduler"), self.schedule, self.step))
+        for line in filter(None, warnings):
             self.log.info(f"warning: {line}; continuing")
         self.last_checkpoint, self._checkpoint_step = Path(path), self.step
         self.log.info(f"Resumed from {path} at step {self.step}")

@@ -70,44 +70,54 @@ def points(records: list[dict], kind: str, field: str) -> tuple[list, list]:
     return [s for s, _ in pairs], [v for _, v in pairs]
 
 
-def plot(path: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the run's curves to a PNG; returns its path."""
+def draw(records: list[dict], title: str):
+    """The figure of a run's records: train loss (a marker per log line) and eval loss on a log
+    axis, so the late, slow decline is not squashed flat under the first steps' fall (the losses
+    are cross-entropies, positive); throughput below. The caller closes it (plt.close)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    path = run_records_path(path)
-    records = read_records(path)
     train_loss = points(records, "train", "loss")
     train_tps = points(records, "train", "tokens_per_s")
     evals = points(records, "eval", "eval_loss")
-    if not train_loss[0] and not evals[0]:
+    fig, (ax_loss, ax_tps) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    ax_loss.plot(*train_loss, ".-", markersize=4, label="train")
+    if evals[0]:
+        ax_loss.plot(*evals, "o-", label="eval")
+    ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("loss (nats / token, log scale)")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3, which="both")
+    ax_tps.plot(*train_tps, ".-", markersize=4, color="C2")
+    ax_tps.set_ylabel("tokens / s")
+    ax_tps.set_xlabel("step")
+    ax_tps.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot(path: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the run's curves to a PNG; returns its path."""
+    path = run_records_path(path)
+    records = read_records(path)
+    if not points(records, "train", "loss")[0] and not points(records, "eval", "eval_loss")[0]:
         raise ValueError(f"{path} holds no train or eval records with a loss yet")
     out = Path(out) if out is not None else Path(path).with_suffix(".png")
     if not out.suffix:  # matplotlib would write OUT.png: name the file it writes
         out = out.with_suffix(".png")
-    fig, (ax_loss, ax_tps) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    fig = draw(records, path.stem)
+    import matplotlib.pyplot as plt  # after draw() chose the backend
+
     try:
-        ax_loss.plot(*train_loss, label="train")
-        if evals[0]:
-            ax_loss.plot(*evals, "o-", label="eval")
-        ax_loss.set_ylabel("loss (nats / token)")
-        ax_loss.legend()
-        ax_loss.grid(alpha=0.3)
-        ax_tps.plot(*train_tps, color="C2")
-        ax_tps.set_ylabel("tokens / s")
-        ax_tps.set_xlabel("step")
-        ax_tps.grid(alpha=0.3)
-        fig.suptitle(Path(path).stem)
-        fig.tight_layout()
-        try:
-            fig.savefig(out, dpi=100)
-        except OSError as e:
-            raise OSError(
-                f"cannot write the plot to {out} ({e.strerror or e}); pass --out a .png path in "
-                "a writable folder"
-            ) from None
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise OSError(
+            f"cannot write the plot to {out} ({e.strerror or e}); pass --out a .png path in a "
+            "writable folder"
+        ) from None
     finally:
         plt.close(fig)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import os
 import shlex
 import shutil
@@ -51,11 +52,14 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     try:
         try:
             # The configs a run saves say what it did: the model by its fields (or preset) and
-            # the data mode it used (see resume_command).
+            # the data mode it used (see resume_command); init_from is done once it is loaded,
+            # so a resume of this run (resume_from) takes it as it is.
+            init_from = cfg.init_from
             cfg = dataclasses.replace(
                 cfg,
                 model_config=resolved_model_config(cfg, model_fields),
                 pretokenize=cfg.pretokenized,
+                init_from=None,
             )
             check_writable_folders(cfg)
             if not cfg.resume_from:
@@ -66,11 +70,15 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             check_compile_mode(cfg, env.enabled)
             # a bad resume_from is reported before any data is built
             resume = agree_on_resume(cfg.resume_from, env) if cfg.resume_from else None
-            trainer = build_trainer(cfg, model_fields, device, env)
+            trainer = build_trainer(cfg, model_fields, device, env, init_from)
             log = trainer.log  # before the resume: its warnings become lines of this log
+            if init_from is not None:
+                log.info(f"Initialized from {init_from}: its weights, with a new optimizer, "
+                         "learning-rate schedule and data order")  # fmt: skip
             if resume is not None:
                 trainer.resume(resume)
-                check_resume_step(trainer, resume)
+                if check_resume_step(trainer, resume) == "complete":
+                    return 0
             result = trainer.fit()
         except (ConfigError, DataError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -174,22 +182,54 @@ def check_fresh_checkpoint_dir(checkpoint_dir: str) -> None:
     )
 
 
-def check_resume_step(trainer: Trainer, resume: Path) -> None:
-    """A checkpoint past the run's planned last step is one ConfigError line (exit 2): there is
-    nothing to train, and going on would only save that checkpoint's weights again as this
-    run's final model, which is surely not what the changed max_steps meant. A checkpoint at the
-    last step is fine: the run saves its final model and samples (what an interrupted end of a
-    run left to do)."""
+def check_resume_step(trainer: Trainer, resume: Path) -> str | None:
+    """Where the resumed step stands against the run's planned last step. Before it: None (train
+    on). At it, with checkpoint_dir/final holding this checkpoint's weights: the run is complete,
+    which is one line and "complete" (run() exits 0: no evaluation, save or samples again). At
+    it without that final model (a run stopped during its final save): None, and the run saves
+    its final model and samples. Past it (max_steps or num_epochs lowered): one ConfigError line
+    (exit 2), since going on would only save that checkpoint's weights again as this run's final
+    model, which is surely not what the change meant."""
+    from train.distributed import broadcast_object
+
     step, total = trainer.step, trainer.total_steps
-    if step <= total:
-        return
     fix = f"raise max_steps above {step}"
     if trainer.steps_source != "max_steps":
         fix = f"raise num_epochs or set max_steps above {step}"
+    if step < total:
+        return None
+    if step == total:
+        final = Path(trainer.cfg.checkpoint_dir) / "final"
+        env = trainer.env
+        done = broadcast_object(final_holds(final, resume) if env.is_main else None, env)
+        if not done:
+            return None
+        trainer.log.info(f"{resume} is at step {step}, this run's last ({trainer.steps_source}), "
+                         f"and {final} holds its weights: the run is complete; {fix} to train "
+                         "on")  # fmt: skip
+        return "complete"
     raise ConfigError(
         f"resume_from {resume} is at step {step}, past this run's last step {total} "
         f"({trainer.steps_source}); {fix} to train on from it"
     )
+
+
+def final_holds(final: Path, checkpoint: Path) -> bool:
+    """True when the model folder `final` holds `checkpoint`'s weights byte for byte: the same
+    weight files (index and shards), matching the checksums the checkpoint's completion marker
+    recorded. A run's final model is saved from the state of its last checkpoint, so this tells
+    a finished run from one whose `final` is missing, damaged or an earlier step's."""
+    from octo.hf_io import INDEX_NAME, MARKER_NAME, _read_weight_map, checksum_mismatch
+
+    try:
+        marker = json.loads((checkpoint / MARKER_NAME).read_text())
+        crcs, chunk = marker["crc32"], marker["crc32_chunk"]
+        names = {INDEX_NAME, *_read_weight_map(final).values()}
+        if names != {INDEX_NAME, *_read_weight_map(checkpoint).values()} or names - set(crcs):
+            return False
+        return checksum_mismatch(final, crcs, chunk, names=sorted(names)) is None
+    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable, format 1: not known
+        return False
 
 
 def agree_on_resume(resume_from: str, env: Any) -> Path:
@@ -276,12 +316,22 @@ def check_writable_folders(cfg: TrainConfig) -> None:
 
 
 def build_trainer(
-    cfg: TrainConfig, model_fields: dict[str, Any], device: torch.device, env: Any
+    cfg: TrainConfig,
+    model_fields: dict[str, Any],
+    device: torch.device,
+    env: Any,
+    init_from: str | None = None,
 ) -> Trainer:
-    """Tokenizer, model shape (vocab sized to the tokenizer), data, then the Trainer."""
+    """Tokenizer, model shape (vocab sized to the tokenizer), data, then the Trainer; with
+    init_from (a model folder; model_fields are its config.json's), its weights, loaded before
+    the tokenizer and data, so a bad folder is reported first."""
     from train.data import build_eval_batches, build_train_data, load_tokenizer, resolve_vocab_size
+    from train.init_from import check_tokenizer_fits, load_init_model
 
+    model = load_init_model(init_from) if init_from is not None else None
     tokenizer = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
+    if model is not None:
+        check_tokenizer_fits(init_from, tokenizer, model.config.vocab_size)
     vocab = resolve_vocab_size(model_fields["vocab_size"], tokenizer)
     model_cfg = OctoConfig.from_dict({**model_fields, "vocab_size": vocab})
     # A separate eval split is built first (it is small): a missing split or column is reported
@@ -293,7 +343,7 @@ def build_trainer(
     if cfg.eval_split is None:
         eval_data = build_eval_batches(cfg, tokenizer, env.rank, env.world_size)
     return Trainer(cfg, model_cfg, train_data=train_data, eval_data=eval_data, tokenizer=tokenizer,
-                   device=device, env=env)  # fmt: skip
+                   model=model, device=device, env=env)  # fmt: skip
 
 
 def save_final_model(trainer: Trainer) -> Path:
