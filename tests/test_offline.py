@@ -37,8 +37,8 @@ def check_one_line(p: subprocess.CompletedProcess, endpoint: str) -> None:
     assert len(lines) == 1, p.stderr[-2000:]  # no retry lines, no traceback
     line = lines[0]
     assert line.startswith(
-        f"error: tokenizer_name 'gpt2' needs the Hugging Face Hub, which cannot be reached at "
-        f"{endpoint} ("
+        "error: tokenizer_name 'gpt2': no local file or folder of that name exists, and the "
+        f"Hugging Face Hub, where it would be looked up, cannot be reached at {endpoint} ("
     ), line
     for needle in ("HF_HUB_OFFLINE=1", "local tokenizer folder",
                    "offline demo: python -m train --config train/configs/demo.json"):  # fmt: skip
@@ -75,6 +75,7 @@ def test_hub_dataset_without_the_hub_is_one_line(monkeypatch):
         DocSource("roneneldan/TinyStories", "train", "text").open()
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg.startswith(f"dataset_name 'roneneldan/TinyStories' needs the Hugging Face Hub, "
-                          f"which cannot be reached at {CLOSED} (")  # fmt: skip
+    assert msg.startswith("dataset_name 'roneneldan/TinyStories': no local file or folder of "
+                          "that name exists, and the Hugging Face Hub, where it would be looked "
+                          f"up, cannot be reached at {CLOSED} (")  # fmt: skip
     assert "HF_HUB_OFFLINE=1" in msg and "offline demo" in msg

@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 
 from tests.test_interrupts import make_trainer, run_trainer, sigint_guard  # noqa: F401
-
 from train.optim import LRSchedule, schedule_change
 
 

@@ -22,7 +22,8 @@ _reachable: str | None = None  # the endpoint this process reached already (prob
 
 def hub_unreachable(what: str) -> str | None:
     """None when the Hub is reachable (or HF_HUB_OFFLINE is set); else the error line saying
-    that `what` (e.g. "tokenizer_name 'gpt2'") needs it, and the ways to run without it."""
+    that `what` (e.g. "tokenizer_name 'gpt2'", a name that is no local path) needs it, and the
+    ways to run without it."""
     global _reachable
     try:
         from huggingface_hub import constants, get_session
@@ -35,10 +36,12 @@ def hub_unreachable(what: str) -> str | None:
     except Exception as e:  # whatever the HTTP client raises (its classes vary by version)
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
         return (
-            f"{what} needs the Hugging Face Hub, which cannot be reached at {constants.ENDPOINT} "
-            f"({reason}); with its files already in the local Hub cache set HF_HUB_OFFLINE=1, or "
-            "set tokenizer_name and dataset_name to a local tokenizer folder and dataset file or "
-            f"folder, or try the offline demo: {OFFLINE_DEMO}"
+            f"{what}: no local file or folder of that name exists, and the Hugging Face Hub, where "
+            f"it would be looked up, cannot be reached at {constants.ENDPOINT} ({reason}); with "
+            "its files already in the local Hub cache set HF_HUB_OFFLINE=1, or set "
+            "tokenizer_name and dataset_name to a local tokenizer folder and dataset file or "
+            "folder (a relative path may start with ./), or try the offline demo: "
+            f"{OFFLINE_DEMO}"
         )
     _reachable = constants.ENDPOINT
     return None

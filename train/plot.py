@@ -1,8 +1,10 @@
 """`python -m train.plot LOG [--out PNG]`: train and eval loss, and throughput, against the step.
 
 LOG is a run's `training_*.log` or the `.jsonl` beside it (the numbers are read from the JSON
-lines), or a log_dir, meaning its newest run. The PNG goes beside it (`training_*.png`) unless
---out says otherwise. matplotlib is imported here only, so training never needs it.
+lines), or a log_dir, meaning its newest run with a loss logged (a run that stopped before its
+first log line, or a resume of a finished run, logs none). The PNG goes beside it
+(`training_*.png`) unless --out says otherwise. matplotlib is imported here only, so training
+never needs it.
 """
 
 from __future__ import annotations
@@ -87,6 +89,9 @@ def draw(records: list[dict], title: str):
     if evals[0]:
         ax_loss.plot(*evals, "o-", label="eval")
     ax_loss.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 0.6, 2: not 6x10^-1
+    ax_loss.yaxis.set_major_formatter(plain)
+    ax_loss.yaxis.set_minor_formatter(plain)
     ax_loss.set_ylabel("loss (nats / token, log scale)")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3, which="both")
@@ -99,11 +104,26 @@ def draw(records: list[dict], title: str):
     return fig
 
 
+def has_loss(records: list[dict]) -> bool:
+    return bool(points(records, "train", "loss")[0] or points(records, "eval", "eval_loss")[0])
+
+
 def plot(path: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the run's curves to a PNG; returns its path."""
+    """Draw the run's curves to a PNG; returns its path. For a log_dir, its newest run with a loss
+    (newer ones without are named in a note on stderr)."""
+    folder = Path(path) if Path(path).is_dir() else None
     path = run_records_path(path)
     records = read_records(path)
-    if not points(records, "train", "loss")[0] and not points(records, "eval", "eval_loss")[0]:
+    if folder is not None and not has_loss(records):
+        for older in sorted(folder.glob("training_*.jsonl"), reverse=True)[1:]:
+            older_records = read_records(older)
+            if has_loss(older_records):
+                print(f"note: {path.name} logged no loss yet (a run stopped before its first log "
+                      f"line, or a finished run resumed); plotting {older.name}",
+                      file=sys.stderr)  # fmt: skip
+                path, records = older, older_records
+                break
+    if not has_loss(records):
         raise ValueError(f"{path} holds no train or eval records with a loss yet")
     out = Path(out) if out is not None else Path(path).with_suffix(".png")
     if not out.suffix:  # matplotlib would write OUT.png: name the file it writes
