@@ -20,18 +20,19 @@ from train.checkpoint import CheckpointError
 from train.config import TrainConfig
 from train.init_from import load_init_model
 
-STEPS = 100  # enough for the loss to fall from ln(V) = 6.24 nats to below 3
+STEPS = 100  # the train loss falls from ln(V) = 6.24 nats to 3.08 (measured on CPU)
 
 
 def train(corpus: dict, tmp: Path, name: str, data: Path, *extra: str) -> tuple[int, list[dict]]:
-    """main() on CPU with `extra` config keys; returns the exit code and the run's records."""
+    """main() on CPU with `extra` config keys; returns the exit code and the run's records. The
+    data streams in this process (num_workers 0): no worker processes to fork."""
     code = main([
         "--set", f"dataset_name={data}", f"tokenizer_name={corpus['tokenizer']}",
         f"data_cache_dir={tmp / 'cache'}", f"checkpoint_dir={tmp / name}",
         f"log_dir={tmp / (name + '_logs')}", "block_size=64", "batch_size=8",
         "gradient_accumulation_steps=1", "learning_rate=3e-3", "num_epochs=5",
         "eval_interval_steps=1000", "save_interval_steps=1000", "eval_max_batches=2",
-        "device=cpu", "num_workers=0", "sample_max_new_tokens=2", "pretokenize=true", *extra,
+        "device=cpu", "num_workers=0", "sample_max_new_tokens=2", "pretokenize=false", *extra,
     ])  # fmt: skip
     logs = sorted((tmp / (name + "_logs")).glob("training_*.jsonl"))
     records = [json.loads(line) for f in logs for line in f.read_text().splitlines()]
