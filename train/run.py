@@ -29,6 +29,7 @@ from train.config import ConfigError, TrainConfig, resolved_model_config
 from train.distributed import cleanup, init_distributed
 from train.loop import Trainer
 from train.runtime import check_compile_mode, resolve_device, set_kernel_backend
+from train.trackers import check_installed
 
 OOM_HINT = (
     "CUDA out of memory{where}: lower batch_size (raising gradient_accumulation_steps keeps the "
@@ -57,6 +58,10 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
                 model_config=resolved_model_config(cfg, model_fields),
                 pretokenize=cfg.pretokenized,
             )
+            try:  # a missing tracker library: one line now, not after the data is built
+                check_installed(cfg.report_to)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             check_writable_folders(cfg)
             if not cfg.resume_from:
                 check_fresh_checkpoint_dir(cfg.checkpoint_dir)
@@ -303,6 +308,7 @@ def save_final_model(trainer: Trainer) -> Path:
     in place."""
     from train.checkpoint import CheckpointError, replace_folder, write_error_fix
     from train.checkpoint_io import fsync_tree
+    from train.model_card import write_model_card
 
     cfg = trainer.cfg
     final = Path(cfg.checkpoint_dir) / "final"
@@ -313,6 +319,7 @@ def save_final_model(trainer: Trainer) -> Path:
         if trainer.tokenizer is not None:
             trainer.tokenizer.save_pretrained(tmp)
         cfg.save(tmp / "train_config.json")
+        write_model_card(trainer, tmp, final)  # README.md (+ loss.png): train/model_card.py
         fsync_tree(tmp)
         replace_folder(tmp, final)
     except BaseException as e:  # a full disk, or Ctrl-C: no final.tmp is left, `final` stands
