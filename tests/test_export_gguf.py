@@ -340,15 +340,18 @@ def test_llama_cpp_runs_the_file_to_octos_logits_and_greedy_tokens(
     prompt = 'Once upon a time, Tom\'s 3 cats   saw a big red ball.\nThey said: "Hello!"'
     ids = AutoTokenizer.from_pretrained(str(folder))(prompt).input_ids
 
+    # an f32 KV cache (llama.cpp's default is f16) and no flash attention (f16 inside, on CPU), so
+    # llama.cpp computes in f32 like Octo: logits then agree to ~2e-6 (4e-3 with either in f16)
+    f32 = llama_cpp.GGML_TYPE_F32
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, logits_all=True, verbose=False,
-                          n_threads=2)  # fmt: skip
+                          n_threads=2, type_k=f32, type_v=f32, flash_attn=False)  # fmt: skip
     assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids
     llm.eval(ids)
     cpp_logits = torch.tensor(llm.scores[: len(ids)])  # (T, V)
     model = OctoForCausalLM.from_pretrained(folder)
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0]  # (T, V)
-    torch.testing.assert_close(cpp_logits, logits, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(cpp_logits, logits, rtol=1e-5, atol=1e-5)
 
     llm.reset()
     greedy = []

@@ -180,7 +180,7 @@ def train(corpus, run_dir: Path, *overrides: str, env: dict) -> None:
 def resumed_run(corpus, tmp_path_factory):
     """Every installed tracker on: 8 steps (checkpoints at 4 and 8), then the run resumed from
     step 4, as after a crash (steps 5 to 8 are logged twice). Returns (run folder, env,
-    records of the first run, records of both)."""
+    records of the first run, records of both with the resumed run's for steps 5 to 8)."""
     if "tensorboard" not in INSTALLED:
         pytest.skip("tensorboard is not installed (pip install tensorboard)")
     run_dir = tmp_path_factory.mktemp("tracked")
@@ -188,11 +188,13 @@ def resumed_run(corpus, tmp_path_factory):
     report_to = f"report_to={json.dumps(INSTALLED)}"
     train(corpus, run_dir, report_to, env=env)
     first = records(run_dir)
-    for log in (run_dir / "logs").glob("training_*"):  # records(): the resumed run's wins
-        log.rename(log.with_name("0" + log.name))
+    for log in (run_dir / "logs").glob("training_*"):  # records() reads only the next run's
+        log.rename(log.with_name("first_" + log.name))
     train(corpus, run_dir, report_to, f"resume_from={run_dir / 'ckpt' / 'checkpoint_step_4'}",
           env=env)  # fmt: skip
-    return run_dir, env, first, records(run_dir)
+    second = records(run_dir)
+    both = {kind: {**first[kind], **second[kind]} for kind in ("train", "eval")}  # resumed wins
+    return run_dir, env, first, both
 
 
 def run_id(run_dir: Path) -> str:
