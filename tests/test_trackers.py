@@ -256,7 +256,10 @@ def wandb_history(path: Path) -> list[dict]:
             record.ParseFromString(buf)
             buf = b""
             if record.WhichOneof("record_type") == "history":
-                rows.append({i.key: json.loads(i.value_json) for i in record.history.item})
+                items = record.history.item
+                rows.append(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+                )
     return rows
 
 
