@@ -75,6 +75,27 @@ def test_missing_library_is_one_line_before_any_data(tmp_path, capsys, monkeypat
     assert not (tmp_path / "logs").exists()  # before the folders, the data and the model
 
 
+def test_run_id_is_kept_in_checkpoint_dir_and_found_again(tmp_path):
+    warnings: list[str] = []
+    cfg = {"checkpoint_dir": str(tmp_path / "run"), "resume_from": None}
+    first = trackers.run_id(cfg, 0, warnings.append)
+    assert first.startswith("run-") and (tmp_path / "run" / RUN_FILE).is_file()
+    assert (
+        trackers.run_id({**cfg, "resume_from": str(tmp_path / "run")}, 5, warnings.append) == first
+    )
+    # resumed into another checkpoint_dir: the same run, and that folder now knows it too
+    other = {"checkpoint_dir": str(tmp_path / "copy"),
+             "resume_from": str(tmp_path / "run" / "checkpoint_step_5")}  # fmt: skip
+    assert trackers.run_id(other, 5, warnings.append) == first
+    assert json.loads((tmp_path / "copy" / RUN_FILE).read_text())["run_id"] == first
+    assert warnings == []
+    fresh = trackers.run_id(cfg, 0, warnings.append)  # a new run in the folder: a new id
+    assert fresh != first
+    lost = {"checkpoint_dir": str(tmp_path / "none"), "resume_from": str(tmp_path / "none")}
+    assert trackers.run_id(lost, 3, warnings.append) not in (first, fresh)
+    assert len(warnings) == 1 and "starting a new one" in warnings[0]
+
+
 # ----- in-process: the RunLogger hook -----------------------------------------------------------
 
 

@@ -103,7 +103,8 @@ def model_card(trainer: Any, final: Path, plot: str | None) -> str:
         ("data", _data_line(cfg)),
         ("trained", f"{trainer.tokens_seen:,} tokens in {trainer.step:,} optimizer steps "
          f"({per_step:,} tokens per step: {cfg.batch_size} x {cfg.block_size} x "
-         f"{cfg.gradient_accumulation_steps} accumulation x {trainer.env.world_size} processes)"),
+         f"{cfg.gradient_accumulation_steps} accumulation x {trainer.env.world_size} "
+         f"process{'es' if trainer.env.world_size > 1 else ''})"),
         ("final train loss", train_loss),
         ("final eval loss", eval_loss),
         ("optimizer", f"AdamW, peak learning rate {cfg.learning_rate:g}, {cfg.lr_schedule} "
@@ -148,7 +149,7 @@ In llama.cpp (and the tools built on it), after exporting a GGUF file:
 
 ```bash
 pip install gguf                                   # or: pip install 'octo-trainer[gguf]'
-python -m octo.export_gguf {f} model.gguf          # --dtype f16 (default), bf16 or f32
+python -m octo.export_gguf {f} model.gguf  # --dtype f16 (default), bf16 or f32
 llama-cli -m model.gguf -p "Once upon a time" -n 64
 ```
 

@@ -84,29 +84,36 @@ def metrics_of(event: dict[str, Any]) -> dict[str, float]:
 
 
 def run_id(config: dict[str, Any], step: int, warn: Callable[[str], None]) -> str:
-    """This run's tracker id: read back from tracker_run.json when resuming (step > 0), else new
-    and written there. A resume without the file (the first run reported nowhere) starts a new
-    tracker run, with a warning."""
+    """This run's tracker id. Resuming (step > 0): the one in checkpoint_dir's tracker_run.json,
+    or beside resume_from (a run resumed into another checkpoint_dir continues the same curves,
+    and that folder gets the file for its own resumes); without one (the first run reported
+    nowhere), a new id with a warning. A fresh run: a new id. Written to checkpoint_dir."""
     ckpt = Path(config["checkpoint_dir"])
+    found = None
     if step > 0:
         places = [ckpt]
         if config.get("resume_from"):
             places += [Path(config["resume_from"]), Path(config["resume_from"]).parent]
         for place in places:
             try:
-                return str(json.loads((place / RUN_FILE).read_text())["run_id"])
+                found = str(json.loads((place / RUN_FILE).read_text())["run_id"])
+                break
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-        warn(f"no {RUN_FILE} in {ckpt} to continue the trackers' run from; starting a new one")
-    name = re.sub(r"[^A-Za-z0-9_-]+", "-", ckpt.resolve().name).strip("-") or "octo"
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    new = f"{name}-{stamp}-{secrets.token_hex(2)}"
+        else:
+            warn(f"no {RUN_FILE} in {ckpt} to continue the trackers' run from; starting a new one")
+        if found is not None and place == ckpt:
+            return found
+    if found is None:
+        name = re.sub(r"[^A-Za-z0-9_-]+", "-", ckpt.resolve().name).strip("-") or "octo"
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        found = f"{name}-{stamp}-{secrets.token_hex(2)}"
     ckpt.mkdir(parents=True, exist_ok=True)
     with open(ckpt / RUN_FILE, "w") as f:
-        f.write(json.dumps({"run_id": new}) + "\n")
+        f.write(json.dumps({"run_id": found}) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    return new
+    return found
 
 
 # ----- one class per library ----------------------------------------------------------------------
