@@ -138,25 +138,21 @@ def test_permuted_qk_under_llama_cpp_rope_give_octos_attention_scores(n_head, n_
 # ----- the file read back --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
-def test_gpt2_model_reads_back(tmp_path, gpt2_tokenizer_dir, dtype):
-    folder = model_folder(tmp_path / "m", gpt2_tokenizer_dir, vocab_size=GPT2_VOCAB,
-                          num_key_value_heads=2, attention_bias=True)  # fmt: skip
-    out = export_gguf(folder, tmp_path / "m.gguf", dtype=dtype)
-    r = gguf.GGUFReader(out)
+def check_file(r, folder: Path, dtype: str) -> None:
+    """The GGUF file's metadata is the model's, and each tensor is its safetensors weight (in
+    `dtype`, norms and biases f32) once the Q/K permutation is undone."""
     cfg = OctoConfig.from_json_file(folder / "config.json")
-
     assert field(r, "general.architecture") == "llama"
     assert field(r, "llama.context_length") == cfg.max_position_embeddings
     assert field(r, "llama.embedding_length") == cfg.hidden_size
     assert field(r, "llama.block_count") == cfg.num_hidden_layers
     assert field(r, "llama.feed_forward_length") == cfg.intermediate_size
     assert field(r, "llama.attention.head_count") == cfg.num_attention_heads
-    assert field(r, "llama.attention.head_count_kv") == 2
+    assert field(r, "llama.attention.head_count_kv") == cfg.num_key_value_heads
     assert field(r, "llama.rope.freq_base") == cfg.rope_theta
     assert field(r, "llama.rope.dimension_count") == cfg.head_dim
     assert field(r, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.rms_norm_eps)
-    assert field(r, "llama.vocab_size") == GPT2_VOCAB
+    assert field(r, "llama.vocab_size") == cfg.vocab_size
     file_type = {"f32": 0, "f16": 1, "bf16": 32}[dtype]  # llama.cpp's LLAMA_FTYPE values
     assert field(r, "general.file_type") == file_type
 
@@ -168,7 +164,7 @@ def test_gpt2_model_reads_back(tmp_path, gpt2_tokenizer_dir, dtype):
         if "q_proj" in name:
             w = from_gguf_qk(w, cfg.num_attention_heads)
         elif "k_proj" in name:
-            w = from_gguf_qk(w, 2)
+            w = from_gguf_qk(w, cfg.num_key_value_heads)
         got[name] = w
         src = weights[name]
         if src.dim() == 1 or dtype == "f32":  # norms and biases are always f32
@@ -178,6 +174,23 @@ def test_gpt2_model_reads_back(tmp_path, gpt2_tokenizer_dir, dtype):
             want = src.to({"f16": torch.float16, "bf16": torch.bfloat16}[dtype])
             assert w.dtype == want.dtype and torch.equal(w, want), t.name
     assert set(got) == set(weights)  # every weight, nothing else
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_tensors_read_back_in_each_dtype(tmp_path, corpus, dtype):
+    folder = model_folder(tmp_path / "m", corpus["tokenizer"], vocab_size=576,
+                          num_key_value_heads=2, attention_bias=True)  # fmt: skip
+    check_file(
+        gguf.GGUFReader(export_gguf(folder, tmp_path / "m.gguf", dtype=dtype)), folder, dtype
+    )
+
+
+def test_gpt2_model_reads_back(tmp_path, gpt2_tokenizer_dir):
+    folder = model_folder(tmp_path / "m", gpt2_tokenizer_dir, vocab_size=GPT2_VOCAB,
+                          num_key_value_heads=1, attention_bias=True)  # fmt: skip
+    out = export_gguf(folder, tmp_path / "m.gguf", dtype="f32")
+    r = gguf.GGUFReader(out)
+    check_file(r, folder, "f32")
 
     tok = json.loads((folder / "tokenizer.json").read_text())
     tokens = field(r, "tokenizer.ggml.tokens")
