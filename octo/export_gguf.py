@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     size = out.stat().st_size / 2**20
     print(f"wrote {out} ({size:.1f} MiB, {args.dtype}); run it with llama.cpp: "
-          f"llama-cli -m {out} -p \"Once upon a time\" -n 64")  # fmt: skip
+          f"llama-completion -m {out} -no-cnv -p \"Once upon a time\" -n 64")  # fmt: skip
     return 0
 
 

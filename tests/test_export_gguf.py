@@ -328,7 +328,7 @@ def test_cli_runs_as_a_module(tmp_path, corpus):
         env=child_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
-    assert "wrote" in p.stdout and "llama-cli -m" in p.stdout
+    assert "wrote" in p.stdout and "llama-completion -m" in p.stdout
     assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.file_type"].contents() == 1  # f16
 
 

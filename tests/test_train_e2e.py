@@ -158,7 +158,7 @@ def test_model_card_beside_the_final_model(demo_run):
         "OctoForCausalLM.from_pretrained(",
         "LlamaForCausalLM.from_pretrained(",
         f"python -m octo.export_gguf {final} model.gguf",
-        "llama-cli -m model.gguf",
+        "llama-completion -m model.gguf -no-cnv",
     ):
         assert use in card, use
     config = card.split("```json\n", 1)[1].split("\n```", 1)[0]

@@ -150,7 +150,7 @@ In llama.cpp (and the tools built on it), after exporting a GGUF file:
 ```bash
 pip install gguf                                   # or: pip install 'octo-trainer[gguf]'
 python -m octo.export_gguf {f} model.gguf  # --dtype f16 (default), bf16 or f32
-llama-cli -m model.gguf -p "Once upon a time" -n 64
+llama-completion -m model.gguf -no-cnv -p "Once upon a time" -n 64   # older llama.cpp: llama-cli
 ```
 
 ## Reproduce
