@@ -373,4 +373,5 @@ def test_llama_cpp_runs_the_file_to_octos_logits_and_greedy_tokens(
         if len(greedy) == 20:
             break
     octo = model.generate(torch.tensor([ids]), max_new_tokens=20, temperature=0.0)
+    llm.close()
     assert greedy == octo[0, len(ids) :].tolist()

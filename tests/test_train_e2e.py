@@ -144,8 +144,8 @@ def test_model_card_beside_the_final_model(demo_run):
     assert f"| parameters | {n:,} ({n / 1e6:.2f}M) |" in card
     assert f"| vocabulary | {model.config.vocab_size:,} ids; tokenizer: " in card
     assert f"| trained | {end['tokens_seen']:,} tokens in 40 optimizer steps (" in card
-    assert (f"| final train loss | {train['loss']:.4f} (perplexity {train['ppl']:.2f}), mean over "
-            "the steps up to step 40 |") in card  # fmt: skip
+    assert (f"| final train loss | {train['loss']:.4f} (perplexity {train['ppl']:.2f}), mean of "
+            "steps 31-40 |") in card  # fmt: skip
     assert (f"| final eval loss | {ev['eval_loss']:.4f} (perplexity {ev['eval_ppl']:.2f}) at step "
             "40, on up to 4 batches |") in card  # fmt: skip
     assert "| data | `octo-demo` (split 'train', eval split 'validation', column 'text') |" in card

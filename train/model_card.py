@@ -70,9 +70,11 @@ def model_card(trainer: Any, final: Path, plot: str | None) -> str:
     tok = trainer.tokenizer
     tok_line = f"{len(tok):,} tokens of `{cfg.tokenizer_name}`" if tok is not None else "none saved"
     train = last.get("train")
-    train_loss = (f"{train['loss']:.4f} (perplexity {train['ppl']:.2f}), mean over the steps up "
-                  f"to step {train['step']}" if train else
-                  f"not logged (log_interval_steps={cfg.log_interval_steps})")  # fmt: skip
+    train_loss = f"not logged (log_interval_steps={cfg.log_interval_steps})"
+    if train:  # a log line averages the steps since the previous one (or since the resume)
+        first = max(train["step"] - cfg.log_interval_steps, resumed) + 1
+        steps = f"step {first}" if first == train["step"] else f"steps {first}-{train['step']}"
+        train_loss = f"{train['loss']:.4f} (perplexity {train['ppl']:.2f}), mean of {steps}"
     ev = last.get("eval")
     eval_loss = (f"{ev['eval_loss']:.4f} (perplexity {ev['eval_ppl']:.2f}) at step "
                  f"{ev['step']}, on up to {cfg.eval_max_batches} batches" if ev
