@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import json
 import math
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,68 @@ class OctoConfig:
                 f"{self.num_attention_heads} = {self.head_dim} is odd; rotary embeddings need an "
                 "even head_dim"
             )
+
+    # ----- the tensors of a model of this shape, without building it ------------------------
+    # (octo/model.py defines the modules; tests/test_model.py checks that the two agree)
+
+    def _layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{name within model.layers.N: shape} of one decoder layer."""
+        C, F, H, K, D = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
+                         self.num_key_value_heads, self.head_dim)  # fmt: skip
+        shapes = {
+            "input_layernorm.weight": (C,),
+            "self_attn.q_proj.weight": (H * D, C),
+            "self_attn.k_proj.weight": (K * D, C),
+            "self_attn.v_proj.weight": (K * D, C),
+            "self_attn.o_proj.weight": (C, H * D),
+            "post_attention_layernorm.weight": (C,),
+            "mlp.gate_proj.weight": (F, C),
+            "mlp.up_proj.weight": (F, C),
+            "mlp.down_proj.weight": (C, F),
+        }
+        if self.attention_bias:
+            for proj, n in (("q", H * D), ("k", K * D), ("v", K * D), ("o", C)):
+                shapes[f"self_attn.{proj}_proj.bias"] = (n,)
+        return shapes
+
+    def _outer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The tensors outside the layers; a tied lm_head is embed_tokens, so it is not one."""
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, self.hidden_size),
+                  "model.norm.weight": (self.hidden_size,)}  # fmt: skip
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
+        return shapes
+
+    def weight_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every tensor a checkpoint of this model stores (transformers' Llama
+        names; a tied lm_head is not stored), lazily: a config declaring a million layers is
+        compared with a checkpoint's few without listing them all."""
+        yield from self._outer_shapes().items()
+        layer = self._layer_shapes()
+        for i in range(self.num_hidden_layers):
+            for suffix, shape in layer.items():
+                yield f"model.layers.{i}.{suffix}", shape
+
+    def weight_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of the stored tensor `name`, or None when this model has no such tensor."""
+        outer = self._outer_shapes()
+        if name in outer:
+            return outer[name]
+        m = re.fullmatch(r"model\.layers\.(0|[1-9]\d*)\.(.+)", name)
+        if m is None or int(m.group(1)) >= self.num_hidden_layers:
+            return None
+        return self._layer_shapes().get(m.group(2))
+
+    def num_weights(self) -> int:
+        """How many tensors weight_shapes() yields, computed, not counted."""
+        return len(self._outer_shapes()) + self.num_hidden_layers * len(self._layer_shapes())
+
+    def num_parameters(self) -> int:
+        """Parameters of the model (a tied lm_head counted once), computed without building it."""
+        layer = sum(math.prod(s) for s in self._layer_shapes().values())
+        return sum(math.prod(s) for s in self._outer_shapes().values()) + (
+            self.num_hidden_layers * layer
+        )
 
     # ----- JSON -----------------------------------------------------------------------------
 

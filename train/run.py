@@ -26,10 +26,11 @@ import torch
 
 from octo import OctoConfig
 from train.config import ConfigError, TrainConfig, resolved_model_config
-from train.distributed import cleanup, init_distributed
+from train.distributed import all_gather_object, cleanup, init_distributed
 from train.loop import Trainer
-from train.runtime import check_compile_mode, resolve_device, set_kernel_backend
+from train.runtime import check_compile_mode, check_memory, resolve_device, set_kernel_backend
 
+N_SAMPLES = 3  # continuations of sample_prompt printed at the end of a run
 OOM_HINT = (
     "CUDA out of memory{where}: lower batch_size (raising gradient_accumulation_steps keeps the "
     "tokens per step), set use_gradient_checkpointing=true, or lower block_size"
@@ -284,6 +285,17 @@ def build_trainer(
     tokenizer = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
     vocab = resolve_vocab_size(model_fields["vocab_size"], tokenizer)
     model_cfg = OctoConfig.from_dict({**model_fields, "vocab_size": vocab})
+    # Whether it fits, before any data or module is built; every rank agrees (each checks its
+    # own device), so no rank goes on to wait for one that stopped.
+    try:
+        samples = (N_SAMPLES, len(sample_prompt_ids(tokenizer, cfg.sample_prompt)))
+        check_memory(cfg, model_cfg, device, env.world_size, samples)
+        error = None
+    except ConfigError as e:
+        error = str(e)
+    error = next((e for e in all_gather_object(error, env) if e is not None), None)
+    if error is not None:
+        raise ConfigError(error)
     # A separate eval split is built first (it is small): a missing split or column is reported
     # before the train split is pre-tokenized (minutes to hours). A holdout is read from the
     # train split's cache, which the train build makes.
@@ -329,12 +341,17 @@ def save_final_model(trainer: Trainer) -> Path:
     return final
 
 
-def generate_sample(trainer: Trainer, n_samples: int = 3) -> str:
+def sample_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's token ids; an empty one starts from BOS (or EOS)."""
+    return tokenizer.encode(prompt) or [tokenizer.bos_token_id or tokenizer.eos_token_id or 0]
+
+
+def generate_sample(trainer: Trainer, n_samples: int = N_SAMPLES) -> str:
     """n_samples continuations of cfg.sample_prompt by the trained model (top-k 50, top-p 0.95,
     temperature 0.8), one batch, from a generator seeded with cfg.seed, so the same weights print
     the same samples."""
     cfg, tok, model = trainer.cfg, trainer.tokenizer, trainer.model
-    prompt = tok.encode(cfg.sample_prompt) or [tok.bos_token_id or tok.eos_token_id or 0]
+    prompt = sample_prompt_ids(tok, cfg.sample_prompt)
     ids = torch.tensor([prompt] * n_samples, dtype=torch.long, device=trainer.device)  # (n, T0)
     gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
     with trainer.precision.autocast():

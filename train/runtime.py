@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from octo.config import OctoConfig
 from train.config import ConfigError, TrainConfig
 
 
@@ -135,6 +136,49 @@ def set_kernel_backend(cfg: TrainConfig) -> None:
         raise ConfigError(f"kernels 'triton' ({source}) on the CPU needs Triton's interpreter; "
                           "set kernels=auto (the PyTorch reference on CPU), or TRITON_INTERPRET=1 "
                           "in the environment (slow)")  # fmt: skip
+
+
+def check_memory(
+    cfg: TrainConfig,
+    model_cfg: OctoConfig,
+    device: torch.device,
+    world_size: int,
+    sample_shape: tuple[int, int],
+) -> None:
+    """ConfigError (one line: the estimate and what is free) when training this model and
+    sampling from it at the end cannot fit on `device`; from the configs alone (octo.memory), so
+    an impossible size is refused in a moment, before the data or the model are built.
+
+    Counted: fp32 weights, gradients and AdamW state (FSDP: this rank's share), and the KV cache
+    of the end-of-run samples, sample_shape = (samples, prompt tokens) with sample_max_new_tokens
+    more (at most max_position_embeddings), in the autocast dtype. Several processes on one
+    CPU share its memory. Activations are not counted (their own OOM is one line too)."""
+    from octo.memory import TooLargeError, check_fits, format_bytes, kv_cache_bytes, training_bytes
+
+    fsdp = world_size > 1 and cfg.parallelism == "fsdp"
+    train = training_bytes(model_cfg, shards=world_size if fsdp else 1)
+    samples, prompt = sample_shape
+    positions = min(prompt + cfg.sample_max_new_tokens, model_cfg.max_position_embeddings)
+    dtype = resolve_precision(cfg, device).autocast_dtype or torch.float32
+    kv = kv_cache_bytes(model_cfg, samples, positions, dtype)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    what = (
+        f"training this {model_cfg.num_parameters():,}-parameter model ({format_bytes(train)} of "
+        f"weights, gradients and AdamW state) and its {samples} samples at the end (KV cache of "
+        f"{positions:,} positions, {format_bytes(kv)})"
+    )
+    if processes > 1:
+        what += f", in each of {processes} processes on this machine,"
+    fix = (
+        "lower sample_max_new_tokens (or max_position_embeddings in the model config)"
+        if kv > train
+        else "make the model smaller (hidden_size, intermediate_size, num_hidden_layers or "
+        "vocab_size in the model config)"
+    )
+    try:
+        check_fits((train + kv) * processes, device, what, fix)
+    except TooLargeError as e:
+        raise ConfigError(str(e)) from None
 
 
 def seed_everything(seed: int) -> None:
