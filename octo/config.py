@@ -227,6 +227,11 @@ def _from_hf_dict(d: dict[str, Any], path: Path) -> dict[str, Any]:
     """Octo's fields from a transformers Llama config.json (4.x or 5.x spelling). Refuses Llama
     variants Octo does not implement, rather than load them wrongly."""
     d = dict(d)
+    if "auto_map" in d:  # transformers would import the named Python files with remote code on
+        raise ValueError(
+            f"{path} has an 'auto_map' (custom model code); Octo never runs code from a model "
+            "folder and loads plain Llama models only: remove the key or use another model"
+        )
     for key in (
         "vocab_size",
         "hidden_size",
