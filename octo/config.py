@@ -186,12 +186,18 @@ class OctoConfig:
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+    def to_hf_dict(
+        self,
+        dtype: str = "float32",
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> dict[str, Any]:
         """A transformers LlamaConfig config.json for this shape; dtype names the stored tensors'.
 
         Written so that transformers 4.x (torch_dtype, rope_theta) and 5.x (dtype,
-        rope_parameters) both read it. The token ids are null: Octo does not know the tokenizer,
-        and LlamaConfig's defaults (bos 1, eos 2) would be wrong for most tokenizers.
+        rope_parameters) both read it. The token ids are the tokenizer's, given by whoever saves
+        the model with one (so transformers' generate stops at end-of-text); null without, since
+        LlamaConfig's defaults (bos 1, eos 2) would be wrong for most tokenizers.
         """
         d = self.to_dict()
         d.update(
@@ -205,8 +211,8 @@ class OctoConfig:
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
             pretraining_tp=1,
             use_cache=True,
-            bos_token_id=None,
-            eos_token_id=None,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
             pad_token_id=None,
             torch_dtype=dtype,
             dtype=dtype,

@@ -218,6 +218,7 @@ def save_pretrained(
     save_directory: str | Path,
     max_shard_size: int | str = "2GB",
     state_dict: dict[str, torch.Tensor] | None = None,
+    token_ids: dict[str, int] | None = None,
 ) -> None:
     """Write `model` (an OctoForCausalLM, possibly compiled or DDP-wrapped) as a Llama folder.
 
@@ -225,6 +226,9 @@ def save_pretrained(
     FSDP gathered onto rank 0); its keys are cleaned of wrapper prefixes like the model's.
     Tensors keep their dtype; config.json records it. A tied lm_head is not written (it is
     embed_tokens), exactly as transformers does, so safetensors never sees shared memory.
+    token_ids: the tokenizer's {bos,eos,pad}_token_id (octo.tokenizer_files.special_token_ids),
+    written into config.json and generation_config.json, so that transformers' generate() and
+    pipeline() stop at end-of-text as Octo does; without them neither file names a token.
     """
     inner = unwrap_model(model)
     cfg: OctoConfig = inner.config
@@ -274,7 +278,14 @@ def save_pretrained(
     _write_json(out / INDEX_NAME, index)
     float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     dtype = str(next(iter(float_dtypes))).removeprefix("torch.") if len(float_dtypes) == 1 else None
-    _write_json(out / CONFIG_NAME, cfg.to_hf_dict(dtype=dtype or "float32"))
+    token_ids = dict(token_ids or {})
+    hf = cfg.to_hf_dict(dtype=dtype or "float32", bos_token_id=token_ids.get("bos_token_id"),
+                        eos_token_id=token_ids.get("eos_token_id"))  # fmt: skip
+    _write_json(out / CONFIG_NAME, hf)
+    if token_ids:
+        _write_json(out / GENERATION_CONFIG_NAME, token_ids)
+    elif (out / GENERATION_CONFIG_NAME).is_file():  # an earlier save's, naming other tokens
+        (out / GENERATION_CONFIG_NAME).unlink()
     _fsync_path(out)
 
 

@@ -330,11 +330,14 @@ class OctoForCausalLM(nn.Module):
         return out
 
     # Checkpoint interop lives in octo/hf_io.py; these are the public entry points.
-    def save_pretrained(self, save_directory, max_shard_size: int | str = "2GB") -> None:
-        """Write config.json (Llama) and sharded safetensors loadable by transformers."""
+    def save_pretrained(
+        self, save_directory, max_shard_size: int | str = "2GB", token_ids: dict | None = None
+    ) -> None:
+        """Write config.json (Llama) and sharded safetensors loadable by transformers; token_ids:
+        the tokenizer's special token ids, for config.json and generation_config.json."""
         from octo.hf_io import save_pretrained
 
-        save_pretrained(self, save_directory, max_shard_size=max_shard_size)
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size, token_ids=token_ids)
 
     @classmethod
     def from_pretrained(cls, directory, device=None, dtype=None) -> OctoForCausalLM:

@@ -25,6 +25,9 @@ class ConfigError(ValueError):
 PATH_KEYS = ("dataset_name", "tokenizer_name", "checkpoint_dir", "resume_from", "model_config",
              "data_cache_dir", "log_dir")  # fmt: skip
 NULLABLE_PATH_KEYS = ("resume_from", "model_config")
+# tokenizer_name in the train_config.json of a folder holding its own copy of the tokenizer (a
+# checkpoint, final): `load` reads it as that config file's folder, wherever it was copied to
+OWN_TOKENIZER = "."
 
 
 @dataclasses.dataclass
@@ -215,6 +218,8 @@ class TrainConfig:
             mc = d.get("model_config")  # a relative path may be relative to the config's folder
             if isinstance(mc, str) and not Path(mc).exists() and (p.parent / mc).is_file():
                 d["model_config"] = str(p.parent / mc)
+            if d.get("tokenizer_name") == OWN_TOKENIZER:
+                d["tokenizer_name"] = str(p.parent)
         _check_keys(cls, d, str(path))
         sets: dict[str, Any] = {}
         for item in overrides:

@@ -25,11 +25,13 @@ eval_split is null and eval_holdout_fraction > 0: its first eval_max_batches bat
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from train.config import OWN_TOKENIZER, TrainConfig
 from train.data_pretok import PretokTrainData, ensure_token_cache, load_part
 from train.data_source import DEMO_NAME, DataError, DocSource, encode_docs
 from train.data_stream import StreamingTrainData
@@ -47,6 +49,16 @@ TrainData = StreamingTrainData | PretokTrainData
 
 
 # ----- tokenizer --------------------------------------------------------------------------------
+
+
+def with_own_tokenizer(cfg: TrainConfig) -> TrainConfig:
+    """cfg as the train_config.json of a folder that holds a copy of the run's tokenizer records
+    it: a local tokenizer folder becomes OWN_TOKENIZER (the config file's own folder, see
+    TrainConfig.load), so a copied or moved checkpoint names its own copy and resumes without
+    the original folder. Hub names and octo-demo (rebuilt from data_cache_dir) stay."""
+    if cfg.tokenizer_name == DEMO_NAME or not is_local_tokenizer(cfg.tokenizer_name):
+        return cfg
+    return dataclasses.replace(cfg, tokenizer_name=OWN_TOKENIZER)
 
 
 def is_local_tokenizer(name: str) -> bool:

@@ -310,20 +310,25 @@ def build_trainer(
 
 def save_final_model(trainer: Trainer) -> Path:
     """{checkpoint_dir}/final: the model (Llama-format safetensors + config.json), the tokenizer
+    (with its token ids in config.json and generation_config.json, see octo.tokenizer_files)
     and train_config.json; written beside, then renamed, so a half-written folder never stands.
     Whatever stops it (a full disk, Ctrl-C) removes final.tmp and leaves an earlier `final`
     in place."""
+    from octo.tokenizer_files import save_tokenizer, special_token_ids
     from train.checkpoint import CheckpointError, replace_folder, write_error_fix
     from train.checkpoint_io import fsync_tree
+    from train.data import with_own_tokenizer
 
-    cfg = trainer.cfg
+    cfg, tok = trainer.cfg, trainer.tokenizer
     final = Path(cfg.checkpoint_dir) / "final"
     tmp = final.with_name("final.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
-        if trainer.tokenizer is not None:
-            trainer.tokenizer.save_pretrained(tmp)
+        ids = special_token_ids(tok) if tok is not None else None
+        trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size, token_ids=ids)
+        if tok is not None:
+            save_tokenizer(tok, tmp, trainer.model.config.max_position_embeddings)
+            cfg = with_own_tokenizer(cfg)
         cfg.save(tmp / "train_config.json")
         fsync_tree(tmp)
         replace_folder(tmp, final)
