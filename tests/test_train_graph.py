@@ -39,9 +39,9 @@ def poisoned(tr: Trainer, on: bool):
     return lambda: w.data.copy_(saved)
 
 
-def run_mode(tmp_path, mode: str, accum: int, batches: list[torch.Tensor]) -> dict:
+def run_mode(tmp_path, mode: str, accum: int, batches: list[torch.Tensor], precision) -> dict:
     cfg = make_cfg(tmp_path / mode, compile=mode, batch_size=2, gradient_accumulation_steps=accum,
-                   max_grad_norm=0.05)  # fmt: skip
+                   max_grad_norm=0.05, precision=precision)  # fmt: skip
     tr = Trainer(cfg, MODEL, eval_data=batches[:2], graph_stand_in=mode == "graph")
     steps = []
     for s in range(4):
@@ -59,14 +59,15 @@ def run_mode(tmp_path, mode: str, accum: int, batches: list[torch.Tensor]) -> di
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accum", [1, 4])
-def test_graph_step_matches_plain_step(tmp_path, one_thread, accum):
+@pytest.mark.parametrize("accum,precision", [(1, "fp32"), (4, "fp32"), (4, "fp16")])
+def test_graph_step_matches_plain_step(tmp_path, one_thread, accum, precision):
     """Four steps (the third non-finite and skipped), clipping active (max_grad_norm 0.05), an
     evaluation, one more step: compile=graph's losses, gradient norms, skip counts, weights and
     AdamW state equal compile=on's bit for bit, with 2 warmup micro-batches, one capture and
-    replays for every later one."""
+    replays for every later one. fp16: the GradScaler's scaling is inside the captured function,
+    its unscale, skip and update outside."""
     batches = random_batches(4 * accum, batch=2)
-    on, graph = (run_mode(tmp_path, mode, accum, batches) for mode in ("on", "graph"))
+    on, graph = (run_mode(tmp_path, mode, accum, batches, precision) for mode in ("on", "graph"))
     for s, (a, b) in enumerate(zip(graph["steps"][:4], on["steps"][:4], strict=True)):
         assert torch.equal(a[0], b[0]) or (a[0].isnan() and b[0].isnan()), s
         assert torch.equal(a[1], b[1]) or (a[1].isnan() and b[1].isnan()), s
