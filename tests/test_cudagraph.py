@@ -153,7 +153,7 @@ def test_gradients_must_exist_before():
                        capture=False, log=print)  # fmt: skip
 
 
-def test_graph_mode_needs_cuda_and_one_process():
+def test_graph_mode_needs_cuda_and_one_process(tmp_path):
     """compile=graph on a CPU, or under torchrun: one line naming the fix."""
     cfg = TrainConfig(compile="graph")
     line = (r"^compile 'graph' captures CUDA graphs and needs a CUDA device, but the device is "
@@ -163,6 +163,11 @@ def test_graph_mode_needs_cuda_and_one_process():
     with pytest.raises(ConfigError, match="'graph' runs in one process only; use compile on"):
         check_compile_mode(cfg, True, torch.device("cpu"))
     check_compile_mode(cfg, False, None)  # the Trainer's stand-in for tests
+    from tests.test_train_step import MODEL, make_cfg
+    from train.loop import Trainer
+
+    with pytest.raises(ConfigError, match=line):  # a Trainer built directly checks it too
+        Trainer(make_cfg(tmp_path, compile="graph"), MODEL)
 
 
 def test_graph_mode_on_a_cpu_is_one_line_before_any_data(tmp_path, capsys):
