@@ -67,7 +67,9 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     precision: str = "auto"  # auto (from use_mixed_precision) | bf16 | fp16 | fp32
-    compile: str = "auto"  # auto (on for CUDA) | on | off | cudagraphs (on + CUDA graphs)
+    # auto (on for CUDA) | on | off | cudagraphs (on + Inductor's CUDA graphs) | graph (on + each
+    # micro-batch's forward + loss + backward captured as one CUDA graph; train/cudagraph.py)
+    compile: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     kernels: str = "auto"  # auto | triton | torch (OCTO_KERNELS)
     num_workers: int = 2  # DataLoader worker processes for tokenization
@@ -158,7 +160,7 @@ class TrainConfig:
         choices = {
             "lr_schedule": ("cosine", "linear", "constant"),
             "precision": ("auto", "bf16", "fp16", "fp32"),
-            "compile": ("auto", "on", "off", "cudagraphs"),
+            "compile": ("auto", "on", "off", "cudagraphs", "graph"),
             "kernels": ("auto", "triton", "torch"),
             "parallelism": ("ddp", "fsdp"),
         }

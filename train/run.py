@@ -64,7 +64,7 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             set_kernel_backend(cfg)
             device = resolve_device(cfg)
             env = init_distributed(device)
-            check_compile_mode(cfg, env.enabled)
+            check_compile_mode(cfg, env.enabled, device)
             # a bad resume_from is reported before any data is built
             resume = agree_on_resume(cfg.resume_from, env) if cfg.resume_from else None
             trainer = build_trainer(cfg, model_fields, device, env)

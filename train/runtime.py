@@ -85,8 +85,11 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
 
 
 def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
-    """compile: on | off | auto (= on for CUDA, where it pays; off on CPU) | cudagraphs (on)."""
-    return cfg.compile in ("on", "cudagraphs") or (cfg.compile == "auto" and device.type == "cuda")
+    """compile: on | off | auto (= on for CUDA, where it pays; off on CPU) | cudagraphs and graph
+    (both on, plus CUDA graphs)."""
+    return cfg.compile in ("on", "cudagraphs", "graph") or (
+        cfg.compile == "auto" and device.type == "cuda"
+    )
 
 
 def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Callable:
@@ -96,7 +99,9 @@ def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Calla
     compile="cudagraphs" adds mode="reduce-overhead": the step's kernels replay as CUDA graphs
     (no per-kernel launch cost; CPU tensors run without graphs). The Trainer then marks each
     micro-batch as a new graph step and keeps its gradients in buffers of its own (see
-    Trainer._cuda_graphs); bench/NOTES.md has what was measured."""
+    Trainer._cuda_graphs); bench/NOTES.md has what was measured. compile="graph" compiles as
+    "on": the Trainer captures the compiled forward + loss + backward itself
+    (train/cudagraph.py)."""
     if not compile_enabled(cfg, device):
         return fn
     if cfg.compile == "cudagraphs":
@@ -104,12 +109,19 @@ def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Calla
     return torch.compile(fn, fullgraph=True)
 
 
-def check_compile_mode(cfg: TrainConfig, distributed: bool) -> None:
-    """compile=cudagraphs is for one process: refused (ConfigError) under torchrun, before any
-    data is built (CUDA graphs under DDP/FSDP2 hooks were never tried)."""
-    if cfg.compile == "cudagraphs" and distributed:
-        raise ConfigError("compile 'cudagraphs' runs in one process only; use compile on under "
-                          "torchrun")  # fmt: skip
+def check_compile_mode(
+    cfg: TrainConfig, distributed: bool, device: torch.device | None = None
+) -> None:
+    """compile=cudagraphs and compile=graph are for one process: refused (ConfigError) under
+    torchrun, before any data is built (CUDA graphs under DDP/FSDP2 hooks were never tried).
+    compile=graph captures CUDA graphs, so it needs a CUDA `device` (None: not checked; the
+    Trainer's CPU stand-in for tests)."""
+    if cfg.compile in ("cudagraphs", "graph") and distributed:
+        raise ConfigError(f"compile {cfg.compile!r} runs in one process only; use compile on "
+                          "under torchrun")  # fmt: skip
+    if cfg.compile == "graph" and device is not None and device.type != "cuda":
+        raise ConfigError(f"compile 'graph' captures CUDA graphs and needs a CUDA device, but "
+                          f"the device is {device}; use compile on or off here")  # fmt: skip
 
 
 def set_kernel_backend(cfg: TrainConfig) -> None:
