@@ -99,7 +99,7 @@ def run_train(tmp_path, corpus, capsys, model: dict, **keys) -> tuple[int, str, 
         # q_proj alone: 10**14 parameters (9.6 PB to train)
         (dict(hidden_size=10**7, num_attention_heads=4, num_key_value_heads=2), {},
          "weights, gradients and AdamW state", "make the model smaller"),
-        # 739 GB over 10**6 layers (building them took minutes before it failed)
+        # 739 GB over 10**6 layers (before: built them until memory ran out, after pre-tokenizing)
         (dict(num_hidden_layers=10**6), {}, "-parameter model", "num_hidden_layers"),
         # the end-of-run samples: a KV cache of 10**9 + prompt positions x 2 layers x 3 rows
         (dict(max_position_embeddings=10**12), {"sample_max_new_tokens": 10**9},
