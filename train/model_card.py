@@ -13,7 +13,6 @@ matplotlib is installed. The YAML header is what model hubs read (library, task,
 from __future__ import annotations
 
 import datetime
-import json
 import shlex
 import time
 from pathlib import Path
@@ -56,9 +55,10 @@ def _hub_header(cfg: Any) -> str:
     return "\n".join([*lines, "---"])
 
 
-def model_card(trainer: Any, final: Path, plot: str | None) -> str:
+def model_card(trainer: Any, final: Path, plot: str | None, config: str) -> str:
     """The card's Markdown for `trainer`'s run, whose final folder is `final` (as the run names
-    it: relative when checkpoint_dir is); plot: the PNG's file name beside it, or None."""
+    it: relative when checkpoint_dir is); plot: the PNG's file name beside it, or None; config:
+    the text of the folder's train_config.json, shown as it is."""
     from train.optim import tokens_per_step
 
     cfg, model, last = trainer.cfg, trainer.model, trainer.log.last
@@ -90,7 +90,6 @@ def model_card(trainer: Any, final: Path, plot: str | None) -> str:
     repro = (f"python -m train --config {f}/train_config.json --set resume_from=null "
              f"checkpoint_dir={shlex.quote(str(ckpt.with_name(ckpt.name + '-repro')))} "
              f"log_dir={shlex.quote(str(Path(cfg.log_dir)) + '-repro')}")  # fmt: skip
-    config = json.dumps(cfg.to_dict(), indent=2)
     date = datetime.date.today().isoformat()
     table = [
         ("architecture", "Llama (`LlamaForCausalLM`): RMSNorm, rotary embeddings (theta "
@@ -167,7 +166,7 @@ tokenizer:
 <details><summary>train_config.json (the run's resolved config)</summary>
 
 ```json
-{config}
+{config.rstrip()}
 ```
 
 </details>
@@ -176,8 +175,8 @@ tokenizer:
 
 def write_model_card(trainer: Any, folder: Path, final: Path) -> None:
     """README.md (and loss.png when matplotlib is installed) into `folder`, the final model's
-    folder being written (it becomes `final`). The plot is left out when it cannot be drawn
-    (no matplotlib, a run log that was not written)."""
+    folder being written (it becomes `final`), after its train_config.json. The plot is left
+    out when it cannot be drawn (no matplotlib, a run log that was not written)."""
     plot = None
     jsonl = trainer.log.jsonl_path
     if jsonl is not None:
@@ -188,4 +187,6 @@ def write_model_card(trainer: Any, folder: Path, final: Path) -> None:
             plot = PLOT_NAME
         except (ImportError, ValueError, OSError):
             plot = None
-    (folder / CARD_NAME).write_text(model_card(trainer, final, plot), encoding="utf-8")
+    config = (folder / "train_config.json").read_text(encoding="utf-8")
+    card = model_card(trainer, final, plot, config)
+    (folder / CARD_NAME).write_text(card, encoding="utf-8")
