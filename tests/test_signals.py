@@ -8,6 +8,8 @@ hard time limit (a hung child and everything in its process group is killed, and
     the process group     SIGTERM or SIGINT to the whole group (timeout, SLURM, systemd, a
                           terminal) while training on streamed data with 2 DataLoader workers:
                           the step finishes, a checkpoint is saved, exit 0, no process is left
+    torchrun              SIGTERM to torchrun (forwarded to each rank's group) or to the ranks:
+                          both ranks save one checkpoint, no rank prints a traceback
 """
 
 from __future__ import annotations
@@ -168,3 +170,62 @@ def test_signal_to_the_process_group_while_streaming_saves(corpus, tmp_path, nam
     assert stopped[0].startswith(f"Stopped by {sig.name} at step {step}; checkpoint saved to ")
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step >= 3
     assert gone, "a process of the run's group outlived it"
+
+
+# ----- torchrun ---------------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid (from /proc)."""
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d.name))
+    return kids
+
+
+@pytest.mark.parametrize("target", ["torchrun", "ranks"])
+def test_sigterm_under_torchrun_saves_on_every_rank(corpus, tmp_path, target):
+    """Streamed data, 2 ranks, 2 DataLoader workers each. SIGTERM to torchrun: it forwards the
+    signal to each rank's process group, workers included (which used to kill them and the
+    ranks' save); both ranks stop at one step and save one checkpoint, and torchrun then reports
+    its own signal as an error (SignalException, exit 1: torch's launcher, which Octo cannot
+    change; the README says so). SIGTERM to the ranks (`pkill -TERM -P <torchrun's pid>`, the
+    README's way to stop a torchrun job): the same checkpoint, and torchrun exits 0."""
+    args = small_run(corpus, tmp_path, "max_steps=100000", "num_workers=2", "buffer_size=64",
+                     "save_interval_steps=100000", "eval_interval_steps=100000")  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "train", *args]  # fmt: skip
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    env = child_env(drop=("OCTO_CRASH_AT", "WORLD_SIZE"), OMP_NUM_THREADS="1")
+    with open(out, "w") as o, open(err, "w") as e:
+        p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=o, stderr=e,
+                             start_new_session=True)  # fmt: skip
+    ranks: list[int] = []
+    try:
+        wait_for_line(out, "Step 3:", p, timeout=400)
+        ranks = children(p.pid)  # each in its own session, with its DataLoader workers
+        assert len(ranks) == 2, ranks
+        for pid in [p.pid] if target == "torchrun" else ranks:
+            os.kill(pid, signal.SIGTERM)
+        p.wait(timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"torchrun did not exit within 150 s; stderr:\n{err.read_text()[-3000:]}")
+    finally:
+        for pgid in [p.pid, *ranks]:
+            kill_group(pgid)
+    stdout, stderr = out.read_text(), err.read_text()
+    if target == "ranks":
+        assert p.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    else:  # torchrun's own report of its signal, and nothing from the ranks
+        assert p.returncode == 1 and stderr.count("Traceback") == 1, stderr[-3000:]
+        assert "SignalException: Process" in stderr, stderr[-3000:]
+    saved = complete_checkpoints(tmp_path / "ckpt")
+    assert len(saved) == 1, saved
+    step, _ = saved[0]
+    assert f"Stopped by SIGTERM at step {step}; checkpoint saved to " in stdout, stdout[-3000:]
