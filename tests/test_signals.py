@@ -66,6 +66,70 @@ def group_is_gone(pgid: int, within: float) -> bool:
     return False
 
 
+# ----- the mechanisms, in this process ----------------------------------------------------------
+
+
+def test_stop_signal_raises_and_is_recorded_until_the_outermost_exit():
+    """A stop signal whose KeyboardInterrupt something swallowed is raised again by
+    raise_if_interrupted(), in nested uses too; the outermost exit clears the record and every
+    exit restores the handlers it replaced."""
+    from train.signals import raise_if_interrupted, stop_signals_interrupt
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with stop_signals_interrupt():
+        with stop_signals_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handler runs between these bytecodes
+                    pass
+            except KeyboardInterrupt:
+                pass  # swallowed, as an import's weakref callback would
+            else:
+                pytest.fail("SIGTERM raised no KeyboardInterrupt")
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()  # the inner exit keeps the record
+    raise_if_interrupted()  # the outermost exit cleared it
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def _worker(ready) -> None:
+    from train.signals import init_worker_signals
+
+    init_worker_signals()
+    ready.set()
+    time.sleep(60)  # a SIGTERM from the parent ends it before
+
+
+def test_worker_ignores_stop_signals_from_others_and_ends_on_its_parents_sigterm():
+    """A worker forked inside forking_workers() that ran init_worker_signals(): SIGINT and a
+    SIGTERM from another process (what a signal to the process group is) leave it running; its
+    parent's SIGTERM (Pool.terminate, the DataLoader's shutdown) ends it at once, status 0."""
+    import multiprocessing
+
+    from train.signals import forking_workers
+
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    with forking_workers():
+        p = ctx.Process(target=_worker, args=(ready,), daemon=True)
+        p.start()
+    try:
+        assert ready.wait(30), "the worker did not start"
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            subprocess.run([sys.executable, "-c", f"import os; os.kill({p.pid}, {int(sig)})"],
+                           check=True, timeout=60)  # fmt: skip
+        p.join(1.0)
+        assert p.is_alive(), f"a stop signal from another process ended it ({p.exitcode})"
+        t0 = time.monotonic()
+        p.terminate()  # SIGTERM from its parent
+        p.join(30)
+        assert p.exitcode == 0, p.exitcode
+        assert time.monotonic() - t0 < 5
+    finally:
+        p.kill()
+        p.join(10)
+
+
 # ----- pre-tokenizing ---------------------------------------------------------------------------
 
 

@@ -58,16 +58,18 @@ def stop_signals_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    if _depth == 0:
+        _received = None  # a record left by a signal in the instant of an earlier exit
     previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     _depth += 1
     try:
         yield
     finally:
         _depth -= 1
-        if _depth == 0:
-            _received = None
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if _depth == 0:
+            _received = None
 
 
 def raise_if_interrupted() -> None:
