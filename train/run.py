@@ -15,10 +15,8 @@ import errno
 import os
 import shlex
 import shutil
-import signal
 import socket
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from train.config import ConfigError, TrainConfig, resolved_model_config
 from train.distributed import all_gather_object, cleanup, init_distributed
 from train.loop import Trainer
 from train.runtime import check_compile_mode, check_memory, resolve_device, set_kernel_backend
+from train.signals import raise_if_interrupted, stop_signals_interrupt
 from train.trackers import check_installed
 
 N_SAMPLES = 3  # continuations of sample_prompt printed at the end of a run
@@ -40,17 +39,23 @@ OOM_HINT = (
 
 def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code.
-    The run's log is closed and the process group left on every way out."""
-    from train.checkpoint import CheckpointError
-    from train.data import DataError
+    The run's log is closed and the process group left on every way out.
 
+    SIGINT and SIGTERM outside fit() (which installs its own handlers: finish the step, save)
+    raise KeyboardInterrupt: at start-up, during the final model's save or sampling, the run
+    ends with one line naming what is saved, and save_final_model removes its partial folder.
+    (python -m train's main() installed the same handlers before its imports.)"""
+    with stop_signals_interrupt():
+        return _run(cfg, model_fields)
+
+
+def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     trainer = env = final = None
     cwd = Path.cwd()  # the directory the run's relative paths mean (see resume_command)
-    # SIGTERM outside fit() (which installs its own handlers: finish the step, save) is taken as
-    # Ctrl-C: at start-up, during the final model's save or sampling, the except below names what
-    # is saved and save_final_model removes its partial folder. (Python's default just dies.)
-    sigterm = _sigterm_as_interrupt()
     try:
+        from train.checkpoint import CheckpointError
+        from train.data import DataError
+
         try:
             # The configs a run saves say what it did: the model by its fields (or preset) and
             # the data mode it used (see resume_command).
@@ -77,6 +82,7 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             if resume is not None:
                 trainer.resume(resume)
                 check_resume_step(trainer, resume)
+            raise_if_interrupted()  # one that an import swallowed ("Exception ignored in ...")
             result = trainer.fit()
         except (ConfigError, DataError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -113,24 +119,10 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             print(line, file=sys.stderr, flush=True)
         return 130
     finally:
-        if sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
         if trainer is not None:
             trainer.log.close()
         if env is not None:
             cleanup(env)
-
-
-def _sigterm_as_interrupt() -> Any:
-    """Make SIGTERM raise KeyboardInterrupt; returns the handler it replaced (None off the main
-    thread, where handlers cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def interrupted_line(
@@ -288,6 +280,7 @@ def build_trainer(
     from train.data import build_eval_batches, build_train_data, load_tokenizer, resolve_vocab_size
 
     tokenizer = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
+    raise_if_interrupted()  # one that transformers' import swallowed: before any data is built
     vocab = resolve_vocab_size(model_fields["vocab_size"], tokenizer)
     model_cfg = OctoConfig.from_dict({**model_fields, "vocab_size": vocab})
     # Whether it fits, before any data or module is built; every rank agrees (each checks its
