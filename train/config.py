@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from train.trackers import report_to_names
+
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message is one line."""
@@ -25,6 +27,9 @@ class ConfigError(ValueError):
 PATH_KEYS = ("dataset_name", "tokenizer_name", "checkpoint_dir", "resume_from", "model_config",
              "init_from", "data_cache_dir", "log_dir")  # fmt: skip
 NULLABLE_PATH_KEYS = ("resume_from", "model_config", "init_from")
+# tokenizer_name in the train_config.json of a folder holding its own copy of the tokenizer (a
+# checkpoint, final): `load` reads it as that config file's folder, wherever it was copied to
+OWN_TOKENIZER = "."
 
 
 def key(default: Any, help: str) -> Any:
@@ -49,7 +54,9 @@ class TrainConfig:
     text_column: str = key("text", "the column holding the text")
     tokenizer_name: str = key(
         "gpt2",
-        "Hub name or local folder (fast tokenizers); `octo-demo` = the demo's BPE",
+        "Hub name or local folder (fast tokenizers); `octo-demo` = the demo's BPE; `.` in a "
+        "config file = that file's folder (how a checkpoint's train_config.json names its own "
+        "tokenizer copy)",
     )
     block_size: int = key(512, "tokens per sequence (documents are packed, EOS between them)")
     batch_size: int = key(16, "sequences per micro-batch, per process")
@@ -112,8 +119,10 @@ class TrainConfig:
     precision: str = key("auto", "auto (from use_mixed_precision; fp32 on CPU), bf16, fp16, fp32")
     compile: str = key(
         "auto",
-        "torch.compile of the step: auto (on for CUDA), on, off; cudagraphs = on + CUDA graphs "
-        "(one process only; not yet measured on a GPU, see bench/NOTES.md)",
+        "torch.compile of the step: auto (on for CUDA), on, off; cudagraphs = on + Inductor's "
+        "CUDA graphs; graph = on + each micro-batch's forward, loss and backward captured as one "
+        "CUDA graph and replayed (CUDA only; a failed capture is one line and the run goes on as "
+        "on). Both graph modes: one process only, not yet measured on a GPU (bench/NOTES.md)",
     )
     device: str = key("auto", "auto, cpu, cuda, cuda:N")
     kernels: str = key(
@@ -144,6 +153,11 @@ class TrainConfig:
         "2GB", "safetensors shard size: bytes (an int) or a string like `500MB`, `2GB`"
     )
     log_dir: str = key("logs", "`training_YYYYMMDD_HHMMSS.log` and `.jsonl` go here")
+    report_to: str | list[str] = key(
+        "none",
+        "experiment trackers that get every log line and eval: `none`, `tensorboard`, `wandb`, "
+        "`trackio`, or a list (see [Experiment trackers](#experiment-trackers))",
+    )
     max_consecutive_nonfinite: int = key(
         5,
         "NaN/Inf steps skipped in a row before the run stops (with a checkpoint of the last "
@@ -233,7 +247,7 @@ class TrainConfig:
         choices = {
             "lr_schedule": ("cosine", "linear", "constant"),
             "precision": ("auto", "bf16", "fp16", "fp32"),
-            "compile": ("auto", "on", "off", "cudagraphs"),
+            "compile": ("auto", "on", "off", "cudagraphs", "graph"),
             "kernels": ("auto", "triton", "torch"),
             "parallelism": ("ddp", "fsdp"),
         }
@@ -241,6 +255,10 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 value, options = getattr(self, name), ", ".join(allowed)
                 raise ConfigError(f"config key {name!r} is {value!r}; choose one of {options}")
+        try:
+            report_to_names(self.report_to)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(
                 f"config key 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N"
@@ -293,6 +311,8 @@ class TrainConfig:
             mc = d.get("model_config")  # a relative path may be relative to the config's folder
             if isinstance(mc, str) and not Path(mc).exists() and (p.parent / mc).is_file():
                 d["model_config"] = str(p.parent / mc)
+            if d.get("tokenizer_name") == OWN_TOKENIZER:
+                d["tokenizer_name"] = str(p.parent)
         _check_keys(cls, d, str(path))
         sets: dict[str, Any] = {}
         for item in overrides:

@@ -12,14 +12,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +24,14 @@ import torch
 
 from octo import OctoConfig
 from train.config import ConfigError, TrainConfig, resolved_model_config
-from train.distributed import cleanup, init_distributed
+from train.distributed import all_gather_object, cleanup, init_distributed
 from train.loop import Trainer
-from train.runtime import check_compile_mode, resolve_device, set_kernel_backend
+from train.resume_end import check_resume_step
+from train.runtime import check_compile_mode, check_memory, resolve_device, set_kernel_backend
+from train.signals import raise_if_interrupted, stop_signals_interrupt
+from train.trackers import check_installed
 
+N_SAMPLES = 3  # continuations of sample_prompt printed at the end of a run
 OOM_HINT = (
     "CUDA out of memory{where}: lower batch_size (raising gradient_accumulation_steps keeps the "
     "tokens per step), set use_gradient_checkpointing=true, or lower block_size"
@@ -39,17 +40,23 @@ OOM_HINT = (
 
 def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code.
-    The run's log is closed and the process group left on every way out."""
-    from train.checkpoint import CheckpointError
-    from train.data import DataError
+    The run's log is closed and the process group left on every way out.
 
+    SIGINT and SIGTERM outside fit() (which installs its own handlers: finish the step, save)
+    raise KeyboardInterrupt: at start-up, during the final model's save or sampling, the run
+    ends with one line naming what is saved, and save_final_model removes its partial folder.
+    (python -m train's main() installed the same handlers before its imports.)"""
+    with stop_signals_interrupt():
+        return _run(cfg, model_fields)
+
+
+def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     trainer = env = final = None
     cwd = Path.cwd()  # the directory the run's relative paths mean (see resume_command)
-    # SIGTERM outside fit() (which installs its own handlers: finish the step, save) is taken as
-    # Ctrl-C: at start-up, during the final model's save or sampling, the except below names what
-    # is saved and save_final_model removes its partial folder. (Python's default just dies.)
-    sigterm = _sigterm_as_interrupt()
     try:
+        from train.checkpoint import CheckpointError
+        from train.data import DataError
+
         try:
             # The configs a run saves say what it did: the model by its fields (or preset) and
             # the data mode it used (see resume_command); init_from is done once it is loaded,
@@ -61,13 +68,17 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
                 pretokenize=cfg.pretokenized,
                 init_from=None,
             )
+            try:  # a missing tracker library: one line now, not after the data is built
+                check_installed(cfg.report_to)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             check_writable_folders(cfg)
             if not cfg.resume_from:
                 check_fresh_checkpoint_dir(cfg.checkpoint_dir)
             set_kernel_backend(cfg)
             device = resolve_device(cfg)
             env = init_distributed(device)
-            check_compile_mode(cfg, env.enabled)
+            check_compile_mode(cfg, env.enabled, device)
             # a bad resume_from is reported before any data is built
             resume = agree_on_resume(cfg.resume_from, env) if cfg.resume_from else None
             trainer = build_trainer(cfg, model_fields, device, env, init_from)
@@ -79,6 +90,7 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
                 trainer.resume(resume)
                 if check_resume_step(trainer, resume) == "complete":
                     return 0
+            raise_if_interrupted()  # one that an import swallowed ("Exception ignored in ...")
             result = trainer.fit()
         except (ConfigError, DataError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -115,24 +127,10 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             print(line, file=sys.stderr, flush=True)
         return 130
     finally:
-        if sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
         if trainer is not None:
             trainer.log.close()
         if env is not None:
             cleanup(env)
-
-
-def _sigterm_as_interrupt() -> Any:
-    """Make SIGTERM raise KeyboardInterrupt; returns the handler it replaced (None off the main
-    thread, where handlers cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def interrupted_line(
@@ -180,56 +178,6 @@ def check_fresh_checkpoint_dir(checkpoint_dir: str) -> None:
         f"and this run starts from scratch; {cont}start over with another or an empty "
         "checkpoint_dir"
     )
-
-
-def check_resume_step(trainer: Trainer, resume: Path) -> str | None:
-    """Where the resumed step stands against the run's planned last step. Before it: None (train
-    on). At it, with checkpoint_dir/final holding this checkpoint's weights: the run is complete,
-    which is one line and "complete" (run() exits 0: no evaluation, save or samples again). At
-    it without that final model (a run stopped during its final save): None, and the run saves
-    its final model and samples. Past it (max_steps or num_epochs lowered): one ConfigError line
-    (exit 2), since going on would only save that checkpoint's weights again as this run's final
-    model, which is surely not what the change meant."""
-    from train.distributed import broadcast_object
-
-    step, total = trainer.step, trainer.total_steps
-    fix = f"raise max_steps above {step}"
-    if trainer.steps_source != "max_steps":
-        fix = f"raise num_epochs or set max_steps above {step}"
-    if step < total:
-        return None
-    if step == total:
-        final = Path(trainer.cfg.checkpoint_dir) / "final"
-        env = trainer.env
-        done = broadcast_object(final_holds(final, resume) if env.is_main else None, env)
-        if not done:
-            return None
-        trainer.log.info(f"{resume} is at step {step}, this run's last ({trainer.steps_source}), "
-                         f"and {final} holds its weights: the run is complete; {fix} to train "
-                         "on")  # fmt: skip
-        return "complete"
-    raise ConfigError(
-        f"resume_from {resume} is at step {step}, past this run's last step {total} "
-        f"({trainer.steps_source}); {fix} to train on from it"
-    )
-
-
-def final_holds(final: Path, checkpoint: Path) -> bool:
-    """True when the model folder `final` holds `checkpoint`'s weights byte for byte: the same
-    weight files (index and shards), matching the checksums the checkpoint's completion marker
-    recorded. A run's final model is saved from the state of its last checkpoint, so this tells
-    a finished run from one whose `final` is missing, damaged or an earlier step's."""
-    from octo.hf_io import INDEX_NAME, MARKER_NAME, _read_weight_map, checksum_mismatch
-
-    try:
-        marker = json.loads((checkpoint / MARKER_NAME).read_text())
-        crcs, chunk = marker["crc32"], marker["crc32_chunk"]
-        names = {INDEX_NAME, *_read_weight_map(final).values()}
-        if names != {INDEX_NAME, *_read_weight_map(checkpoint).values()} or names - set(crcs):
-            return False
-        return checksum_mismatch(final, crcs, chunk, names=sorted(names)) is None
-    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable, format 1: not known
-        return False
 
 
 def agree_on_resume(resume_from: str, env: Any) -> Path:
@@ -330,10 +278,22 @@ def build_trainer(
 
     model = load_init_model(init_from) if init_from is not None else None
     tokenizer = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
+    raise_if_interrupted()  # one that transformers' import swallowed: before any data is built
     if model is not None:
         check_tokenizer_fits(init_from, tokenizer, model.config.vocab_size)
     vocab = resolve_vocab_size(model_fields["vocab_size"], tokenizer)
     model_cfg = OctoConfig.from_dict({**model_fields, "vocab_size": vocab})
+    # Whether it fits, before any data or module is built; every rank agrees (each checks its
+    # own device), so no rank goes on to wait for one that stopped.
+    try:
+        samples = (N_SAMPLES, len(sample_prompt_ids(tokenizer, cfg.sample_prompt)))
+        check_memory(cfg, model_cfg, device, env.world_size, samples)
+        error = None
+    except ConfigError as e:
+        error = str(e)
+    error = next((e for e in all_gather_object(error, env) if e is not None), None)
+    if error is not None:
+        raise ConfigError(error)
     # A separate eval split is built first (it is small): a missing split or column is reported
     # before the train split is pre-tokenized (minutes to hours). A holdout is read from the
     # train split's cache, which the train build makes.
@@ -348,21 +308,28 @@ def build_trainer(
 
 def save_final_model(trainer: Trainer) -> Path:
     """{checkpoint_dir}/final: the model (Llama-format safetensors + config.json), the tokenizer
+    (with its token ids in config.json and generation_config.json, see octo.tokenizer_files)
     and train_config.json; written beside, then renamed, so a half-written folder never stands.
     Whatever stops it (a full disk, Ctrl-C) removes final.tmp and leaves an earlier `final`
     in place."""
+    from octo.tokenizer_files import save_tokenizer, special_token_ids
     from train.checkpoint import CheckpointError, replace_folder, write_error_fix
     from train.checkpoint_io import fsync_tree
+    from train.data import with_own_tokenizer
+    from train.model_card import write_model_card
 
-    cfg = trainer.cfg
+    cfg, tok = trainer.cfg, trainer.tokenizer
     final = Path(cfg.checkpoint_dir) / "final"
     tmp = final.with_name("final.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
-        if trainer.tokenizer is not None:
-            trainer.tokenizer.save_pretrained(tmp)
+        ids = special_token_ids(tok) if tok is not None else None
+        trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size, token_ids=ids)
+        if tok is not None:
+            save_tokenizer(tok, tmp, trainer.model.config.max_position_embeddings)
+            cfg = with_own_tokenizer(cfg)
         cfg.save(tmp / "train_config.json")
+        write_model_card(trainer, tmp, final)  # README.md (+ loss.png): train/model_card.py
         fsync_tree(tmp)
         replace_folder(tmp, final)
     except BaseException as e:  # a full disk, or Ctrl-C: no final.tmp is left, `final` stands
@@ -379,12 +346,17 @@ def save_final_model(trainer: Trainer) -> Path:
     return final
 
 
-def generate_sample(trainer: Trainer, n_samples: int = 3) -> str:
+def sample_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's token ids; an empty one starts from BOS (or EOS)."""
+    return tokenizer.encode(prompt) or [tokenizer.bos_token_id or tokenizer.eos_token_id or 0]
+
+
+def generate_sample(trainer: Trainer, n_samples: int = N_SAMPLES) -> str:
     """n_samples continuations of cfg.sample_prompt by the trained model (top-k 50, top-p 0.95,
     temperature 0.8), one batch, from a generator seeded with cfg.seed, so the same weights print
     the same samples."""
     cfg, tok, model = trainer.cfg, trainer.tokenizer, trainer.model
-    prompt = tok.encode(cfg.sample_prompt) or [tok.bos_token_id or tok.eos_token_id or 0]
+    prompt = sample_prompt_ids(tok, cfg.sample_prompt)
     ids = torch.tensor([prompt] * n_samples, dtype=torch.long, device=trainer.device)  # (n, T0)
     gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
     with trainer.precision.autocast():
