@@ -40,9 +40,10 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code.
     The run's log is closed and the process group left on every way out."""
     from train.checkpoint import CheckpointError
+    from train.checkpoint_lock import own_run_folders
     from train.data import DataError
 
-    trainer = env = final = None
+    trainer = env = final = locks = None
     cwd = Path.cwd()  # the directory the run's relative paths mean (see resume_command)
     # SIGTERM outside fit() (which installs its own handlers: finish the step, save) is taken as
     # Ctrl-C: at start-up, during the final model's save or sampling, the except below names what
@@ -58,18 +59,21 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
                 pretokenize=cfg.pretokenized,
             )
             check_writable_folders(cfg)
-            if not cfg.resume_from:
-                check_fresh_checkpoint_dir(cfg.checkpoint_dir)
             set_kernel_backend(cfg)
             device = resolve_device(cfg)
             env = init_distributed(device)
-            check_compile_mode(cfg, env.enabled)
+            check_compile_mode(cfg, env.enabled, device)
+            # this run's alone from here (train/checkpoint_lock.py), before any of it is read
+            locks = own_run_folders(cfg.checkpoint_dir, cfg.resume_from, env)
+            if not cfg.resume_from:
+                check_fresh_checkpoint_dir(cfg.checkpoint_dir)
             # a bad resume_from is reported before any data is built
             resume = agree_on_resume(cfg.resume_from, env) if cfg.resume_from else None
             trainer = build_trainer(cfg, model_fields, device, env)
             log = trainer.log  # before the resume: its warnings become lines of this log
             if resume is not None:
                 trainer.resume(resume)
+                locks.release_source()
                 check_resume_step(trainer, resume)
             result = trainer.fit()
         except (ConfigError, DataError, CheckpointError) as e:
@@ -111,6 +115,8 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             signal.signal(signal.SIGTERM, sigterm)
         if trainer is not None:
             trainer.log.close()
+        if locks is not None:
+            locks.release()
         if env is not None:
             cleanup(env)
 
@@ -298,11 +304,18 @@ def build_trainer(
 
 def save_final_model(trainer: Trainer) -> Path:
     """{checkpoint_dir}/final: the model (Llama-format safetensors + config.json), the tokenizer
-    and train_config.json; written beside, then renamed, so a half-written folder never stands.
+    and train_config.json, and last the completion marker with every file's checksums (as a
+    checkpoint has: octo.generate and from_pretrained check it); written beside, then renamed,
+    so a half-written folder never stands.
     Whatever stops it (a full disk, Ctrl-C) removes final.tmp and leaves an earlier `final`
     in place."""
-    from train.checkpoint import CheckpointError, replace_folder, write_error_fix
-    from train.checkpoint_io import fsync_tree
+    from train.checkpoint import (
+        CheckpointError,
+        replace_folder,
+        seal_folder,
+        what_stands,
+        write_error_fix,
+    )
 
     cfg = trainer.cfg
     final = Path(cfg.checkpoint_dir) / "final"
@@ -313,7 +326,7 @@ def save_final_model(trainer: Trainer) -> Path:
         if trainer.tokenizer is not None:
             trainer.tokenizer.save_pretrained(tmp)
         cfg.save(tmp / "train_config.json")
-        fsync_tree(tmp)
+        seal_folder(tmp, kind="model")  # last: its marker covers every file written above
         replace_folder(tmp, final)
     except BaseException as e:  # a full disk, or Ctrl-C: no final.tmp is left, `final` stands
         shutil.rmtree(tmp, ignore_errors=True)
@@ -324,7 +337,7 @@ def save_final_model(trainer: Trainer) -> Path:
             raise
         raise CheckpointError(
             f"saving the final model to {final} failed: {e.strerror or e}; {write_error_fix(e)}. "
-            "The checkpoints are intact"
+            f"The partial folder was removed; {what_stands(final.parent)}"
         ) from e
     return final
 

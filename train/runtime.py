@@ -21,10 +21,16 @@ from train.config import ConfigError, TrainConfig
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
     """cfg.device -> a torch.device. auto: CUDA when available (cuda:LOCAL_RANK under torchrun),
-    else CPU. Asking for CUDA on a machine without it is a ConfigError."""
+    else CPU. A string torch cannot parse (cuda:abc), and CUDA asked for on a machine without
+    it, are ConfigErrors."""
     want = cfg.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(want)
+    except RuntimeError:  # torch's text lists every device type it knows
+        raise ConfigError(f"config key 'device' is {cfg.device!r}, which is not a device; use "
+                          "auto, cpu, cuda or cuda:N (N a GPU number)") from None  # fmt: skip
     if want.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available; "
@@ -103,12 +109,23 @@ def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Calla
     return torch.compile(fn, fullgraph=True)
 
 
-def check_compile_mode(cfg: TrainConfig, distributed: bool) -> None:
-    """compile=cudagraphs is for one process: refused (ConfigError) under torchrun, before any
-    data is built (CUDA graphs under DDP/FSDP2 hooks were never tried)."""
-    if cfg.compile == "cudagraphs" and distributed:
+def check_compile_mode(
+    cfg: TrainConfig, distributed: bool, device: torch.device | None = None
+) -> None:
+    """compile=cudagraphs is for one process on a GPU: refused (ConfigError) under torchrun
+    (CUDA graphs under DDP/FSDP2 hooks were never tried) and, when `device` is given, on any
+    device but CUDA (there is nothing to capture: it would only compile, for minutes), before
+    any data is built. run() passes its device; the Trainer does not, so the loop's CUDA-graph
+    bookkeeping stays testable on a CPU (tests/test_train_step.py)."""
+    if cfg.compile != "cudagraphs":
+        return
+    if distributed:
         raise ConfigError("compile 'cudagraphs' runs in one process only; use compile on under "
                           "torchrun")  # fmt: skip
+    if device is not None and device.type != "cuda":
+        raise ConfigError(f"compile 'cudagraphs' needs CUDA (CUDA graphs), but the run's device "
+                          f"is {device}; use compile on or off there, or device cuda on a GPU "
+                          "machine")  # fmt: skip
 
 
 def set_kernel_backend(cfg: TrainConfig) -> None:
