@@ -65,6 +65,26 @@ def test_cudagraphs_under_torchrun_is_one_line_before_any_data(tmp_path, capsys,
     assert "compile 'cudagraphs' runs in one process only; use compile on under torchrun" in err
 
 
+def test_cudagraphs_without_cuda_is_one_line_before_any_data(tmp_path, capsys):
+    """compile=cudagraphs on a CPU: there is nothing to capture, and it compiled for minutes
+    before training on; now one line at start (the Trainer itself still accepts it, so the
+    loop's CUDA-graph bookkeeping is tested on CPU: tests/test_train_step.py)."""
+    rc, err = run_main(tmp_path, capsys, compile="cudagraphs", device="cpu")
+    assert rc == 2 and err == (
+        "error: compile 'cudagraphs' needs CUDA (CUDA graphs), but the run's device is cpu; use "
+        "compile on or off there, or device cuda on a GPU machine"
+    ), err
+
+
+def test_a_device_string_torch_cannot_parse_is_named(tmp_path, capsys):
+    """device=cuda:abc said "CUDA is not available" (on a machine with or without it)."""
+    rc, err = run_main(tmp_path, capsys, device="cuda:abc")
+    assert rc == 2 and err == (
+        "error: config key 'device' is 'cuda:abc', which is not a device; use auto, cpu, cuda or "
+        "cuda:N (N a GPU number)"
+    ), err
+
+
 def test_check_writable_folders_creates_them_and_leaves_no_file(tmp_path):
     cfg = TrainConfig(checkpoint_dir=str(tmp_path / "a" / "ckpt"), log_dir=str(tmp_path / "logs"),
                       data_cache_dir=str(tmp_path / "cache"), pretokenize=True)  # fmt: skip
