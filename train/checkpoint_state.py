@@ -181,15 +181,17 @@ _STREAM_POSITION = ("window", "doc", "offset", "emitted")
 
 def _check_data(data: dict, field: str, world_size: int) -> None:
     """A data position's shape (train/data_pretok.py, train/data_stream.py state_dict): the
-    entries load_state_dict reads, with the types it can use."""
-    mode = _entry(data, "mode", field)
+    entries load_state_dict reads, with the types it can use. Another mode, or none, is the
+    data object's own to check (a pre-tokenized or streamed one refuses it in one line, naming
+    the mode; tests pass data objects of their own)."""
+    mode = data.get("mode")
     if mode == "pretok":
         for key in ("tokens", "seed", "epoch", "position"):
             _int(_entry(data, key, field), f"{field}.{key}")
         _int(_entry(data, "block_size", field), f"{field}.block_size", 1)
         return
     if mode != "stream":
-        raise _Bad(f"{field}.mode", f"is {mode!r:.40}, not 'pretok' or 'stream'")
+        return
     for key in ("epoch", "batches", "seed", "buffer_size"):
         _int(_entry(data, key, field), f"{field}.{key}")
     for key in ("num_streams", "batch_size", "block_size"):
