@@ -84,6 +84,36 @@ def test_a_process_cannot_take_its_own_lock_twice(tmp_path):
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+def test_the_folder_resumed_from_is_held_until_loaded(tmp_path):
+    """resume_from in another run's checkpoint_dir: refused while that run holds it (its rotation
+    could remove the checkpoint being read), and this run's own lock is let go again; once
+    free, it is held until release_source() (after the load), then only checkpoint_dir."""
+    from train.checkpoint_io import CheckpointError
+    from train.checkpoint_lock import own_run_folders
+    from train.distributed import DistEnv
+
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir()
+    (theirs / "checkpoint_step_2").mkdir(parents=True)
+    source = str(theirs / "checkpoint_step_2")
+    with lock_folder(theirs):
+        with pytest.raises(CheckpointError) as e:
+            own_run_folders(str(mine), source, DistEnv())
+        assert str(e.value).startswith(
+            f"resume_from {source} is in {theirs}, which another run is writing (PID "
+            f"{os.getpid()} on host "
+        )
+        assert not (mine / LOCK_NAME).exists()  # let go again
+    locks = own_run_folders(str(mine), source, DistEnv())
+    assert lock_folder(theirs) is None and lock_folder(mine) is None
+    locks.release_source()
+    with lock_folder(theirs) as lock:
+        assert lock is not None
+    assert lock_folder(mine) is None
+    locks.release()
+    assert not any(p.name == LOCK_NAME for d in (mine, theirs) for p in d.iterdir())
+
+
 def _settings(corpus: dict[str, Path], run_dir: Path) -> list[str]:
     return [
         f"dataset_name={corpus['data']}", f"tokenizer_name={corpus['tokenizer']}",

@@ -6,11 +6,13 @@ which checkpoint to resume from.
                                                   the folder loads as a Llama model)
       optimizer.json, optimizer-0000K-of-0000N.safetensors   (train/checkpoint_io.py)
       trainer_state.json    step, epoch, tokens_seen, scheduler, scaler, data position, RNG states
+                            (train/checkpoint_state.py: each field is checked before a resume)
       train_config.json     the resolved TrainConfig
       tokenizer files       (when a tokenizer is given)
       checkpoint_complete.json   written last: {"format": 2, "step", "files": {relative path:
                                  size in bytes}, "crc32": {relative path: [CRC-32 of each
-                                 "crc32_chunk" bytes]}} (format 1, before checksums: no "crc32")
+                                 "crc32_chunk" bytes]}} (format 1, before checksums: no "crc32");
+                                 octo/integrity.py reads it (final/ has one too: seal_folder)
 
 Atomic: everything goes to the sibling `checkpoint_step_5000.tmp`, each file is fsynced, the
 completion marker is written last, the folder is renamed into place and the parent fsynced. A crash

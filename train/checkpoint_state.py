@@ -237,6 +237,8 @@ def _check_fields(state: Any, step: int | None) -> None:
     per_rank = [("", state)] + [(f"ranks[{i}].", _obj(r, f"ranks[{i}]", False))
                                 for i, r in enumerate(ranks or [])]  # fmt: skip
     for prefix, d in per_rank:
+        if prefix:  # rank_state reads both of a rank's entries
+            _entry(d, "data", prefix[:-1]), _entry(d, "rng", prefix[:-1])
         if _obj(d.get("data"), f"{prefix}data") is not None:
             # a streamed position holds this rank's streams only (rank 0's, at the top level)
             _check_data(d["data"], f"{prefix}data", world)
