@@ -10,7 +10,9 @@ folders written by transformers (sharded, or one `model.safetensors`; tied or un
 
 Loading never unpickles: only safetensors are read; a folder holding only `pytorch_model.bin` is
 refused with the file named. Every problem (missing config or shard, truncated shard, missing or
-unexpected tensor, shape mismatch) is one ValueError line naming the file or tensor.
+unexpected tensor, shape mismatch) is one ValueError line naming the file or tensor. A folder
+with a completion marker (a training checkpoint, a final model: octo/integrity.py) is checked
+against it first, so a changed byte is named as such.
 """
 
 from __future__ import annotations
