@@ -96,12 +96,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_local_tokenizer(directory: str | Path, hint: str = ""):
-    """AutoTokenizer from a local folder, never the Hub; ValueError (with `hint` appended) when
+    """AutoTokenizer from a local folder, never the Hub, never running the folder's code (an
+    auto_map is refused, see octo.tokenizer_files); ValueError (with `hint` appended) when
     the folder holds no tokenizer or one that does not load. transformers raises whatever its
     readers raise (JSONDecodeError without a file name, OSError, KeyError, ...), so the folder's
     completion marker (when it has one) is checked for the tokenizer's files, a missing
     vocabulary is named, its JSON files are parsed first to name a broken one, and any other
     failure is reported with the folder."""
+    from octo.tokenizer_files import check_no_remote_code
+
     directory = Path(directory)
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(
@@ -127,10 +130,13 @@ def load_local_tokenizer(directory: str | Path, hint: str = ""):
             raise ValueError(
                 f"{path} does not read as JSON ({e}); restore or re-save it{hint}"
             ) from None
+    check_no_remote_code(directory)
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        return AutoTokenizer.from_pretrained(
+            str(directory), local_files_only=True, trust_remote_code=False
+        )
     except Exception as e:  # a third-party loader: whatever it raises means a bad folder
         raise ValueError(
             f"the tokenizer in {directory} does not load ({type(e).__name__}: {e}); its files are "

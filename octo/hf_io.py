@@ -10,9 +10,11 @@ folders written by transformers (sharded, or one `model.safetensors`; tied or un
 
 Loading never unpickles: only safetensors are read; a folder holding only `pytorch_model.bin` is
 refused with the file named. Every problem (missing config or shard, truncated shard, missing or
-unexpected tensor, shape mismatch) is one ValueError line naming the file or tensor. A folder
-with a completion marker (a training checkpoint, a final model: octo/integrity.py) is checked
-against it first, so a changed byte is named as such.
+unexpected tensor, shape mismatch, a model too large for the device) is one ValueError line
+naming the file or tensor, found before anything is allocated (octo/hf_index.py reads the shard
+headers; octo/memory.py estimates the bytes). A folder with a completion marker (a training
+checkpoint, a final model: octo/integrity.py) is checked against it first, so a changed byte is
+named as such.
 """
 
 from __future__ import annotations
@@ -26,13 +28,12 @@ import torch
 from torch import nn
 
 from octo.config import OctoConfig
-from octo.integrity import inside_folder, verify_marked
+from octo.hf_index import INDEX_NAME, SINGLE_NAME, _read_weight_map, check_weights
+from octo.integrity import verify_marked
 
 CONFIG_NAME = "config.json"
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # Tensors some Llama checkpoints carry that are not weights (old transformers saved the rotary
 # inverse frequencies); transformers skips them on load, and so do we.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -147,6 +148,7 @@ def save_pretrained(
     save_directory: str | Path,
     max_shard_size: int | str = "2GB",
     state_dict: dict[str, torch.Tensor] | None = None,
+    token_ids: dict[str, int] | None = None,
 ) -> None:
     """Write `model` (an OctoForCausalLM, possibly compiled or DDP-wrapped) as a Llama folder.
 
@@ -154,6 +156,9 @@ def save_pretrained(
     FSDP gathered onto rank 0); its keys are cleaned of wrapper prefixes like the model's.
     Tensors keep their dtype; config.json records it. A tied lm_head is not written (it is
     embed_tokens), exactly as transformers does, so safetensors never sees shared memory.
+    token_ids: the tokenizer's {bos,eos,pad}_token_id (octo.tokenizer_files.special_token_ids),
+    written into config.json and generation_config.json, so that transformers' generate() and
+    pipeline() stop at end-of-text as Octo does; without them neither file names a token.
     """
     inner = unwrap_model(model)
     cfg: OctoConfig = inner.config
@@ -203,54 +208,15 @@ def save_pretrained(
     _write_json(out / INDEX_NAME, index)
     float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     dtype = str(next(iter(float_dtypes))).removeprefix("torch.") if len(float_dtypes) == 1 else None
-    _write_json(out / CONFIG_NAME, cfg.to_hf_dict(dtype=dtype or "float32"))
+    token_ids = dict(token_ids or {})
+    hf = cfg.to_hf_dict(dtype=dtype or "float32", bos_token_id=token_ids.get("bos_token_id"),
+                        eos_token_id=token_ids.get("eos_token_id"))  # fmt: skip
+    _write_json(out / CONFIG_NAME, hf)
+    if token_ids:
+        _write_json(out / GENERATION_CONFIG_NAME, token_ids)
+    elif (out / GENERATION_CONFIG_NAME).is_file():  # an earlier save's, naming other tokens
+        (out / GENERATION_CONFIG_NAME).unlink()
     _fsync_path(out)
-
-
-def _read_weight_map(directory: Path) -> dict[str, str]:
-    """name -> shard file name, from the index or the single model.safetensors."""
-    index_path = directory / INDEX_NAME
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{index_path} is not a safetensors index ({e!r}); re-save the model"
-            ) from None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_path} has an empty or invalid weight_map; re-save the model")
-        outside = [f for f in weight_map.values() if not inside_folder(f)]
-        if outside:
-            raise ValueError(f"{index_path} names {outside[0]!r}, not a file in its folder")
-        return weight_map
-    single = directory / SINGLE_NAME
-    if single.is_file():
-        return {name: SINGLE_NAME for name in _shard_keys(single)}
-    for name in PICKLE_NAMES:
-        if (directory / name).is_file():
-            raise ValueError(
-                f"{directory / name} is a pickle checkpoint and Octo never unpickles; convert it "
-                "with transformers: LlamaForCausalLM.from_pretrained(d).save_pretrained(d2) "
-                "(writes safetensors)"
-            )
-    raise ValueError(
-        f"{directory} has no {INDEX_NAME} or {SINGLE_NAME}; is it a model checkpoint folder?"
-    )
-
-
-def _shard_keys(path: Path) -> list[str]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise ValueError(f"missing shard {path}; the checkpoint is incomplete, re-save it")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except SafetensorError as e:
-        raise ValueError(
-            f"shard {path} is truncated or corrupt ({e}); re-save the checkpoint"
-        ) from None
 
 
 def _verify(directory: Path, names: list[str]) -> None:
@@ -270,11 +236,15 @@ def from_pretrained(
     """Build `cls(config)` from DIR/config.json and fill it from DIR's safetensors.
 
     device: where the parameters live (default CPU); dtype: their dtype (default float32, the
-    training master dtype, whatever the file holds). The model is built on the meta device, so
+    training master dtype, whatever the file holds). Before anything is allocated, the shard
+    headers are checked against config.json and the model's bytes against the device's free
+    memory (octo.memory; TooLargeError, a ValueError). The model is built on the meta device, so
     loading costs no random init and leaves the global RNG untouched. Returned in eval mode,
     as transformers does.
     """
     from safetensors import SafetensorError, safe_open
+
+    from octo.memory import check_fits, weights_bytes
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -295,9 +265,16 @@ def from_pretrained(
                 f"{n} tensor(s)); the folder is incomplete: copy it again or re-save the model"
             )
     _verify(directory, shards)
+    if cfg.tie_word_embeddings:
+        weight_map.pop("lm_head.weight", None)  # some checkpoints also store the tied copy
+    for name in [n for n in weight_map if n.endswith(IGNORED_SUFFIXES)]:
+        del weight_map[name]
+    check_weights(directory, cfg, weight_map)
 
     device = torch.device("cpu" if device is None else device)
     dtype = torch.float32 if dtype is None else dtype
+    check_fits(weights_bytes(cfg, dtype), device, f"the model in {directory} ({dtype})",
+               "load it on another device or in a smaller dtype")  # fmt: skip
     with torch.device("meta"):
         model = cls(cfg)
     model.to_empty(device=device)
@@ -305,45 +282,16 @@ def from_pretrained(
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
     params = model.state_dict()
-    if cfg.tie_word_embeddings:
-        params.pop("lm_head.weight")
-        weight_map.pop("lm_head.weight", None)  # some checkpoints also store the tied copy
-    for name in [n for n in weight_map if n.endswith(IGNORED_SUFFIXES)]:
-        del weight_map[name]
-
-    missing = sorted(set(params) - set(weight_map))
-    unexpected = sorted(set(weight_map) - set(params))
-    if missing:
-        raise ValueError(
-            f"{directory}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}; the checkpoint "
-            "does not match config.json"
-        )
-    if unexpected:
-        raise ValueError(
-            f"{directory}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}; the "
-            "checkpoint does not match config.json or is not a Llama model"
-        )
-
     by_file: dict[str, list[str]] = {}
     for name, file_name in weight_map.items():
         by_file.setdefault(file_name, []).append(name)
     with torch.no_grad():
         for file_name, names in sorted(by_file.items()):
             path = directory / file_name
-            keys = set(_shard_keys(path))
-            for name in names:
-                if name not in keys:
-                    raise ValueError(f"tensor {name} is not in {path} as the index says; re-save")
             try:
                 with safe_open(str(path), framework="pt") as f:
                     for name in names:
-                        t = f.get_tensor(name)
-                        if t.shape != params[name].shape:
-                            raise ValueError(
-                                f"tensor {name} in {path} has shape {tuple(t.shape)}, the model "
-                                f"from config.json expects {tuple(params[name].shape)}"
-                            )
-                        params[name].copy_(t)
+                        params[name].copy_(f.get_tensor(name))
             except SafetensorError as e:
                 raise ValueError(
                     f"shard {path} is truncated or corrupt ({e}); re-save it"

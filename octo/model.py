@@ -296,8 +296,10 @@ class OctoForCausalLM(nn.Module):
     ) -> torch.Tensor:  # (B, T0 + n) with n <= max_new_tokens
         """Sample with a KV cache: one prefill of the prompt, then one token per step.
         temperature 0 is greedy. Rows that produced eos_token_id keep emitting it; generation stops
-        early once every row has."""
+        early once every row has. A KV cache larger than the device's free memory is refused
+        (octo.memory.TooLargeError, a ValueError) before it is allocated."""
         from octo.generation import sample_next  # sampling helpers live beside the CLI
+        from octo.memory import check_fits, kv_cache_bytes
 
         was_training = self.training
         self.eval()
@@ -306,6 +308,9 @@ class OctoForCausalLM(nn.Module):
         dtype = self.model.embed_tokens.weight.dtype
         if torch.is_autocast_enabled(input_ids.device.type):
             dtype = torch.get_autocast_dtype(input_ids.device.type)
+        check_fits(kv_cache_bytes(self.config, B, total, dtype), input_ids.device,
+                   f"generating {B} sequence(s) of up to {total:,} positions (the KV cache)",
+                   "lower max_new_tokens")  # fmt: skip
         cache = KVCache(self.config, B, total, input_ids.device, dtype)
         out = input_ids
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -325,11 +330,14 @@ class OctoForCausalLM(nn.Module):
         return out
 
     # Checkpoint interop lives in octo/hf_io.py; these are the public entry points.
-    def save_pretrained(self, save_directory, max_shard_size: int | str = "2GB") -> None:
-        """Write config.json (Llama) and sharded safetensors loadable by transformers."""
+    def save_pretrained(
+        self, save_directory, max_shard_size: int | str = "2GB", token_ids: dict | None = None
+    ) -> None:
+        """Write config.json (Llama) and sharded safetensors loadable by transformers; token_ids:
+        the tokenizer's special token ids, for config.json and generation_config.json."""
         from octo.hf_io import save_pretrained
 
-        save_pretrained(self, save_directory, max_shard_size=max_shard_size)
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size, token_ids=token_ids)
 
     @classmethod
     def from_pretrained(cls, directory, device=None, dtype=None) -> OctoForCausalLM:

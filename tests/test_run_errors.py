@@ -67,12 +67,12 @@ def test_cudagraphs_under_torchrun_is_one_line_before_any_data(tmp_path, capsys,
 
 def test_cudagraphs_without_cuda_is_one_line_before_any_data(tmp_path, capsys):
     """compile=cudagraphs on a CPU: there is nothing to capture, and it compiled for minutes
-    before training on; now one line at start (the Trainer itself still accepts it, so the
-    loop's CUDA-graph bookkeeping is tested on CPU: tests/test_train_step.py)."""
+    before training on; now one line at start (a Trainer built with graph_stand_in=True, for
+    tests only, still takes it, so the loop's bookkeeping is tested on CPU: test_train_step)."""
     rc, err = run_main(tmp_path, capsys, compile="cudagraphs", device="cpu")
     assert rc == 2 and err == (
-        "error: compile 'cudagraphs' needs CUDA (CUDA graphs), but the run's device is cpu; use "
-        "compile on or off there, or device cuda on a GPU machine"
+        "error: compile 'cudagraphs' captures CUDA graphs and needs a CUDA device, but the device "
+        "is cpu; use compile on or off here"
     ), err
 
 

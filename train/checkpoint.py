@@ -7,8 +7,8 @@ which checkpoint to resume from.
       optimizer.json, optimizer-0000K-of-0000N.safetensors   (train/checkpoint_io.py)
       trainer_state.json    step, epoch, tokens_seen, scheduler, scaler, data position, RNG states
                             (train/checkpoint_state.py: each field is checked before a resume)
-      train_config.json     the resolved TrainConfig
-      tokenizer files       (when a tokenizer is given)
+      train_config.json     the resolved TrainConfig (a local tokenizer named as this folder's copy)
+      tokenizer files, generation_config.json   (when a tokenizer is given: octo.tokenizer_files)
       checkpoint_complete.json   written last: {"format": 2, "step", "files": {relative path:
                                  size in bytes}, "crc32": {relative path: [CRC-32 of each
                                  "crc32_chunk" bytes]}} (format 1, before checksums: no "crc32");
@@ -46,6 +46,7 @@ import torch
 
 from octo.hf_io import _read_weight_map, parse_size, unwrap_model
 from octo.integrity import CHECKSUM_CHUNK, MARKER_NAME, read_marker
+from octo.tokenizer_files import save_tokenizer, special_token_ids
 from train.checkpoint_io import (
     CheckpointError,
     check_files,
@@ -61,6 +62,7 @@ from train.checkpoint_io import (
 )
 from train.checkpoint_state import capture_rng_state, check_trainer_state, restore_rng_state
 from train.config import TrainConfig
+from train.data import with_own_tokenizer
 from train.data_stream import batch_size_change_effect
 
 __all__ = [
@@ -250,7 +252,8 @@ def save_checkpoint(
     t0 = time.perf_counter()
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp, max_shard_size=shard_bytes)
+        token_ids = special_token_ids(tokenizer) if tokenizer is not None else None
+        model.save_pretrained(tmp, max_shard_size=shard_bytes, token_ids=token_ids)
         _crash_point("after_model", step)
         what = "the optimizer state"
         save_optimizer(
@@ -263,10 +266,12 @@ def save_checkpoint(
         what = "trainer_state.json"
         write_json(tmp / "trainer_state.json", trainer_state)
         what = "train_config.json"
+        if tokenizer is not None:  # it names the tokenizer's copy in this folder
+            train_config = with_own_tokenizer(train_config)
         write_json(tmp / "train_config.json", train_config.to_dict())
         if tokenizer is not None:
             what = "the tokenizer files"
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp, model.config.max_position_embeddings)
         what = f"the files (fsync) and {MARKER}"
         seal_folder(tmp, step, before_marker=lambda: _crash_point("before_marker", step))
         _crash_point("before_rename", step)

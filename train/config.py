@@ -25,6 +25,9 @@ class ConfigError(ValueError):
 PATH_KEYS = ("dataset_name", "tokenizer_name", "checkpoint_dir", "resume_from", "model_config",
              "data_cache_dir", "log_dir")  # fmt: skip
 NULLABLE_PATH_KEYS = ("resume_from", "model_config")
+# tokenizer_name in the train_config.json of a folder holding its own copy of the tokenizer (a
+# checkpoint, final): `load` reads it as that config file's folder, wherever it was copied to
+OWN_TOKENIZER = "."
 
 
 @dataclasses.dataclass
@@ -64,7 +67,9 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     precision: str = "auto"  # auto (from use_mixed_precision) | bf16 | fp16 | fp32
-    compile: str = "auto"  # auto (on for CUDA) | on | off | cudagraphs (on + CUDA graphs)
+    # auto (on for CUDA) | on | off | cudagraphs (on + Inductor's CUDA graphs) | graph (on + each
+    # micro-batch's forward + loss + backward captured as one CUDA graph; train/cudagraph.py)
+    compile: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     kernels: str = "auto"  # auto | triton | torch (OCTO_KERNELS)
     num_workers: int = 2  # DataLoader worker processes for tokenization
@@ -155,7 +160,7 @@ class TrainConfig:
         choices = {
             "lr_schedule": ("cosine", "linear", "constant"),
             "precision": ("auto", "bf16", "fp16", "fp32"),
-            "compile": ("auto", "on", "off", "cudagraphs"),
+            "compile": ("auto", "on", "off", "cudagraphs", "graph"),
             "kernels": ("auto", "triton", "torch"),
             "parallelism": ("ddp", "fsdp"),
         }
@@ -215,6 +220,8 @@ class TrainConfig:
             mc = d.get("model_config")  # a relative path may be relative to the config's folder
             if isinstance(mc, str) and not Path(mc).exists() and (p.parent / mc).is_file():
                 d["model_config"] = str(p.parent / mc)
+            if d.get("tokenizer_name") == OWN_TOKENIZER:
+                d["tokenizer_name"] = str(p.parent)
         _check_keys(cls, d, str(path))
         sets: dict[str, Any] = {}
         for item in overrides:

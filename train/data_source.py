@@ -367,12 +367,16 @@ def encode_docs(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
-    """What token ids depend on: the tokenizer's serialisation, EOS, and the library version."""
+    """What token ids depend on: the tokenizer's serialisation, EOS, and the library version;
+    and its Hub name, but not a local folder's path: a run resumed from a checkpoint reads the
+    checkpoint's copy of its tokenizer (train.data.with_own_tokenizer), and a path that changes
+    with every checkpoint must not make it tokenize the data again."""
     import tokenizers
 
     blob = tokenizer.backend_tokenizer.to_str()
+    name = getattr(tokenizer, "name_or_path", "")
     return {
-        "name": getattr(tokenizer, "name_or_path", ""),
+        "name": "" if Path(name).expanduser().is_dir() else name,
         "sha256": hashlib.sha256(blob.encode()).hexdigest(),
         "eos": tokenizer.eos_token_id,
         "tokenizers": tokenizers.__version__,

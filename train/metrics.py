@@ -192,7 +192,9 @@ def start_lines(t: Any) -> list[str]:
     resuming = f", resuming at step {t.step}" if t.step else ""
     compile_phrase = "off"
     if compile_enabled(cfg, dev):
-        compile_phrase = "on + CUDA graphs" if cfg.compile == "cudagraphs" else "on"
+        compile_phrase = {"cudagraphs": "on + CUDA graphs",
+                          "graph": "on + each micro-batch captured as one CUDA graph",
+                          }.get(cfg.compile, "on")  # fmt: skip
     return [
         f"Octo: {t.model.num_parameters() / 1e6:.2f}M parameters ({c.num_hidden_layers} layers, "
         f"hidden {c.hidden_size}, {c.num_attention_heads} heads / {c.num_key_value_heads} KV "

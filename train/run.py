@@ -26,10 +26,11 @@ import torch
 
 from octo import OctoConfig
 from train.config import ConfigError, TrainConfig, resolved_model_config
-from train.distributed import cleanup, init_distributed
+from train.distributed import all_gather_object, cleanup, init_distributed
 from train.loop import Trainer
-from train.runtime import check_compile_mode, resolve_device, set_kernel_backend
+from train.runtime import check_compile_mode, check_memory, resolve_device, set_kernel_backend
 
+N_SAMPLES = 3  # continuations of sample_prompt printed at the end of a run
 OOM_HINT = (
     "CUDA out of memory{where}: lower batch_size (raising gradient_accumulation_steps keeps the "
     "tokens per step), set use_gradient_checkpointing=true, or lower block_size"
@@ -290,6 +291,17 @@ def build_trainer(
     tokenizer = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
     vocab = resolve_vocab_size(model_fields["vocab_size"], tokenizer)
     model_cfg = OctoConfig.from_dict({**model_fields, "vocab_size": vocab})
+    # Whether it fits, before any data or module is built; every rank agrees (each checks its
+    # own device), so no rank goes on to wait for one that stopped.
+    try:
+        samples = (N_SAMPLES, len(sample_prompt_ids(tokenizer, cfg.sample_prompt)))
+        check_memory(cfg, model_cfg, device, env.world_size, samples)
+        error = None
+    except ConfigError as e:
+        error = str(e)
+    error = next((e for e in all_gather_object(error, env) if e is not None), None)
+    if error is not None:
+        raise ConfigError(error)
     # A separate eval split is built first (it is small): a missing split or column is reported
     # before the train split is pre-tokenized (minutes to hours). A holdout is read from the
     # train split's cache, which the train build makes.
@@ -304,11 +316,13 @@ def build_trainer(
 
 def save_final_model(trainer: Trainer) -> Path:
     """{checkpoint_dir}/final: the model (Llama-format safetensors + config.json), the tokenizer
+    (with its token ids in config.json and generation_config.json, see octo.tokenizer_files)
     and train_config.json, and last the completion marker with every file's checksums (as a
     checkpoint has: octo.generate and from_pretrained check it); written beside, then renamed,
     so a half-written folder never stands.
     Whatever stops it (a full disk, Ctrl-C) removes final.tmp and leaves an earlier `final`
     in place."""
+    from octo.tokenizer_files import save_tokenizer, special_token_ids
     from train.checkpoint import (
         CheckpointError,
         replace_folder,
@@ -316,15 +330,18 @@ def save_final_model(trainer: Trainer) -> Path:
         what_stands,
         write_error_fix,
     )
+    from train.data import with_own_tokenizer
 
-    cfg = trainer.cfg
+    cfg, tok = trainer.cfg, trainer.tokenizer
     final = Path(cfg.checkpoint_dir) / "final"
     tmp = final.with_name("final.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
-        if trainer.tokenizer is not None:
-            trainer.tokenizer.save_pretrained(tmp)
+        ids = special_token_ids(tok) if tok is not None else None
+        trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size, token_ids=ids)
+        if tok is not None:
+            save_tokenizer(tok, tmp, trainer.model.config.max_position_embeddings)
+            cfg = with_own_tokenizer(cfg)
         cfg.save(tmp / "train_config.json")
         seal_folder(tmp, kind="model")  # last: its marker covers every file written above
         replace_folder(tmp, final)
@@ -342,12 +359,17 @@ def save_final_model(trainer: Trainer) -> Path:
     return final
 
 
-def generate_sample(trainer: Trainer, n_samples: int = 3) -> str:
+def sample_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's token ids; an empty one starts from BOS (or EOS)."""
+    return tokenizer.encode(prompt) or [tokenizer.bos_token_id or tokenizer.eos_token_id or 0]
+
+
+def generate_sample(trainer: Trainer, n_samples: int = N_SAMPLES) -> str:
     """n_samples continuations of cfg.sample_prompt by the trained model (top-k 50, top-p 0.95,
     temperature 0.8), one batch, from a generator seeded with cfg.seed, so the same weights print
     the same samples."""
     cfg, tok, model = trainer.cfg, trainer.tokenizer, trainer.model
-    prompt = tok.encode(cfg.sample_prompt) or [tok.bos_token_id or tok.eos_token_id or 0]
+    prompt = sample_prompt_ids(tok, cfg.sample_prompt)
     ids = torch.tensor([prompt] * n_samples, dtype=torch.long, device=trainer.device)  # (n, T0)
     gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
     with trainer.precision.autocast():
