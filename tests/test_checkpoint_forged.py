@@ -65,8 +65,8 @@ def reseal(ckpt: Path, step: int | None = None) -> None:
     seal_folder(ckpt, step if step is not None else int(ckpt.name.rsplit("_", 1)[1]))
 
 
-def edit_state(ckpt: Path, edit) -> None:
-    p = ckpt / "trainer_state.json"
+def edit_state(ckpt: Path, edit, name: str = "trainer_state.json") -> None:
+    p = ckpt / name
     state = json.loads(p.read_text())
     edit(state)
     p.write_text(json.dumps(state))
@@ -136,6 +136,10 @@ def consistent_shape_one(ckpt: Path) -> str:
         ),
         (lambda c: reseal(c, step=5), "checkpoint_complete.json: field 'step' is 5 but the folder"),
         (header_shape_one, "has shape [1] (F32: 4 bytes) but its data is"),
+        (
+            lambda c: edit_state(c, lambda s: s.update(weight_map={"k": "../x"}), "optimizer.json"),
+            "optimizer.json: field 'weight_map' is not a map of tensor keys to optimizer shards",
+        ),
     ],  # fmt: skip
     ids=[
         "rng_empty",
@@ -148,6 +152,7 @@ def consistent_shape_one(ckpt: Path) -> str:
         "ranks_wrong_length",
         "marker_step",
         "optimizer_header_shape_1",
+        "optimizer_json_weight_map",
     ],  # fmt: skip
 )
 def test_forged_checkpoint_is_one_line_naming_file_and_field(two, caplog, forge, field):

@@ -60,7 +60,12 @@ from train.checkpoint_io import (
     save_optimizer,
     write_json,
 )
-from train.checkpoint_state import capture_rng_state, check_trainer_state, restore_rng_state
+from train.checkpoint_state import (
+    capture_rng_state,
+    check_optimizer_meta,
+    check_trainer_state,
+    restore_rng_state,
+)
 from train.config import TrainConfig
 from train.data import with_own_tokenizer
 from train.data_stream import batch_size_change_effect
@@ -372,6 +377,7 @@ def verify_checkpoint(path: str | Path) -> None:
         return
     check_files(path, files, crcs, chunk or 0)
     check_trainer_state(path / "trainer_state.json", read_json(path / "trainer_state.json"), step)
+    check_optimizer_meta(path / "optimizer.json", read_json(path / "optimizer.json"))
     if signature is not None:
         _verified[path.resolve()] = signature
 

@@ -314,38 +314,6 @@ def save_optimizer(
     write_json(folder / OPTIMIZER_META, meta)
 
 
-def _check_meta(path: Path, meta: Any) -> None:
-    """optimizer.json has the shape save_optimizer writes: CheckpointError naming the field."""
-
-    def bad(field: str, what: str) -> CheckpointError:
-        return CheckpointError(f"{path}: field {field!r} is not {what} (corrupt checkpoint)")
-
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} holds a {type(meta).__name__}, not an object (corrupt)")
-    groups, state, weight_map = meta.get("param_groups"), meta.get("state"), meta.get("weight_map")
-    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-        raise bad("param_groups", "a list of objects")
-    for i, g in enumerate(groups):
-        params = g.get("params")
-        if not isinstance(params, list) or not all(isinstance(n, str) for n in params):
-            raise bad(f"param_groups[{i}].params", "a list of parameter names")
-        if not isinstance(g.get("tuple_keys", []), list):
-            raise bad(f"param_groups[{i}].tuple_keys", "a list")
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(f, str) and "/" not in f and (path.parent / f).is_file()
-        for f in weight_map.values()
-    ):
-        raise bad("weight_map", "a map of tensor keys to optimizer shards in its folder")
-    if not isinstance(state, dict):
-        raise bad("state", "an object")
-    for name, entries in state.items():
-        if not isinstance(entries, dict) or not all(
-            isinstance(e, dict) and (set(e) == {"value"} or set(e) == {"tensor"})
-            for e in entries.values()
-        ):
-            raise bad(f"state.{name}", 'an object of {"tensor": key} or {"value": v} entries')
-
-
 def _state_tensor(path: Path, key: Any, loaded: dict[str, torch.Tensor]) -> torch.Tensor:
     if not isinstance(key, str) or key not in loaded:
         raise CheckpointError(f"{path} names tensor {key!r:.60}, which no optimizer shard holds")
@@ -358,8 +326,7 @@ def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: dict[i
     every state tensor the shape of its parameter ("step": one number); each problem is one
     CheckpointError naming the file and the field or tensor."""
     meta_path = folder / OPTIMIZER_META
-    meta = read_json(meta_path)
-    _check_meta(meta_path, meta)
+    meta = read_json(meta_path)  # its form: checked with the checkpoint (check_optimizer_meta)
     if meta.get("optimizer") != type(optimizer).__name__:
         raise CheckpointError(
             f"{meta_path} holds {meta.get('optimizer')} state but the run uses "

@@ -1,5 +1,5 @@
 """trainer_state.json: what a checkpoint holds beside the weights and the optimizer, and the check
-of every field the trainer reads, before any of it is used.
+of every field the trainer reads, before any of it is used (and of optimizer.json's form).
 
     step             optimizer steps done; must equal the checkpoint's own (its folder name
                      checkpoint_step_N and its completion marker)
@@ -36,7 +36,12 @@ import torch
 
 from train.checkpoint_io import CheckpointError
 
-__all__ = ["capture_rng_state", "check_trainer_state", "restore_rng_state"]
+__all__ = [
+    "capture_rng_state",
+    "check_optimizer_meta",
+    "check_trainer_state",
+    "restore_rng_state",
+]
 
 log = logging.getLogger("train.checkpoint")
 
@@ -260,3 +265,37 @@ def check_trainer_state(path: Path, state: Any, step: int | None = None) -> None
         else:
             problem = f"{path}: field {e.field!r} {e.problem}"
         raise CheckpointError(f"{problem} (corrupt checkpoint)") from None
+
+
+def check_optimizer_meta(path: Path, meta: Any) -> None:
+    """optimizer.json (train/checkpoint_io.py save_optimizer) has the form load_optimizer reads:
+    CheckpointError naming the file and the field. What it holds is checked against the model
+    and optimizer when loaded (parameter groups and names, each state tensor's shape)."""
+
+    def bad(field: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: field {field!r} is not {what} (corrupt checkpoint)")
+
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} holds a {type(meta).__name__}, not an object (corrupt)")
+    groups, state, weight_map = meta.get("param_groups"), meta.get("state"), meta.get("weight_map")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise bad("param_groups", "a list of objects")
+    for i, g in enumerate(groups):
+        params = g.get("params")
+        if not isinstance(params, list) or not all(isinstance(n, str) for n in params):
+            raise bad(f"param_groups[{i}].params", "a list of parameter names")
+        if not isinstance(g.get("tuple_keys", []), list):
+            raise bad(f"param_groups[{i}].tuple_keys", "a list")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(f, str) and "/" not in f and (path.parent / f).is_file()
+        for f in weight_map.values()
+    ):
+        raise bad("weight_map", "a map of tensor keys to optimizer shards in its folder")
+    if not isinstance(state, dict):
+        raise bad("state", "an object")
+    for name, entries in state.items():
+        if not isinstance(entries, dict) or not all(
+            isinstance(e, dict) and (set(e) == {"value"} or set(e) == {"tensor"})
+            for e in entries.values()
+        ):
+            raise bad(f"state.{name}", 'an object of {"tensor": key} or {"value": v} entries')
