@@ -14,7 +14,6 @@ import random
 import resource
 import shutil
 import signal
-import types
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import pytest
 import torch
 
 from octo import OctoConfig, OctoForCausalLM
+from tests.fakes import final_model_trainer
 from train import checkpoint_io
 from train.checkpoint import (
     MARKER,
@@ -369,8 +369,7 @@ def test_first_save_on_a_full_disk_claims_no_earlier_checkpoint(tmp_path, traine
         _enospc(mp, "model_shard")
         with pytest.raises(CheckpointError) as e:
             save(tmp_path, 1, model, opt)
-        trainer = types.SimpleNamespace(cfg=TrainConfig(checkpoint_dir=str(tmp_path)),
-                                        model=model, tokenizer=None)  # fmt: skip
+        trainer = final_model_trainer(TrainConfig(checkpoint_dir=str(tmp_path)), model)
         with pytest.raises(CheckpointError) as final_error:
             save_final_model(trainer)
     for msg in (str(e.value), str(final_error.value)):
@@ -416,7 +415,7 @@ def test_final_model_write_error_keeps_the_previous_final(tmp_path, trained):
 
     model, _ = trained
     cfg = TrainConfig(checkpoint_dir=str(tmp_path), max_shard_size="400KB")
-    trainer = types.SimpleNamespace(cfg=cfg, model=model, tokenizer=None)
+    trainer = final_model_trainer(cfg, model)
     final = save_final_model(trainer)
     before = {p.name: p.read_bytes() for p in final.iterdir()}
     with file_size_limit(1000), pytest.raises(CheckpointError) as e:

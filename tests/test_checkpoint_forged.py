@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import types
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from octo import OctoConfig, OctoForCausalLM
 from octo.generation import main as generate_main
+from tests.fakes import final_model_trainer
 from train.checkpoint import (
     MARKER,
     CheckpointError,
@@ -205,8 +205,7 @@ def final(tmp_path, gpt2_tokenizer_dir) -> tuple[Path, OctoForCausalLM]:
     model = OctoForCausalLM(cfg).eval()
     tok = AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir))
     train_cfg = TrainConfig(checkpoint_dir=str(tmp_path), max_shard_size="1MB")
-    trainer = types.SimpleNamespace(cfg=train_cfg, model=model, tokenizer=tok)
-    return save_final_model(trainer), model
+    return save_final_model(final_model_trainer(train_cfg, model, tok)), model
 
 
 def test_final_has_a_marker_over_every_file_and_loads_in_transformers(final):
@@ -261,7 +260,7 @@ def test_final_without_marker_and_with_added_files_still_loads(final, capsys):
     """A file added after the save (a plot) is not the loader's business; a folder without a
     marker (a transformers save, a final folder from before markers) loads unchecked."""
     folder, _ = final
-    (folder / "loss.png").write_bytes(b"\x89PNG")
+    (folder / "notes.png").write_bytes(b"\x89PNG")
     assert _generate(folder, capsys)[0] == 0
     (folder / MARKER).unlink()
     _flip(sorted(folder.glob("model-*.safetensors"))[-1])  # undetectable without the marker

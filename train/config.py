@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from train.trackers import report_to_names
+
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message is one line."""
@@ -82,6 +84,9 @@ class TrainConfig:
     keep_last_checkpoints: int = 3
     max_shard_size: int | str = "2GB"  # safetensors shard size of saved models: bytes or "500MB"
     log_dir: str = "logs"
+    # experiment trackers fed every log line and eval: none | tensorboard | wandb | trackio, or a
+    # list (train/trackers.py)
+    report_to: str | list[str] = "none"
     max_consecutive_nonfinite: int = 5  # NaN/Inf steps skipped in a row before the run stops
     parallelism: str = "ddp"  # ddp | fsdp, when launched by torchrun with several processes
     sample_prompt: str = "Once upon a time"  # printed sample at the end of a run
@@ -168,6 +173,10 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 value, options = getattr(self, name), ", ".join(allowed)
                 raise ConfigError(f"config key {name!r} is {value!r}; choose one of {options}")
+        try:
+            report_to_names(self.report_to)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(
                 f"config key 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N"

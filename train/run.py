@@ -15,10 +15,8 @@ import errno
 import os
 import shlex
 import shutil
-import signal
 import socket
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,8 @@ from train.config import ConfigError, TrainConfig, resolved_model_config
 from train.distributed import all_gather_object, cleanup, init_distributed
 from train.loop import Trainer
 from train.runtime import check_compile_mode, check_memory, resolve_device, set_kernel_backend
+from train.signals import raise_if_interrupted, stop_signals_interrupt
+from train.trackers import check_installed
 
 N_SAMPLES = 3  # continuations of sample_prompt printed at the end of a run
 OOM_HINT = (
@@ -39,18 +39,25 @@ OOM_HINT = (
 
 def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code.
-    The run's log is closed and the process group left on every way out."""
-    from train.checkpoint import CheckpointError
+    The run's log is closed and the process group left on every way out.
+
+    SIGINT and SIGTERM outside fit() (which installs its own handlers: finish the step, save)
+    raise KeyboardInterrupt: at start-up, during the final model's save or sampling, the run
+    ends with one line naming what is saved, and save_final_model removes its partial folder.
+    (python -m train's main() installed the same handlers before its imports.)"""
+    with stop_signals_interrupt():
+        return _run(cfg, model_fields)
+
+
+def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     from train.checkpoint_lock import own_run_folders
-    from train.data import DataError
 
     trainer = env = final = locks = None
     cwd = Path.cwd()  # the directory the run's relative paths mean (see resume_command)
-    # SIGTERM outside fit() (which installs its own handlers: finish the step, save) is taken as
-    # Ctrl-C: at start-up, during the final model's save or sampling, the except below names what
-    # is saved and save_final_model removes its partial folder. (Python's default just dies.)
-    sigterm = _sigterm_as_interrupt()
     try:
+        from train.checkpoint import CheckpointError
+        from train.data import DataError
+
         try:
             # The configs a run saves say what it did: the model by its fields (or preset) and
             # the data mode it used (see resume_command).
@@ -59,6 +66,10 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
                 model_config=resolved_model_config(cfg, model_fields),
                 pretokenize=cfg.pretokenized,
             )
+            try:  # a missing tracker library: one line now, not after the data is built
+                check_installed(cfg.report_to)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             check_writable_folders(cfg)
             set_kernel_backend(cfg)
             device = resolve_device(cfg)
@@ -76,6 +87,7 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
                 trainer.resume(resume)
                 locks.release_source()
                 check_resume_step(trainer, resume)
+            raise_if_interrupted()  # one that an import swallowed ("Exception ignored in ...")
             result = trainer.fit()
         except (ConfigError, DataError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -112,26 +124,12 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             print(line, file=sys.stderr, flush=True)
         return 130
     finally:
-        if sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
         if trainer is not None:
             trainer.log.close()
         if locks is not None:
             locks.release()
         if env is not None:
             cleanup(env)
-
-
-def _sigterm_as_interrupt() -> Any:
-    """Make SIGTERM raise KeyboardInterrupt; returns the handler it replaced (None off the main
-    thread, where handlers cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def interrupted_line(
@@ -289,6 +287,7 @@ def build_trainer(
     from train.data import build_eval_batches, build_train_data, load_tokenizer, resolve_vocab_size
 
     tokenizer = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
+    raise_if_interrupted()  # one that transformers' import swallowed: before any data is built
     vocab = resolve_vocab_size(model_fields["vocab_size"], tokenizer)
     model_cfg = OctoConfig.from_dict({**model_fields, "vocab_size": vocab})
     # Whether it fits, before any data or module is built; every rank agrees (each checks its
@@ -331,6 +330,7 @@ def save_final_model(trainer: Trainer) -> Path:
         write_error_fix,
     )
     from train.data import with_own_tokenizer
+    from train.model_card import write_model_card
 
     cfg, tok = trainer.cfg, trainer.tokenizer
     final = Path(cfg.checkpoint_dir) / "final"
@@ -343,6 +343,7 @@ def save_final_model(trainer: Trainer) -> Path:
             save_tokenizer(tok, tmp, trainer.model.config.max_position_embeddings)
             cfg = with_own_tokenizer(cfg)
         cfg.save(tmp / "train_config.json")
+        write_model_card(trainer, tmp, final)  # README.md (+ loss.png): train/model_card.py
         seal_folder(tmp, kind="model")  # last: its marker covers every file written above
         replace_folder(tmp, final)
     except BaseException as e:  # a full disk, or Ctrl-C: no final.tmp is left, `final` stands

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import platform
 import random
 from collections.abc import Callable
 
@@ -18,6 +19,19 @@ import torch
 
 from octo.config import OctoConfig
 from train.config import ConfigError, TrainConfig
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux; platform's answer elsewhere): a CPU
+    number must say which CPU, and platform.processor() says only "x86_64"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
