@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from octo.config import OctoConfig
+from octo.integrity import inside_folder
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -31,6 +32,9 @@ def _read_weight_map(directory: Path) -> dict[str, str]:
             ) from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_path} has an empty or invalid weight_map; re-save the model")
+        outside = [f for f in weight_map.values() if not inside_folder(f)]
+        if outside:
+            raise ValueError(f"{index_path} names {outside[0]!r}, not a file in its folder")
         return weight_map
     single = directory / SINGLE_NAME
     if single.is_file():

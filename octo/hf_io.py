@@ -12,7 +12,9 @@ Loading never unpickles: only safetensors are read; a folder holding only `pytor
 refused with the file named. Every problem (missing config or shard, truncated shard, missing or
 unexpected tensor, shape mismatch, a model too large for the device) is one ValueError line
 naming the file or tensor, found before anything is allocated (octo/hf_index.py reads the shard
-headers; octo/memory.py estimates the bytes).
+headers; octo/memory.py estimates the bytes). A folder with a completion marker (a training
+checkpoint, a final model: octo/integrity.py) is checked against it first, so a changed byte is
+named as such.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 
 from octo.config import OctoConfig
 from octo.hf_index import INDEX_NAME, SINGLE_NAME, _read_weight_map, check_weights
+from octo.integrity import verify_marked
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -126,77 +127,6 @@ def _write_json(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-# ----- checksums (train/checkpoint.py records them in its completion marker) ---------------------
-
-MARKER_NAME = "checkpoint_complete.json"
-CHECKSUM_CHUNK = 64 << 20  # bytes per CRC-32: chunks of one file are checked in parallel
-
-
-def _crc32_chunk(path: Path, start: int, length: int) -> int:
-    """CRC-32 of bytes [start, start + length) of path, read in 8 MiB pieces into an uninitialised
-    buffer (no zeroing, no page fault per 4 KiB as through a memory map)."""
-    import numpy as np
-
-    buf = memoryview(np.empty(min(length, 8 << 20), dtype=np.uint8))
-    crc, left = 0, length
-    with open(path, "rb", buffering=0) as f:
-        f.seek(start)
-        while left:
-            n = f.readinto(buf[: min(left, len(buf))])
-            if not n:
-                break  # shorter than expected: the size check reports it
-            crc = zlib.crc32(buf[:n], crc)
-            left -= n
-    return crc
-
-
-def file_checksums(
-    paths: dict[str, Path], chunk: int = CHECKSUM_CHUNK, extra: list | None = None
-) -> dict[str, list[int]]:
-    """{name: [CRC-32 of each `chunk` bytes of the file]} for paths {name: path}, computed on a
-    few threads (zlib releases the GIL, so chunks hash in parallel with each other and with any
-    `extra` callables, each on a thread of its own: e.g. the fsyncs, which wait on the disk).
-
-    Why CRC-32 in chunks: it is in the standard library and catches every burst error of up to 32
-    bits and any other change with probability 1 - 2^-32 per chunk; chunking lets one large shard
-    use several cores (~1.5 GB/s per core here), which is what keeps a save's added cost small."""
-    sizes = {name: path.stat().st_size for name, path in paths.items()}
-    out = {name: [0] * max(1, -(-size // chunk)) for name, size in sizes.items()}
-    extra = list(extra or ())
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1) + len(extra)) as pool:
-        pending = [pool.submit(fn) for fn in extra]
-        futures = {}
-        for name, crcs in out.items():
-            for k in range(len(crcs)):
-                n = min(chunk, sizes[name] - k * chunk)
-                futures[pool.submit(_crc32_chunk, paths[name], k * chunk, n)] = (name, k)
-        for fut, (name, k) in futures.items():
-            out[name][k] = fut.result()
-        for fut in pending:
-            fut.result()
-    return out
-
-
-def checksum_mismatch(
-    directory: Path, expected: dict[str, list[int]], chunk: int, names: list[str] | None = None
-) -> str | None:
-    """The first file (of `names`, default all of `expected`) whose chunk CRCs differ from the
-    recorded ones, as an error text naming it and the byte range; None when all match."""
-    names = list(expected) if names is None else [n for n in names if n in expected]
-    got = file_checksums({n: directory / n for n in names}, chunk)
-    for n in names:
-        for k, (a, b) in enumerate(zip(got[n], expected[n])):
-            if a != b:
-                return (
-                    f"{directory / n} does not match its checksum (bytes {k * chunk} to "
-                    f"{min((k + 1) * chunk, (directory / n).stat().st_size)} changed after the "
-                    "save: corrupt checkpoint)"
-                )
-        if len(got[n]) != len(expected[n]):
-            return f"{directory / n} has {len(got[n])} checksum chunks, expected {len(expected[n])}"
-    return None
-
-
 def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     """Names grouped into shards of at most max_bytes each (also used for optimizer state).
     Greedy, in state-dict order (transformers' rule): a new shard starts when the next tensor
@@ -289,26 +219,12 @@ def save_pretrained(
     _fsync_path(out)
 
 
-def _check_marked_files(directory: Path, names: list[str]) -> None:
-    """For a training checkpoint folder (train/checkpoint.py's completion marker, with checksums):
-    ValueError naming the first of `names` whose bytes differ from the recorded ones. Reading the
-    weights once more costs ~1 s per 1.5 GB per core, little beside building the model; a folder
-    without the marker (a transformers save, `final`) or without checksums is not checked."""
+def _verify(directory: Path, names: list[str]) -> None:
+    """octo.integrity.verify_marked, with what to do about a damaged folder."""
     try:
-        meta = json.loads((directory / MARKER_NAME).read_text())
-        crcs, chunk = meta["crc32"], meta["crc32_chunk"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if not isinstance(crcs, dict) or not isinstance(chunk, int) or chunk <= 0:
-        return
-    for name in names:  # a size change first: it says more than a checksum
-        if name in crcs and (directory / name).is_file():
-            chunks = -(-(directory / name).stat().st_size // chunk) or 1
-            if chunks != len(crcs[name]):
-                raise ValueError(f"{directory / name} changed size since the save; re-save it")
-    bad = checksum_mismatch(directory, crcs, chunk, names=names)
-    if bad:
-        raise ValueError(f"{bad}; use an intact checkpoint (e.g. an earlier one)")
+        verify_marked(directory, names)
+    except ValueError as e:
+        raise ValueError(f"{e}; use an intact copy (of a checkpoint: an earlier one)") from None
 
 
 def from_pretrained(
@@ -335,9 +251,20 @@ def from_pretrained(
         raise ValueError(f"checkpoint folder {directory} does not exist")
     if not (directory / CONFIG_NAME).is_file():
         raise ValueError(f"{directory} has no {CONFIG_NAME}; is it a model checkpoint folder?")
+    # A marked folder (a checkpoint, a final model: octo/integrity.py) is checked before its
+    # files are parsed, so an edited config.json is named as changed, not as a bad config.
+    _verify(directory, [n for n in (CONFIG_NAME, INDEX_NAME) if (directory / n).is_file()])
     cfg = OctoConfig.from_json_file(directory / CONFIG_NAME)
     weight_map = _read_weight_map(directory)
-    _check_marked_files(directory, [CONFIG_NAME, INDEX_NAME, *sorted(set(weight_map.values()))])
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not (directory / shard).is_file():
+            n = sum(1 for f in weight_map.values() if f == shard)
+            raise ValueError(
+                f"shard {directory / shard} is missing, but {directory / INDEX_NAME} lists it (for "
+                f"{n} tensor(s)); the folder is incomplete: copy it again or re-save the model"
+            )
+    _verify(directory, shards)
     if cfg.tie_word_embeddings:
         weight_map.pop("lm_head.weight", None)  # some checkpoints also store the tied copy
     for name in [n for n in weight_map if n.endswith(IGNORED_SUFFIXES)]:

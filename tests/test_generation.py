@@ -303,7 +303,6 @@ def test_cli_names_a_broken_config_or_tokenizer_file(tmp_path, capsys):
     octo_model().save_pretrained(folder)
     args = ["--checkpoint", str(folder), "--prompt", "Hi", "--device", "cpu"]
     (folder / "tokenizer.json").write_text("{\n bad")
-    (folder / "checkpoint_complete.json").write_text("{")  # not the tokenizer's: not read
     assert main(args) == 2
     err = one_error_line(capsys)
     assert f"{folder / 'tokenizer.json'} does not read as JSON" in err and "--tokenizer" in err
@@ -316,3 +315,43 @@ def test_cli_names_a_broken_config_or_tokenizer_file(tmp_path, capsys):
     (folder / "config.json").write_text("{bad")
     assert main(args) == 2
     assert f"{folder / 'config.json'} is not valid JSON" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "trained"])
+@pytest.mark.parametrize("marked", [False, True], ids=["plain", "with_marker"])
+def test_cli_names_a_missing_tokenizer_json(tmp_path, gpt2_tokenizer_dir, corpus, capsys,
+                                            tokenizer, marked):  # fmt: skip
+    """tokenizer.json deleted, tokenizer_config.json left: one line naming the missing file.
+    transformers asked for sentencepiece or tiktoken (a tokenizer Octo trained) or built a
+    one-token GPT-2 tokenizer and generated from it (exit 0). In a folder with a completion
+    marker the marker names it (the save listed it)."""
+    from train.checkpoint import seal_folder
+
+    cfg = OctoConfig.preset("tiny", vocab_size=GPT2_VOCAB, tie_word_embeddings=True)
+    folder = tmp_path / "ckpt"
+    OctoForCausalLM(cfg).save_pretrained(folder)
+    source = gpt2_tokenizer_dir if tokenizer == "gpt2" else corpus["tokenizer"]
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    if marked:
+        seal_folder(folder, kind="model")
+    args = ["--checkpoint", str(folder), "--prompt", "Hi", "--device", "cpu"]
+    assert main([*args, "--max-new-tokens", "1"]) == 0
+    capsys.readouterr()
+    (folder / "tokenizer.json").unlink()
+    assert main(args) == 2
+    err = one_error_line(capsys)
+    if marked:
+        assert err.startswith(f"error: {folder / 'tokenizer.json'} is missing (the save listed it")
+    else:
+        assert err.startswith(f"error: {folder / 'tokenizer.json'} is missing: {folder} has a")
+    assert "--tokenizer DIR" in err
+
+
+def test_cli_names_a_broken_marker(tmp_path, capsys):
+    """A completion marker that does not parse is named (a damaged folder must not load as one
+    without a marker, unchecked)."""
+    folder = tmp_path / "ckpt"
+    octo_model().save_pretrained(folder)
+    (folder / "checkpoint_complete.json").write_text("{")
+    assert main(["--checkpoint", str(folder), "--prompt", "Hi", "--device", "cpu"]) == 2
+    assert f"{folder / 'checkpoint_complete.json'} is not valid JSON" in one_error_line(capsys)

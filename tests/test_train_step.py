@@ -370,7 +370,7 @@ def _compare_compile_modes(tmp_path, batches, out) -> None:
 
     for mode in ("off", "on", "cudagraphs"):
         cfg = make_cfg(tmp_path / mode, compile=mode, batch_size=4, gradient_accumulation_steps=2)
-        tr = Trainer(cfg, MODEL, eval_data=batches[:2])
+        tr = Trainer(cfg, MODEL, eval_data=batches[:2], graph_stand_in=mode == "cudagraphs")
         torch._dynamo.reset()
         counters.clear()
         losses = [tr.train_step(batches[2 * i : 2 * i + 2]).loss() for i in range(3)]

@@ -79,8 +79,8 @@ class TrainConfig:
     eval_max_batches: int = key(64, "evaluation batches at most")
     checkpoint_dir: str = key(
         "checkpoints",
-        "where `checkpoint_step_N/` folders and `final/` go; a run that does not resume refuses "
-        "a folder already holding a run's checkpoints",
+        "where `checkpoint_step_N/` folders and `final/` go; one run at a time (a lock); a run "
+        "that does not resume refuses a folder already holding a run's checkpoints",
     )
     resume_from: str | None = key(
         None,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import glob as globlib
 import hashlib
 import json
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from train.hub import hub_unreachable
+from train.locks import wait_lock
 
 
 class DataError(ValueError):
@@ -413,8 +413,7 @@ def build_once(final: Path, build: Callable[[Path], None]) -> Path:
         return final
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        with open(final.parent / f"{final.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with wait_lock(final.parent / f"{final.name}.lock"):
             if (final / COMPLETE).is_file():
                 return final
             for stale in final.parent.glob(f"{final.name}.tmp-*"):  # a killed builder's leftovers

@@ -122,7 +122,8 @@ class Trainer:
         self.profile, self._logger = profile, logger
         self.device = device if device is not None else resolve_device(cfg)
         self.env = env if env is not None else init_distributed(self.device)
-        # graph_stand_in (tests only): compile=graph on a CPU, the capture replaced by a direct call
+        # graph_stand_in (tests only): compile=graph or cudagraphs on a CPU (graph: the capture
+        # replaced by a direct call; cudagraphs: compiled code, no graphs on CPU tensors)
         check_compile_mode(cfg, self.env.enabled, None if graph_stand_in else self.device)
         self._cuda_graphs = cfg.compile == "cudagraphs"
         self._static_grads = cfg.compile in ("cudagraphs", "graph")

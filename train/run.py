@@ -51,7 +51,9 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
 
 
 def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
-    trainer = env = final = None
+    from train.checkpoint_lock import own_run_folders
+
+    trainer = env = final = locks = None
     cwd = Path.cwd()  # the directory the run's relative paths mean (see resume_command)
     try:
         from train.checkpoint import CheckpointError
@@ -73,12 +75,14 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
             check_writable_folders(cfg)
-            if not cfg.resume_from:
-                check_fresh_checkpoint_dir(cfg.checkpoint_dir)
             set_kernel_backend(cfg)
             device = resolve_device(cfg)
             env = init_distributed(device)
             check_compile_mode(cfg, env.enabled, device)
+            # this run's alone from here (train/checkpoint_lock.py), before any of it is read
+            locks = own_run_folders(cfg.checkpoint_dir, cfg.resume_from, env)
+            if not cfg.resume_from:
+                check_fresh_checkpoint_dir(cfg.checkpoint_dir)
             # a bad resume_from is reported before any data is built
             resume = agree_on_resume(cfg.resume_from, env) if cfg.resume_from else None
             trainer = build_trainer(cfg, model_fields, device, env, init_from)
@@ -88,6 +92,7 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
                          "learning-rate schedule and data order")  # fmt: skip
             if resume is not None:
                 trainer.resume(resume)
+                locks.release_source()
                 if check_resume_step(trainer, resume) == "complete":
                     return 0
             raise_if_interrupted()  # one that an import swallowed ("Exception ignored in ...")
@@ -129,6 +134,8 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     finally:
         if trainer is not None:
             trainer.log.close()
+        if locks is not None:
+            locks.release()
         if env is not None:
             cleanup(env)
 
@@ -309,12 +316,19 @@ def build_trainer(
 def save_final_model(trainer: Trainer) -> Path:
     """{checkpoint_dir}/final: the model (Llama-format safetensors + config.json), the tokenizer
     (with its token ids in config.json and generation_config.json, see octo.tokenizer_files)
-    and train_config.json; written beside, then renamed, so a half-written folder never stands.
+    and train_config.json, and last the completion marker with every file's checksums (as a
+    checkpoint has: octo.generate and from_pretrained check it); written beside, then renamed,
+    so a half-written folder never stands.
     Whatever stops it (a full disk, Ctrl-C) removes final.tmp and leaves an earlier `final`
     in place."""
     from octo.tokenizer_files import save_tokenizer, special_token_ids
-    from train.checkpoint import CheckpointError, replace_folder, write_error_fix
-    from train.checkpoint_io import fsync_tree
+    from train.checkpoint import (
+        CheckpointError,
+        replace_folder,
+        seal_folder,
+        what_stands,
+        write_error_fix,
+    )
     from train.data import with_own_tokenizer
     from train.model_card import write_model_card
 
@@ -330,7 +344,7 @@ def save_final_model(trainer: Trainer) -> Path:
             cfg = with_own_tokenizer(cfg)
         cfg.save(tmp / "train_config.json")
         write_model_card(trainer, tmp, final)  # README.md (+ loss.png): train/model_card.py
-        fsync_tree(tmp)
+        seal_folder(tmp, kind="model")  # last: its marker covers every file written above
         replace_folder(tmp, final)
     except BaseException as e:  # a full disk, or Ctrl-C: no final.tmp is left, `final` stands
         shutil.rmtree(tmp, ignore_errors=True)
@@ -341,7 +355,7 @@ def save_final_model(trainer: Trainer) -> Path:
             raise
         raise CheckpointError(
             f"saving the final model to {final} failed: {e.strerror or e}; {write_error_fix(e)}. "
-            "The checkpoints are intact"
+            f"The partial folder was removed; {what_stands(final.parent)}"
         ) from e
     return final
 

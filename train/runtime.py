@@ -36,10 +36,16 @@ def cpu_name() -> str:
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
     """cfg.device -> a torch.device. auto: CUDA when available (cuda:LOCAL_RANK under torchrun),
-    else CPU. Asking for CUDA on a machine without it is a ConfigError."""
+    else CPU. A string torch cannot parse (cuda:abc), and CUDA asked for on a machine without
+    it, are ConfigErrors."""
     want = cfg.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(want)
+    except RuntimeError:  # torch's text lists every device type it knows
+        raise ConfigError(f"config key 'device' is {cfg.device!r}, which is not a device; use "
+                          "auto, cpu, cuda or cuda:N (N a GPU number)") from None  # fmt: skip
     if want.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available; "
@@ -126,16 +132,18 @@ def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Calla
 def check_compile_mode(
     cfg: TrainConfig, distributed: bool, device: torch.device | None = None
 ) -> None:
-    """compile=cudagraphs and compile=graph are for one process: refused (ConfigError) under
-    torchrun, before any data is built (CUDA graphs under DDP/FSDP2 hooks were never tried).
-    compile=graph captures CUDA graphs, so it needs a CUDA `device` (None: not checked; the
-    Trainer's CPU stand-in for tests)."""
-    if cfg.compile in ("cudagraphs", "graph") and distributed:
+    """compile=cudagraphs and compile=graph are for one process on a CUDA device: refused
+    (ConfigError) under torchrun (CUDA graphs under DDP/FSDP2 hooks were never tried) and on any
+    other `device` (there is nothing to capture: cudagraphs would only compile, for minutes),
+    before any data is built. device None: not checked (the Trainer's CPU stand-in for tests)."""
+    if cfg.compile not in ("cudagraphs", "graph"):
+        return
+    if distributed:
         raise ConfigError(f"compile {cfg.compile!r} runs in one process only; use compile on "
                           "under torchrun")  # fmt: skip
-    if cfg.compile == "graph" and device is not None and device.type != "cuda":
-        raise ConfigError(f"compile 'graph' captures CUDA graphs and needs a CUDA device, but "
-                          f"the device is {device}; use compile on or off here")  # fmt: skip
+    if device is not None and device.type != "cuda":
+        raise ConfigError(f"compile {cfg.compile!r} captures CUDA graphs and needs a CUDA device, "
+                          f"but the device is {device}; use compile on or off here")  # fmt: skip
 
 
 def set_kernel_backend(cfg: TrainConfig) -> None:
