@@ -3,7 +3,6 @@ its end (a ConfigError). train.run.run() asks right after the resume."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from train.config import ConfigError
@@ -47,14 +46,15 @@ def final_holds(final: Path, checkpoint: Path) -> bool:
     weight files (index and shards), matching the checksums the checkpoint's completion marker
     recorded. A run's final model is saved from the state of its last checkpoint, so this tells
     a finished run from one whose `final` is missing, damaged or an earlier step's."""
-    from octo.hf_io import INDEX_NAME, MARKER_NAME, _read_weight_map, checksum_mismatch
+    from octo.hf_index import INDEX_NAME, _read_weight_map
+    from octo.integrity import checksum_mismatch, read_marker
 
     try:
-        marker = json.loads((checkpoint / MARKER_NAME).read_text())
-        crcs, chunk = marker["crc32"], marker["crc32_chunk"]
+        marker = read_marker(checkpoint) or {}
+        crcs, chunk = marker.get("crc32") or {}, marker.get("crc32_chunk")
         names = {INDEX_NAME, *_read_weight_map(final).values()}
         if names != {INDEX_NAME, *_read_weight_map(checkpoint).values()} or names - set(crcs):
             return False
         return checksum_mismatch(final, crcs, chunk, names=sorted(names)) is None
-    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable, format 1: not known
+    except (OSError, ValueError):  # missing, unreadable, corrupt, format 1: not known
         return False
