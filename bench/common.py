@@ -16,18 +16,7 @@ from typing import Any
 
 import torch
 
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux; platform's answer elsewhere): a CPU
-    number must say which CPU, and platform.processor() says only "x86_64"."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from train.runtime import cpu_name  # bench's CPU facts name the CPU as a run's model card does
 
 
 def env_info() -> dict:

@@ -10,11 +10,12 @@
 # longer fits is skipped with a line:
 #   1. check.py, and every GPU test (pytest -m gpu: kernels, model, trainer, CUDA graphs,
 #      OCTO_TRITON_OP)                                                                cap 150 s
-#   2. end to end at vocab 16000 (issue 8): Octo compiled (the default), the same with optimizer
-#      muon (issue 17's step-time target), + CUDA graphs, with the reference kernels compiled;
-#      transformers' Llama eager and compiled                                        cap 180 s
-#   3. the two Triton Octo rows again with OCTO_TRITON_OP=1 (Inductor launches the
-#      RMSNorm/RoPE kernels itself)                                                    cap 90 s
+#   2. end to end at vocab 16000 (issue 8): Octo compiled (the default), + the micro-batch
+#      captured as one CUDA graph (compile=graph), + Inductor's CUDA graphs (compile=cudagraphs),
+#      with the reference kernels compiled; transformers' Llama eager and compiled; last, Octo
+#      compiled with optimizer muon (issue 17's step-time target, beside the first row)  cap 240 s
+#   3. the three Triton Octo rows again with OCTO_TRITON_OP=1 (Inductor launches the
+#      RMSNorm/RoPE kernels itself)                                                   cap 110 s
 #   4. kernel benchmarks, forward+backward (issue 3's targets; the 65536 x 4096 linear +
 #      cross-entropy is left out: ~0.6 s a call)                                      cap 150 s
 #   5. end to end at vocab 50304, with what time is left                             cap 120 s
@@ -63,14 +64,16 @@ e2e() {  # e2e NAME CAP VOCAB PROVIDERS
 main() {
     run check 30 python3 check.py
     run gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/
-    e2e e2e_16000 180 16000 \
-        octo-triton-compiled,octo-triton-compiled-muon,octo-triton-cudagraphs,octo-reference-compiled,hf-llama-eager,hf-llama-compiled
-    OCTO_TRITON_OP=1 e2e e2e_16000_triton_op 90 16000 octo-triton-compiled,octo-triton-cudagraphs
+    e2e e2e_16000 240 16000 \
+        octo-triton-compiled,octo-triton-graph,octo-triton-cudagraphs,octo-reference-compiled,hf-llama-eager,hf-llama-compiled,octo-triton-compiled-muon
+    OCTO_TRITON_OP=1 e2e e2e_16000_triton_op 110 16000 \
+        octo-triton-compiled,octo-triton-graph,octo-triton-cudagraphs
     run kernels 150 python3 -m pytest -q -p no:cacheprovider bench/test_bench_rmsnorm.py \
         bench/test_bench_rope.py bench/test_bench_cross_entropy.py bench/test_bench_linear_ce.py \
         -k "fwd+bwd and not (linear and large)" --benchmark-json="$work/kernels.json" \
         --benchmark-min-rounds=3 --benchmark-max-time=0.5 --benchmark-warmup=on
-    e2e e2e_50304 120 50304 octo-triton-compiled,octo-triton-cudagraphs,hf-llama-eager
+    e2e e2e_50304 120 50304 \
+        octo-triton-compiled,octo-triton-graph,octo-triton-cudagraphs,hf-llama-eager
 
     echo "== report (${SECONDS} s since start)"
     python3 -m bench.report --kernels "$work/kernels.json" --tests-log "$work/gpu_tests.log" \

@@ -6,8 +6,11 @@ Every provider runs the real `train.loop.Trainer.train_step` (gradient accumulat
 AdamW, the schedule) on synthetic tokens, side by side in one process:
     octo-triton-compiled   Octo, Triton kernels, torch.compile (the default on a GPU)
     octo-reference-eager   Octo, pure-PyTorch reference kernels, no compile
-    octo-reference-compiled, octo-triton-cudagraphs   (on request: --providers) Octo with the
-                           reference kernels under torch.compile; Octo with compile=cudagraphs
+    octo-reference-compiled, octo-triton-cudagraphs, octo-triton-graph   (on request:
+                           --providers) Octo with the reference kernels under torch.compile;
+                           Octo with compile=cudagraphs (Inductor's CUDA graphs); Octo with
+                           compile=graph (each micro-batch captured as one CUDA graph; named
+                           "... (capture failed)" when it ran uncaptured)
     hf-llama-eager         transformers' LlamaForCausalLM (attn_implementation="sdpa"), same
                            weights shape, optimizer and precision, loss through its own loss path
     hf-llama-compiled      the same, torch.compile'd (graph breaks allowed), where it compiles
@@ -46,6 +49,7 @@ from train.runtime import seed_everything
 
 GPU_SHAPE = dict(block_size=512, batch_size=16, gradient_accumulation_steps=4)
 CPU_SHAPE = dict(block_size=128, batch_size=8, gradient_accumulation_steps=2)
+GRAPH_COUNTS = ("captures", "replays", "failure")  # compile=graph's record, in the JSON
 
 
 class HFLlamaAdapter(nn.Module):
@@ -99,13 +103,13 @@ def run_provider(
     """Build a Trainer for `provider`, time its steps, return the measurements."""
     octo = provider.startswith("octo")
     base = provider.removesuffix("-muon")
-    compiled = base.endswith(("compiled", "cudagraphs"))
+    graph_mode = next((m for m in ("cudagraphs", "graph") if base.endswith(f"-{m}")), None)
+    compiled = base.endswith("compiled") or graph_mode is not None
     precision = "bf16" if device.type == "cuda" else "fp32"
     cfg = TrainConfig(
         **shape, precision=precision, device=str(device), max_steps=10_000, warmup_steps=10,
         optimizer="muon" if base != provider else "adamw",
-        compile=("cudagraphs" if base.endswith("cudagraphs") else "on")
-        if (octo and compiled) else "off",
+        compile=(graph_mode or "on") if (octo and compiled) else "off",
         kernels="triton" if provider.startswith("octo-triton") else "torch" if octo else "auto",
         log_dir="/tmp/octo-bench-logs",
     )  # fmt: skip
@@ -163,6 +167,10 @@ def run_provider(
     peak = gpu_peak_flops(device) if device.type == "cuda" else None
     if provider.startswith("octo-triton") and INLINE_TRITON:
         provider += " +triton_op"
+    graph = trainer._graph  # compile=graph: did the capture happen? (the Trainer printed why not)
+    if graph is not None and graph.failure is not None:
+        provider += " (capture failed)"
+    counts = None if graph is None else {k: getattr(graph, k) for k in GRAPH_COUNTS}
     result = {
         "provider": provider,
         "vocab_size": model_cfg.vocab_size,
@@ -180,6 +188,7 @@ def run_provider(
         "first_losses": [float(x) for x in losses],
         "kernels": cfg.kernels,
         "compile": compiled,
+        "graph": counts,
         "precision": precision,
     }
     return result

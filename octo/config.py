@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import json
 import math
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,68 @@ class OctoConfig:
                 "even head_dim"
             )
 
+    # ----- the tensors of a model of this shape, without building it ------------------------
+    # (octo/model.py defines the modules; tests/test_model.py checks that the two agree)
+
+    def _layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{name within model.layers.N: shape} of one decoder layer."""
+        C, F, H, K, D = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
+                         self.num_key_value_heads, self.head_dim)  # fmt: skip
+        shapes = {
+            "input_layernorm.weight": (C,),
+            "self_attn.q_proj.weight": (H * D, C),
+            "self_attn.k_proj.weight": (K * D, C),
+            "self_attn.v_proj.weight": (K * D, C),
+            "self_attn.o_proj.weight": (C, H * D),
+            "post_attention_layernorm.weight": (C,),
+            "mlp.gate_proj.weight": (F, C),
+            "mlp.up_proj.weight": (F, C),
+            "mlp.down_proj.weight": (C, F),
+        }
+        if self.attention_bias:
+            for proj, n in (("q", H * D), ("k", K * D), ("v", K * D), ("o", C)):
+                shapes[f"self_attn.{proj}_proj.bias"] = (n,)
+        return shapes
+
+    def _outer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The tensors outside the layers; a tied lm_head is embed_tokens, so it is not one."""
+        shapes = {"model.embed_tokens.weight": (self.vocab_size, self.hidden_size),
+                  "model.norm.weight": (self.hidden_size,)}  # fmt: skip
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
+        return shapes
+
+    def weight_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every tensor a checkpoint of this model stores (transformers' Llama
+        names; a tied lm_head is not stored), lazily: a config declaring a million layers is
+        compared with a checkpoint's few without listing them all."""
+        yield from self._outer_shapes().items()
+        layer = self._layer_shapes()
+        for i in range(self.num_hidden_layers):
+            for suffix, shape in layer.items():
+                yield f"model.layers.{i}.{suffix}", shape
+
+    def weight_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of the stored tensor `name`, or None when this model has no such tensor."""
+        outer = self._outer_shapes()
+        if name in outer:
+            return outer[name]
+        m = re.fullmatch(r"model\.layers\.(0|[1-9]\d*)\.(.+)", name)
+        if m is None or int(m.group(1)) >= self.num_hidden_layers:
+            return None
+        return self._layer_shapes().get(m.group(2))
+
+    def num_weights(self) -> int:
+        """How many tensors weight_shapes() yields, computed, not counted."""
+        return len(self._outer_shapes()) + self.num_hidden_layers * len(self._layer_shapes())
+
+    def num_parameters(self) -> int:
+        """Parameters of the model (a tied lm_head counted once), computed without building it."""
+        layer = sum(math.prod(s) for s in self._layer_shapes().values())
+        return sum(math.prod(s) for s in self._outer_shapes().values()) + (
+            self.num_hidden_layers * layer
+        )
+
     # ----- JSON -----------------------------------------------------------------------------
 
     @classmethod
@@ -122,12 +186,18 @@ class OctoConfig:
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+    def to_hf_dict(
+        self,
+        dtype: str = "float32",
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> dict[str, Any]:
         """A transformers LlamaConfig config.json for this shape; dtype names the stored tensors'.
 
         Written so that transformers 4.x (torch_dtype, rope_theta) and 5.x (dtype,
-        rope_parameters) both read it. The token ids are null: Octo does not know the tokenizer,
-        and LlamaConfig's defaults (bos 1, eos 2) would be wrong for most tokenizers.
+        rope_parameters) both read it. The token ids are the tokenizer's, given by whoever saves
+        the model with one (so transformers' generate stops at end-of-text); null without, since
+        LlamaConfig's defaults (bos 1, eos 2) would be wrong for most tokenizers.
         """
         d = self.to_dict()
         d.update(
@@ -141,8 +211,8 @@ class OctoConfig:
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
             pretraining_tp=1,
             use_cache=True,
-            bos_token_id=None,
-            eos_token_id=None,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
             pad_token_id=None,
             torch_dtype=dtype,
             dtype=dtype,
@@ -163,6 +233,11 @@ def _from_hf_dict(d: dict[str, Any], path: Path) -> dict[str, Any]:
     """Octo's fields from a transformers Llama config.json (4.x or 5.x spelling). Refuses Llama
     variants Octo does not implement, rather than load them wrongly."""
     d = dict(d)
+    if "auto_map" in d:  # transformers would import the named Python files with remote code on
+        raise ValueError(
+            f"{path} has an 'auto_map' (custom model code); Octo never runs code from a model "
+            "folder and loads plain Llama models only: remove the key or use another model"
+        )
     for key in (
         "vocab_size",
         "hidden_size",

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from octo.integrity import read_marker, verify_marked
+
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """ValueError naming the bad argument. NaN passes a plain `< 0` test and then fails deep in
@@ -67,6 +69,13 @@ TOKENIZER_JSON = (
     "vocab.json",
     "config.json",
 )
+# the files a tokenizer's vocabulary is read from: tokenizer.json (fast), or a slow tokenizer's
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+# every file a tokenizer folder may hold that the loader reads: checked against a completion
+# marker when the folder has one (octo/integrity.py)
+TOKENIZER_NAMES = frozenset(
+    TOKENIZER_FILES + TOKENIZER_JSON + VOCAB_FILES + ("merges.txt", "chat_template.jinja")
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,14 +96,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_local_tokenizer(directory: str | Path, hint: str = ""):
-    """AutoTokenizer from a local folder, never the Hub; ValueError (with `hint` appended) when
+    """AutoTokenizer from a local folder, never the Hub, never running the folder's code (an
+    auto_map is refused, see octo.tokenizer_files); ValueError (with `hint` appended) when
     the folder holds no tokenizer or one that does not load. transformers raises whatever its
-    readers raise (JSONDecodeError without a file name, OSError, KeyError, ...), so its JSON files
-    are parsed first to name a broken one, and any other failure is reported with the folder."""
+    readers raise (JSONDecodeError without a file name, OSError, KeyError, ...), so the folder's
+    completion marker (when it has one) is checked for the tokenizer's files, a missing
+    vocabulary is named, its JSON files are parsed first to name a broken one, and any other
+    failure is reported with the folder."""
+    from octo.tokenizer_files import check_no_remote_code
+
     directory = Path(directory)
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(
             f"no tokenizer in {directory} (none of {', '.join(TOKENIZER_FILES)}){hint}"
+        )
+    try:  # a checkpoint or final folder has a completion marker: its files are checked
+        marker = read_marker(directory)
+        if marker is not None:
+            verify_marked(directory, [n for n in marker["files"] if n in TOKENIZER_NAMES])
+    except ValueError as e:
+        raise ValueError(f"{e}; restore the folder{hint}") from None
+    if not any((directory / name).is_file() for name in VOCAB_FILES):
+        # transformers would try to convert a slow tokenizer and ask for sentencepiece or
+        # tiktoken, or build a tokenizer of one token
+        raise ValueError(
+            f"{directory / 'tokenizer.json'} is missing: {directory} has a tokenizer config but "
+            f"no vocabulary ({', '.join(VOCAB_FILES)}); copy the tokenizer's files back{hint}"
         )
     for path in [directory / name for name in TOKENIZER_JSON if (directory / name).is_file()]:
         try:
@@ -103,10 +130,13 @@ def load_local_tokenizer(directory: str | Path, hint: str = ""):
             raise ValueError(
                 f"{path} does not read as JSON ({e}); restore or re-save it{hint}"
             ) from None
+    check_no_remote_code(directory)
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        return AutoTokenizer.from_pretrained(
+            str(directory), local_files_only=True, trust_remote_code=False
+        )
     except Exception as e:  # a third-party loader: whatever it raises means a bad folder
         raise ValueError(
             f"the tokenizer in {directory} does not load ({type(e).__name__}: {e}); its files are "

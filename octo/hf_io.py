@@ -10,7 +10,11 @@ folders written by transformers (sharded, or one `model.safetensors`; tied or un
 
 Loading never unpickles: only safetensors are read; a folder holding only `pytorch_model.bin` is
 refused with the file named. Every problem (missing config or shard, truncated shard, missing or
-unexpected tensor, shape mismatch) is one ValueError line naming the file or tensor.
+unexpected tensor, shape mismatch, a model too large for the device) is one ValueError line
+naming the file or tensor, found before anything is allocated (octo/hf_index.py reads the shard
+headers; octo/memory.py estimates the bytes). A folder with a completion marker (a training
+checkpoint, a final model: octo/integrity.py) is checked against it first, so a changed byte is
+named as such.
 """
 
 from __future__ import annotations
@@ -18,20 +22,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from octo.config import OctoConfig
+from octo.hf_index import INDEX_NAME, SINGLE_NAME, _read_weight_map, check_weights
+from octo.integrity import verify_marked
 
 CONFIG_NAME = "config.json"
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # Tensors some Llama checkpoints carry that are not weights (old transformers saved the rotary
 # inverse frequencies); transformers skips them on load, and so do we.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -125,77 +127,6 @@ def _write_json(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-# ----- checksums (train/checkpoint.py records them in its completion marker) ---------------------
-
-MARKER_NAME = "checkpoint_complete.json"
-CHECKSUM_CHUNK = 64 << 20  # bytes per CRC-32: chunks of one file are checked in parallel
-
-
-def _crc32_chunk(path: Path, start: int, length: int) -> int:
-    """CRC-32 of bytes [start, start + length) of path, read in 8 MiB pieces into an uninitialised
-    buffer (no zeroing, no page fault per 4 KiB as through a memory map)."""
-    import numpy as np
-
-    buf = memoryview(np.empty(min(length, 8 << 20), dtype=np.uint8))
-    crc, left = 0, length
-    with open(path, "rb", buffering=0) as f:
-        f.seek(start)
-        while left:
-            n = f.readinto(buf[: min(left, len(buf))])
-            if not n:
-                break  # shorter than expected: the size check reports it
-            crc = zlib.crc32(buf[:n], crc)
-            left -= n
-    return crc
-
-
-def file_checksums(
-    paths: dict[str, Path], chunk: int = CHECKSUM_CHUNK, extra: list | None = None
-) -> dict[str, list[int]]:
-    """{name: [CRC-32 of each `chunk` bytes of the file]} for paths {name: path}, computed on a
-    few threads (zlib releases the GIL, so chunks hash in parallel with each other and with any
-    `extra` callables, each on a thread of its own: e.g. the fsyncs, which wait on the disk).
-
-    Why CRC-32 in chunks: it is in the standard library and catches every burst error of up to 32
-    bits and any other change with probability 1 - 2^-32 per chunk; chunking lets one large shard
-    use several cores (~1.5 GB/s per core here), which is what keeps a save's added cost small."""
-    sizes = {name: path.stat().st_size for name, path in paths.items()}
-    out = {name: [0] * max(1, -(-size // chunk)) for name, size in sizes.items()}
-    extra = list(extra or ())
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1) + len(extra)) as pool:
-        pending = [pool.submit(fn) for fn in extra]
-        futures = {}
-        for name, crcs in out.items():
-            for k in range(len(crcs)):
-                n = min(chunk, sizes[name] - k * chunk)
-                futures[pool.submit(_crc32_chunk, paths[name], k * chunk, n)] = (name, k)
-        for fut, (name, k) in futures.items():
-            out[name][k] = fut.result()
-        for fut in pending:
-            fut.result()
-    return out
-
-
-def checksum_mismatch(
-    directory: Path, expected: dict[str, list[int]], chunk: int, names: list[str] | None = None
-) -> str | None:
-    """The first file (of `names`, default all of `expected`) whose chunk CRCs differ from the
-    recorded ones, as an error text naming it and the byte range; None when all match."""
-    names = list(expected) if names is None else [n for n in names if n in expected]
-    got = file_checksums({n: directory / n for n in names}, chunk)
-    for n in names:
-        for k, (a, b) in enumerate(zip(got[n], expected[n])):
-            if a != b:
-                return (
-                    f"{directory / n} does not match its checksum (bytes {k * chunk} to "
-                    f"{min((k + 1) * chunk, (directory / n).stat().st_size)} changed after the "
-                    "save: corrupt checkpoint)"
-                )
-        if len(got[n]) != len(expected[n]):
-            return f"{directory / n} has {len(got[n])} checksum chunks, expected {len(expected[n])}"
-    return None
-
-
 def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
     """Names grouped into shards of at most max_bytes each (also used for optimizer state).
     Greedy, in state-dict order (transformers' rule): a new shard starts when the next tensor
@@ -217,6 +148,7 @@ def save_pretrained(
     save_directory: str | Path,
     max_shard_size: int | str = "2GB",
     state_dict: dict[str, torch.Tensor] | None = None,
+    token_ids: dict[str, int] | None = None,
 ) -> None:
     """Write `model` (an OctoForCausalLM, possibly compiled or DDP-wrapped) as a Llama folder.
 
@@ -224,6 +156,9 @@ def save_pretrained(
     FSDP gathered onto rank 0); its keys are cleaned of wrapper prefixes like the model's.
     Tensors keep their dtype; config.json records it. A tied lm_head is not written (it is
     embed_tokens), exactly as transformers does, so safetensors never sees shared memory.
+    token_ids: the tokenizer's {bos,eos,pad}_token_id (octo.tokenizer_files.special_token_ids),
+    written into config.json and generation_config.json, so that transformers' generate() and
+    pipeline() stop at end-of-text as Octo does; without them neither file names a token.
     """
     inner = unwrap_model(model)
     cfg: OctoConfig = inner.config
@@ -273,73 +208,23 @@ def save_pretrained(
     _write_json(out / INDEX_NAME, index)
     float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     dtype = str(next(iter(float_dtypes))).removeprefix("torch.") if len(float_dtypes) == 1 else None
-    _write_json(out / CONFIG_NAME, cfg.to_hf_dict(dtype=dtype or "float32"))
+    token_ids = dict(token_ids or {})
+    hf = cfg.to_hf_dict(dtype=dtype or "float32", bos_token_id=token_ids.get("bos_token_id"),
+                        eos_token_id=token_ids.get("eos_token_id"))  # fmt: skip
+    _write_json(out / CONFIG_NAME, hf)
+    if token_ids:
+        _write_json(out / GENERATION_CONFIG_NAME, token_ids)
+    elif (out / GENERATION_CONFIG_NAME).is_file():  # an earlier save's, naming other tokens
+        (out / GENERATION_CONFIG_NAME).unlink()
     _fsync_path(out)
 
 
-def _read_weight_map(directory: Path) -> dict[str, str]:
-    """name -> shard file name, from the index or the single model.safetensors."""
-    index_path = directory / INDEX_NAME
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{index_path} is not a safetensors index ({e!r}); re-save the model"
-            ) from None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_path} has an empty or invalid weight_map; re-save the model")
-        return weight_map
-    single = directory / SINGLE_NAME
-    if single.is_file():
-        return {name: SINGLE_NAME for name in _shard_keys(single)}
-    for name in PICKLE_NAMES:
-        if (directory / name).is_file():
-            raise ValueError(
-                f"{directory / name} is a pickle checkpoint and Octo never unpickles; convert it "
-                "with transformers: LlamaForCausalLM.from_pretrained(d).save_pretrained(d2) "
-                "(writes safetensors)"
-            )
-    raise ValueError(
-        f"{directory} has no {INDEX_NAME} or {SINGLE_NAME}; is it a model checkpoint folder?"
-    )
-
-
-def _shard_keys(path: Path) -> list[str]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise ValueError(f"missing shard {path}; the checkpoint is incomplete, re-save it")
+def _verify(directory: Path, names: list[str]) -> None:
+    """octo.integrity.verify_marked, with what to do about a damaged folder."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except SafetensorError as e:
-        raise ValueError(
-            f"shard {path} is truncated or corrupt ({e}); re-save the checkpoint"
-        ) from None
-
-
-def _check_marked_files(directory: Path, names: list[str]) -> None:
-    """For a training checkpoint folder (train/checkpoint.py's completion marker, with checksums):
-    ValueError naming the first of `names` whose bytes differ from the recorded ones. Reading the
-    weights once more costs ~1 s per 1.5 GB per core, little beside building the model; a folder
-    without the marker (a transformers save, `final`) or without checksums is not checked."""
-    try:
-        meta = json.loads((directory / MARKER_NAME).read_text())
-        crcs, chunk = meta["crc32"], meta["crc32_chunk"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if not isinstance(crcs, dict) or not isinstance(chunk, int) or chunk <= 0:
-        return
-    for name in names:  # a size change first: it says more than a checksum
-        if name in crcs and (directory / name).is_file():
-            chunks = -(-(directory / name).stat().st_size // chunk) or 1
-            if chunks != len(crcs[name]):
-                raise ValueError(f"{directory / name} changed size since the save; re-save it")
-    bad = checksum_mismatch(directory, crcs, chunk, names=names)
-    if bad:
-        raise ValueError(f"{bad}; use an intact checkpoint (e.g. an earlier one)")
+        verify_marked(directory, names)
+    except ValueError as e:
+        raise ValueError(f"{e}; use an intact copy (of a checkpoint: an earlier one)") from None
 
 
 def from_pretrained(
@@ -351,23 +236,45 @@ def from_pretrained(
     """Build `cls(config)` from DIR/config.json and fill it from DIR's safetensors.
 
     device: where the parameters live (default CPU); dtype: their dtype (default float32, the
-    training master dtype, whatever the file holds). The model is built on the meta device, so
+    training master dtype, whatever the file holds). Before anything is allocated, the shard
+    headers are checked against config.json and the model's bytes against the device's free
+    memory (octo.memory; TooLargeError, a ValueError). The model is built on the meta device, so
     loading costs no random init and leaves the global RNG untouched. Returned in eval mode,
     as transformers does.
     """
     from safetensors import SafetensorError, safe_open
+
+    from octo.memory import check_fits, weights_bytes
 
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"checkpoint folder {directory} does not exist")
     if not (directory / CONFIG_NAME).is_file():
         raise ValueError(f"{directory} has no {CONFIG_NAME}; is it a model checkpoint folder?")
+    # A marked folder (a checkpoint, a final model: octo/integrity.py) is checked before its
+    # files are parsed, so an edited config.json is named as changed, not as a bad config.
+    _verify(directory, [n for n in (CONFIG_NAME, INDEX_NAME) if (directory / n).is_file()])
     cfg = OctoConfig.from_json_file(directory / CONFIG_NAME)
     weight_map = _read_weight_map(directory)
-    _check_marked_files(directory, [CONFIG_NAME, INDEX_NAME, *sorted(set(weight_map.values()))])
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not (directory / shard).is_file():
+            n = sum(1 for f in weight_map.values() if f == shard)
+            raise ValueError(
+                f"shard {directory / shard} is missing, but {directory / INDEX_NAME} lists it (for "
+                f"{n} tensor(s)); the folder is incomplete: copy it again or re-save the model"
+            )
+    _verify(directory, shards)
+    if cfg.tie_word_embeddings:
+        weight_map.pop("lm_head.weight", None)  # some checkpoints also store the tied copy
+    for name in [n for n in weight_map if n.endswith(IGNORED_SUFFIXES)]:
+        del weight_map[name]
+    check_weights(directory, cfg, weight_map)
 
     device = torch.device("cpu" if device is None else device)
     dtype = torch.float32 if dtype is None else dtype
+    check_fits(weights_bytes(cfg, dtype), device, f"the model in {directory} ({dtype})",
+               "load it on another device or in a smaller dtype")  # fmt: skip
     with torch.device("meta"):
         model = cls(cfg)
     model.to_empty(device=device)
@@ -375,45 +282,16 @@ def from_pretrained(
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
     params = model.state_dict()
-    if cfg.tie_word_embeddings:
-        params.pop("lm_head.weight")
-        weight_map.pop("lm_head.weight", None)  # some checkpoints also store the tied copy
-    for name in [n for n in weight_map if n.endswith(IGNORED_SUFFIXES)]:
-        del weight_map[name]
-
-    missing = sorted(set(params) - set(weight_map))
-    unexpected = sorted(set(weight_map) - set(params))
-    if missing:
-        raise ValueError(
-            f"{directory}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}; the checkpoint "
-            "does not match config.json"
-        )
-    if unexpected:
-        raise ValueError(
-            f"{directory}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}; the "
-            "checkpoint does not match config.json or is not a Llama model"
-        )
-
     by_file: dict[str, list[str]] = {}
     for name, file_name in weight_map.items():
         by_file.setdefault(file_name, []).append(name)
     with torch.no_grad():
         for file_name, names in sorted(by_file.items()):
             path = directory / file_name
-            keys = set(_shard_keys(path))
-            for name in names:
-                if name not in keys:
-                    raise ValueError(f"tensor {name} is not in {path} as the index says; re-save")
             try:
                 with safe_open(str(path), framework="pt") as f:
                     for name in names:
-                        t = f.get_tensor(name)
-                        if t.shape != params[name].shape:
-                            raise ValueError(
-                                f"tensor {name} in {path} has shape {tuple(t.shape)}, the model "
-                                f"from config.json expects {tuple(params[name].shape)}"
-                            )
-                        params[name].copy_(t)
+                        params[name].copy_(f.get_tensor(name))
             except SafetensorError as e:
                 raise ValueError(
                     f"shard {path} is truncated or corrupt ({e}); re-save it"

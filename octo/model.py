@@ -291,14 +291,40 @@ class OctoForCausalLM(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
+        *,
+        do_sample: bool | None = None,
+        pad_token_id: int | None = None,
+        attention_mask: torch.Tensor | None = None,  # (B, T0), all ones
     ) -> torch.Tensor:  # (B, T0 + n) with n <= max_new_tokens
-        """Sample with a KV cache: one prefill of the prompt, then one token per step.
-        temperature 0 is greedy. Rows that produced eos_token_id keep emitting it; generation stops
-        early once every row has."""
-        from octo.generation import sample_next  # sampling helpers live beside the CLI
+        """Sample with a KV cache: one prefill of the prompt, then one token per step; stops
+        early once every row has produced an eos_token_id.
 
+        The names are transformers' (LlamaForCausalLM.generate), with their meaning, so code
+        written for it runs here: do_sample=False is greedy (temperature, top_k and top_p unused),
+        do_sample=True samples (temperature must then be > 0); left out, temperature decides (0:
+        greedy). eos_token_id is an id or a list of them; a finished row emits pad_token_id from
+        then on (default: its first eos id). attention_mask, as a tokenizer returns it, must be
+        all ones: prompts padded to one length are refused (generate them one by one), since
+        their positions would not be transformers'. Octo's own defaults (temperature 1.0, no
+        top-k or top-p filter) apply where an argument is left out. A KV cache larger than the
+        device's free memory is refused (octo.memory.TooLargeError, a ValueError) before it is
+        allocated."""
+        from octo.generation import sample_next  # sampling helpers live beside the CLI
+        from octo.memory import check_fits, kv_cache_bytes
+
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError(
+                "generate does not take padded prompts (attention_mask has zeros); generate "
+                "each prompt on its own, or prompts of one length together"
+            )
+        if do_sample is not None:
+            if do_sample and temperature <= 0:
+                raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
+            temperature = temperature if do_sample else 0.0
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        fill = pad_token_id if pad_token_id is not None else (eos[0] if eos else None)
         was_training = self.training
         self.eval()
         B, T0 = input_ids.shape
@@ -306,30 +332,37 @@ class OctoForCausalLM(nn.Module):
         dtype = self.model.embed_tokens.weight.dtype
         if torch.is_autocast_enabled(input_ids.device.type):
             dtype = torch.get_autocast_dtype(input_ids.device.type)
+        check_fits(kv_cache_bytes(self.config, B, total, dtype), input_ids.device,
+                   f"generating {B} sequence(s) of up to {total:,} positions (the KV cache)",
+                   "lower max_new_tokens")  # fmt: skip
         cache = KVCache(self.config, B, total, input_ids.device, dtype)
         out = input_ids
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        eos_ids = torch.tensor(eos, dtype=torch.long, device=input_ids.device)  # (E,)
         step_ids = input_ids
         for _ in range(total - T0):
             h = self.hidden_states(step_ids, cache=cache)[:, -1]  # (B, C)
             logits = self.lm_head(h).float()  # (B, V)
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
+            if eos:
+                nxt = torch.where(done, torch.full_like(nxt, fill), nxt)
+                done |= torch.isin(nxt, eos_ids)
             out = torch.cat([out, nxt[:, None]], dim=1)
             step_ids = nxt[:, None]  # (B, 1)
-            if eos_token_id is not None and bool(done.all()):
+            if eos and bool(done.all()):
                 break
         self.train(was_training)
         return out
 
     # Checkpoint interop lives in octo/hf_io.py; these are the public entry points.
-    def save_pretrained(self, save_directory, max_shard_size: int | str = "2GB") -> None:
-        """Write config.json (Llama) and sharded safetensors loadable by transformers."""
+    def save_pretrained(
+        self, save_directory, max_shard_size: int | str = "2GB", token_ids: dict | None = None
+    ) -> None:
+        """Write config.json (Llama) and sharded safetensors loadable by transformers; token_ids:
+        the tokenizer's special token ids, for config.json and generation_config.json."""
         from octo.hf_io import save_pretrained
 
-        save_pretrained(self, save_directory, max_shard_size=max_shard_size)
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size, token_ids=token_ids)
 
     @classmethod
     def from_pretrained(cls, directory, device=None, dtype=None) -> OctoForCausalLM:

@@ -25,3 +25,18 @@ class ListData:
 
     def load_state_dict(self, d: dict) -> None:
         self.pos = d["pos"]
+
+
+def final_model_trainer(cfg, model, tokenizer=None):
+    """What train.run.save_final_model reads of a Trainer (the model card's facts included, see
+    train/model_card.py), for a run that logged nothing: a SimpleNamespace."""
+    import types
+
+    from train.runtime import resolve_precision
+
+    cpu = torch.device("cpu")
+    return types.SimpleNamespace(
+        cfg=cfg, model=model, tokenizer=tokenizer, step=0, tokens_seen=0, device=cpu,
+        env=types.SimpleNamespace(world_size=1), precision=resolve_precision(cfg, cpu),
+        log=types.SimpleNamespace(last={}, jsonl_path=None),
+    )  # fmt: skip

@@ -14,7 +14,6 @@ import random
 import resource
 import shutil
 import signal
-import types
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import pytest
 import torch
 
 from octo import OctoConfig, OctoForCausalLM
+from tests.fakes import final_model_trainer
 from train import checkpoint_io
 from train.checkpoint import (
     MARKER,
@@ -361,11 +361,31 @@ def test_full_disk_is_one_clear_error_and_leaves_no_trace(tmp_path, trained, mon
     msg = str(e.value)
     assert "\n" not in msg and "No space left on device" in msg and "free disk space" in msg
     assert "checkpoint_step_2" in msg and "earlier checkpoints are intact" in msg
+    assert msg.endswith(f"(newest: {first})"), msg
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_step_1"]  # no temp folder
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
     assert resolve_resume(tmp_path) == first
     save(tmp_path, 2, model, opt, keep_last=1)  # the disk has room again: saving works
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_step_2"]
+
+
+def test_first_save_on_a_full_disk_claims_no_earlier_checkpoint(tmp_path, trained, monkeypatch):
+    """With nothing saved before, a failed first save (or final model save) says so: it said
+    "earlier checkpoints are intact" when there were none."""
+    from train.run import save_final_model
+
+    model, opt = trained
+    with monkeypatch.context() as mp:
+        _enospc(mp, "model_shard")
+        with pytest.raises(CheckpointError) as e:
+            save(tmp_path, 1, model, opt)
+        trainer = final_model_trainer(TrainConfig(checkpoint_dir=str(tmp_path)), model)
+        with pytest.raises(CheckpointError) as final_error:
+            save_final_model(trainer)
+    for msg in (str(e.value), str(final_error.value)):
+        assert msg.endswith("was removed; no checkpoint was saved before this one"), msg
+        assert "intact" not in msg and "\n" not in msg, msg
+    assert not any(tmp_path.iterdir())
 
 
 @contextlib.contextmanager
@@ -405,7 +425,7 @@ def test_final_model_write_error_keeps_the_previous_final(tmp_path, trained):
 
     model, _ = trained
     cfg = TrainConfig(checkpoint_dir=str(tmp_path), max_shard_size="400KB")
-    trainer = types.SimpleNamespace(cfg=cfg, model=model, tokenizer=None)
+    trainer = final_model_trainer(cfg, model)
     final = save_final_model(trainer)
     before = {p.name: p.read_bytes() for p in final.iterdir()}
     with file_size_limit(1000), pytest.raises(CheckpointError) as e:

@@ -16,20 +16,28 @@ from train.config import ConfigError, TrainConfig, load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SEED_KEYS = [
-    "dataset_name", "train_split", "eval_split", "text_column", "tokenizer_name", "block_size",
-    "batch_size", "gradient_accumulation_steps", "num_epochs", "learning_rate", "weight_decay",
-    "warmup_steps", "max_grad_norm", "seed", "log_interval_steps", "eval_interval_steps",
-    "save_interval_steps", "eval_max_batches", "checkpoint_dir", "resume_from",
-    "use_mixed_precision", "use_gradient_checkpointing",
-]  # fmt: skip
+# The seed guide's train/config.json, value for value ("Training the Octo Model").
+SEED_GUIDE_CONFIG = {
+    "dataset_name": "roneneldan/TinyStories", "train_split": "train", "eval_split": "validation",
+    "text_column": "text", "tokenizer_name": "gpt2", "block_size": 512, "batch_size": 16,
+    "gradient_accumulation_steps": 4, "num_epochs": 1, "learning_rate": 0.0003,
+    "weight_decay": 0.01, "warmup_steps": 100, "max_grad_norm": 1.0, "seed": 42,
+    "log_interval_steps": 50, "eval_interval_steps": 500, "save_interval_steps": 5000,
+    "eval_max_batches": 64, "checkpoint_dir": "checkpoints", "resume_from": None,
+    "use_mixed_precision": True, "use_gradient_checkpointing": False,
+}  # fmt: skip
 
 
-def test_seed_config_is_the_seed_key_for_key():
+def test_seed_config_is_the_seed_guide_value_for_value():
+    """train/config.json is the guide's file (keys in its order, every value, and the types:
+    1.0 stays a float, 512 an int), and TrainConfig's defaults of those keys are the guide's."""
     d = json.loads((ROOT / "train" / "config.json").read_text())
-    assert list(d) == SEED_KEYS
-    cfg = TrainConfig.load(ROOT / "train" / "config.json")
-    assert cfg.block_size == 512 and cfg.resume_from is None and cfg.use_mixed_precision is True
+    assert list(d) == list(SEED_GUIDE_CONFIG)
+    for key, value in SEED_GUIDE_CONFIG.items():
+        assert d[key] == value and type(d[key]) is type(value), key
+    defaults = TrainConfig().to_dict()
+    assert {k: defaults[k] for k in SEED_GUIDE_CONFIG} == SEED_GUIDE_CONFIG
+    assert TrainConfig.load(ROOT / "train" / "config.json") == TrainConfig()
 
 
 def test_overrides_parse_as_json_and_round_trip(tmp_path):
@@ -275,3 +283,38 @@ def test_triton_kernels_on_cpu_without_interpreter_is_a_config_error(monkeypatch
         set_kernel_backend(TrainConfig(device="cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     set_kernel_backend(TrainConfig(kernels="triton", device="cpu"))  # the interpreter runs it
+
+
+def test_init_from_config_errors(tmp_path):
+    """init_from: with resume_from, a missing folder, a file, a folder of checkpoints, and a
+    model_config of another shape are each one ConfigError line, before anything loads; its
+    config.json gives the shape (vocab_size included), and a saved config names the fields."""
+    from train.config import resolved_model_config
+
+    with pytest.raises(ConfigError, match="'init_from' and 'resume_from' are both set.*set one"):
+        TrainConfig(init_from="a", resume_from="b")
+    with pytest.raises(ConfigError, match="init_from no/such does not exist; name a final model"):
+        load_model_config(TrainConfig(init_from="no/such"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="init_from .*file is a file"):
+        load_model_config(TrainConfig(init_from=str(tmp_path / "file")))
+    run = tmp_path / "run"
+    (run / "checkpoint_step_5").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"has no config.json \(it holds a run's checkpoints: "
+                                          rf"name {run / 'final'} or one of them\)"):  # fmt: skip
+        load_model_config(TrainConfig(init_from=str(run)))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**MODEL_OK, "vocab_size": 320}))
+    cfg = TrainConfig(init_from=str(model), block_size=64)
+    fields = load_model_config(cfg)
+    assert fields["vocab_size"] == 320 and fields["hidden_size"] == 64
+    assert resolved_model_config(cfg, fields) == fields  # the fields, not the "seed" preset
+    # no vocab_size: left to the tokenizer, which the weights' 320 then fixes: the same shape
+    (tmp_path / "same.json").write_text(json.dumps(MODEL_OK))
+    assert load_model_config(cfg, str(tmp_path / "same.json")) == fields
+    with pytest.raises(ConfigError, match="model_config gives hidden_size=768, but init_from "
+                                          ".* has 64; set model_config to null"):  # fmt: skip
+        load_model_config(TrainConfig(init_from=str(model), model_config="seed", block_size=64))
+    with pytest.raises(ConfigError, match="block_size 512 exceeds the model's"):
+        load_model_config(TrainConfig(init_from=str(model)))

@@ -279,11 +279,16 @@ def test_unreachable_hub_name_says_no_local_folder_either(tok, tmp_path, monkeyp
     """A relative path without ./ reads as a Hub name ("mydata/stories"): when the Hub cannot
     serve it, the line says that no local file or folder of that name exists either."""
     import datasets
+    from huggingface_hub import constants
+
+    import train.hub
 
     def offline(name, **kw):
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    # the Hub answers (train.hub's probe passes, as when online) but cannot serve the name
+    monkeypatch.setattr(train.hub, "_reachable", constants.ENDPOINT)
     msg = one_line_error(
         lambda: build_train_data(cfg_for("mydata/stories", tmp_path), tok),
         "no local file or folder 'mydata/stories' exists",

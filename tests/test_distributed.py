@@ -290,6 +290,25 @@ def test_a_rank_that_raises_ends_the_job(corpus, tmp_path):
     assert time.perf_counter() - t0 < 120
 
 
+def test_a_held_checkpoint_dir_stops_every_rank(corpus, tmp_path):
+    """Another run holds checkpoint_dir (here: this process): rank 0, the only rank that takes
+    the lock, finds it held, and every rank stops with the one line naming the holder, exit 2,
+    before any data is read (rank 1 learns it from rank 0 rather than waiting for it in a later
+    collective). A two-rank run that completes (above) shows rank 1 never takes it."""
+    import socket
+
+    from train.checkpoint_lock import lock_folder
+
+    (tmp_path / "ckpt").mkdir()
+    with lock_folder(tmp_path / "ckpt"):
+        r = torchrun(corpus, tmp_path, timeout=120)
+    out = r.stdout + r.stderr
+    line = (f"error: checkpoint_dir {tmp_path / 'ckpt'} is in use by another run (PID "
+            f"{os.getpid()} on host {socket.gethostname()}, since ")  # fmt: skip
+    assert r.returncode != 0 and out.count(line) == 2, out[-3000:]
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
 def test_single_process_checkpoint_starts_two_rank_run(single, corpus, tmp_path, parallelism):

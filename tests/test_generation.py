@@ -77,6 +77,37 @@ def test_eos_stops_rows_and_generation():
         assert (out[b, f + 1 :] == eos).all()  # a finished row keeps emitting eos
 
 
+def test_transformers_generate_arguments_mean_the_same_on_octo():
+    """A call written for LlamaForCausalLM.generate (do_sample, max_new_tokens, eos_token_id as
+    an id or a list, pad_token_id, attention_mask as a tokenizer returns it) runs on Octo and
+    gives transformers' tokens: greedy, rows stopped at eos, then padded with pad_token_id."""
+    model = octo_model(num_key_value_heads=2).eval()
+    hf = hf_twin(model)
+    prompt = torch.randint(0, 256, (2, 7))
+    free = model.generate(prompt, max_new_tokens=12, temperature=0.0)[:, 7:]  # (2, 12)
+    for eos in (int(free[0, 3]), [int(free[0, 3]), int(free[1, 5])]):
+        call = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12,
+                    eos_token_id=eos, pad_token_id=0)  # fmt: skip
+        ours = model.generate(prompt, temperature=0.7, top_k=5, **call)  # sampling args unused
+        theirs = hf.generate(prompt, temperature=0.7, top_k=5, **call)
+        assert torch.equal(ours, theirs), (ours, theirs)
+        assert (ours[0, 7 + 4 :] == 0).all()  # row 0 ended at its eos, then pad_token_id
+    inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}  # tokenizer(...)
+    assert torch.equal(model.generate(**inputs, do_sample=False, max_new_tokens=12)[:, 7:], free)
+
+    def sample(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return model.generate(prompt, do_sample=True, max_new_tokens=8, top_p=0.9, generator=g)
+
+    assert torch.equal(sample(1), sample(1)) and not torch.equal(sample(1), sample(2))
+    with pytest.raises(ValueError, match="do_sample=True needs temperature > 0, got 0"):
+        model.generate(prompt, do_sample=True, temperature=0)
+    padded = torch.ones_like(prompt)
+    padded[1, :2] = 0
+    with pytest.raises(ValueError, match="padded prompts"):
+        model.generate(prompt, attention_mask=padded, do_sample=False)
+
+
 def test_generation_stops_at_max_position_embeddings():
     model = OctoForCausalLM(OctoConfig.preset("tiny", max_position_embeddings=12)).eval()
     out = model.generate(torch.zeros(1, 5, dtype=torch.long), max_new_tokens=50, temperature=0)
@@ -272,7 +303,6 @@ def test_cli_names_a_broken_config_or_tokenizer_file(tmp_path, capsys):
     octo_model().save_pretrained(folder)
     args = ["--checkpoint", str(folder), "--prompt", "Hi", "--device", "cpu"]
     (folder / "tokenizer.json").write_text("{\n bad")
-    (folder / "checkpoint_complete.json").write_text("{")  # not the tokenizer's: not read
     assert main(args) == 2
     err = one_error_line(capsys)
     assert f"{folder / 'tokenizer.json'} does not read as JSON" in err and "--tokenizer" in err
@@ -285,3 +315,43 @@ def test_cli_names_a_broken_config_or_tokenizer_file(tmp_path, capsys):
     (folder / "config.json").write_text("{bad")
     assert main(args) == 2
     assert f"{folder / 'config.json'} is not valid JSON" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "trained"])
+@pytest.mark.parametrize("marked", [False, True], ids=["plain", "with_marker"])
+def test_cli_names_a_missing_tokenizer_json(tmp_path, gpt2_tokenizer_dir, corpus, capsys,
+                                            tokenizer, marked):  # fmt: skip
+    """tokenizer.json deleted, tokenizer_config.json left: one line naming the missing file.
+    transformers asked for sentencepiece or tiktoken (a tokenizer Octo trained) or built a
+    one-token GPT-2 tokenizer and generated from it (exit 0). In a folder with a completion
+    marker the marker names it (the save listed it)."""
+    from train.checkpoint import seal_folder
+
+    cfg = OctoConfig.preset("tiny", vocab_size=GPT2_VOCAB, tie_word_embeddings=True)
+    folder = tmp_path / "ckpt"
+    OctoForCausalLM(cfg).save_pretrained(folder)
+    source = gpt2_tokenizer_dir if tokenizer == "gpt2" else corpus["tokenizer"]
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    if marked:
+        seal_folder(folder, kind="model")
+    args = ["--checkpoint", str(folder), "--prompt", "Hi", "--device", "cpu"]
+    assert main([*args, "--max-new-tokens", "1"]) == 0
+    capsys.readouterr()
+    (folder / "tokenizer.json").unlink()
+    assert main(args) == 2
+    err = one_error_line(capsys)
+    if marked:
+        assert err.startswith(f"error: {folder / 'tokenizer.json'} is missing (the save listed it")
+    else:
+        assert err.startswith(f"error: {folder / 'tokenizer.json'} is missing: {folder} has a")
+    assert "--tokenizer DIR" in err
+
+
+def test_cli_names_a_broken_marker(tmp_path, capsys):
+    """A completion marker that does not parse is named (a damaged folder must not load as one
+    without a marker, unchecked)."""
+    folder = tmp_path / "ckpt"
+    octo_model().save_pretrained(folder)
+    (folder / "checkpoint_complete.json").write_text("{")
+    assert main(["--checkpoint", str(folder), "--prompt", "Hi", "--device", "cpu"]) == 2
+    assert f"{folder / 'checkpoint_complete.json'} is not valid JSON" in one_error_line(capsys)

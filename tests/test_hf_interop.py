@@ -340,12 +340,20 @@ def test_error_no_weights(tmp_path):
     assert "model.safetensors" in load_error(tmp_path)
 
 
-def test_error_missing_shard(saved):
+@pytest.mark.parametrize("marked", [False, True], ids=["plain", "with_marker"])
+def test_error_missing_shard(saved, marked):
+    """One line naming the shard and the index that lists it, also in a folder with a
+    completion marker (a checkpoint, final/), where it was a raw FileNotFoundError."""
+    from train.checkpoint import seal_folder
+
     folder, _ = saved
+    if marked:
+        seal_folder(folder, kind="model")
     shard = first_shard(folder)
     shard.unlink()
     message = load_error(folder)
-    assert shard.name in message and "missing" in message
+    assert message.startswith(f"shard {shard} is missing, but {folder / INDEX_NAME} lists it")
+    assert message.endswith("); the folder is incomplete: copy it again or re-save the model")
 
 
 def test_error_truncated_shard(saved):

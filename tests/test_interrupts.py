@@ -22,7 +22,7 @@ import torch
 
 import train.run as run_mod
 from octo import OctoConfig
-from tests.fakes import ListData
+from tests.fakes import ListData, final_model_trainer
 from train.checkpoint import complete_checkpoints
 from train.config import TrainConfig
 from train.loop import Trainer
@@ -146,10 +146,9 @@ def test_stopped_final_model_save_leaves_no_tmp_and_keeps_final(tmp_path, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train.checkpoint, "replace_folder", replace_folder)
-    trainer = types.SimpleNamespace(
-        cfg=TrainConfig(checkpoint_dir=str(tmp_path)), tokenizer=None,
-        model=types.SimpleNamespace(save_pretrained=save_pretrained),
-    )  # fmt: skip
+    model = types.SimpleNamespace(save_pretrained=save_pretrained, num_parameters=lambda: 0,
+                                  config=OctoConfig.preset("tiny"))  # fmt: skip
+    trainer = final_model_trainer(TrainConfig(checkpoint_dir=str(tmp_path)), model)
     with pytest.raises(KeyboardInterrupt):
         run_mod.save_final_model(trainer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

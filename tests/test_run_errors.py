@@ -65,6 +65,26 @@ def test_cudagraphs_under_torchrun_is_one_line_before_any_data(tmp_path, capsys,
     assert "compile 'cudagraphs' runs in one process only; use compile on under torchrun" in err
 
 
+def test_cudagraphs_without_cuda_is_one_line_before_any_data(tmp_path, capsys):
+    """compile=cudagraphs on a CPU: there is nothing to capture, and it compiled for minutes
+    before training on; now one line at start (a Trainer built with graph_stand_in=True, for
+    tests only, still takes it, so the loop's bookkeeping is tested on CPU: test_train_step)."""
+    rc, err = run_main(tmp_path, capsys, compile="cudagraphs", device="cpu")
+    assert rc == 2 and err == (
+        "error: compile 'cudagraphs' captures CUDA graphs and needs a CUDA device, but the device "
+        "is cpu; use compile on or off here"
+    ), err
+
+
+def test_a_device_string_torch_cannot_parse_is_named(tmp_path, capsys):
+    """device=cuda:abc said "CUDA is not available" (on a machine with or without it)."""
+    rc, err = run_main(tmp_path, capsys, device="cuda:abc")
+    assert rc == 2 and err == (
+        "error: config key 'device' is 'cuda:abc', which is not a device; use auto, cpu, cuda or "
+        "cuda:N (N a GPU number)"
+    ), err
+
+
 def test_check_writable_folders_creates_them_and_leaves_no_file(tmp_path):
     cfg = TrainConfig(checkpoint_dir=str(tmp_path / "a" / "ckpt"), log_dir=str(tmp_path / "logs"),
                       data_cache_dir=str(tmp_path / "cache"), pretokenize=True)  # fmt: skip
@@ -93,7 +113,7 @@ def test_cache_build_write_error_is_one_data_error_line(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "File too large" in msg and "ulimit -f" in msg, msg
     assert msg.startswith(f"building {tmp_path / 'part'} failed"), msg
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["part.lock"]  # no .tmp-*, no part
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no .tmp-*, no part, no part.lock
 
 
 def test_cache_build_full_disk_names_the_fix(tmp_path):

@@ -129,6 +129,43 @@ def test_final_folder_loads_in_octo_and_transformers(demo_run):
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_model_card_beside_the_final_model(demo_run):
+    """final/README.md says what the run's log says: parameters, tokens and steps, the last log
+    line's and the last evaluation's loss; with the plot, the loading lines and the config."""
+    tmp, _, _, records = demo_run
+    final = tmp / "ckpt" / "final"
+    card = (final / "README.md").read_text()
+    model = OctoForCausalLM.from_pretrained(final)
+    train = [r for r in records if r["type"] == "train"][-1]
+    ev = [r for r in records if r["type"] == "eval"][-1]
+    end = records[-1]
+    assert train["step"] == ev["step"] == end["step"] == 40
+    n = model.num_parameters()
+    assert f"| parameters | {n:,} ({n / 1e6:.2f}M) |" in card
+    assert f"| vocabulary | {model.config.vocab_size:,} ids; tokenizer: " in card
+    assert f"| trained | {end['tokens_seen']:,} tokens in 40 optimizer steps (" in card
+    assert (f"| final train loss | {train['loss']:.4f} (perplexity {train['ppl']:.2f}), mean of "
+            "steps 31-40 |") in card  # fmt: skip
+    assert (f"| final eval loss | {ev['eval_loss']:.4f} (perplexity {ev['eval_ppl']:.2f}) at step "
+            "40, on up to 4 batches |") in card  # fmt: skip
+    assert "| data | `octo-demo` (split 'train', eval split 'validation', column 'text') |" in card
+    assert re.search(r"^\| hardware \| CPU: .+ \(\d+ threads\) \|$", card, re.M), card
+    wall = r"^\| wall time \| \d+m\d\ds \(start of training to final save\) \|$"
+    assert re.search(wall, card, re.M), card
+    assert "![train and eval loss, and throughput, by step](loss.png)" in card
+    assert (final / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for use in (
+        "OctoForCausalLM.from_pretrained(",
+        "LlamaForCausalLM.from_pretrained(",
+        f"python -m octo.export_gguf {final} model.gguf",
+        "llama-completion -m model.gguf -no-cnv",
+    ):
+        assert use in card, use
+    config = card.split("```json\n", 1)[1].split("\n```", 1)[0]
+    assert json.loads(config) == json.loads((final / "train_config.json").read_text())
+    assert f"python -m train --config {final}/train_config.json --set resume_from=null" in card
+
+
 def stop_after(cmd: list[str], cwd: Path, step_line: str) -> tuple[str, str, int]:
     """Run cmd until it prints a line starting with step_line, then SIGTERM it: (stdout, stderr,
     exit code)."""

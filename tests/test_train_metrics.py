@@ -126,6 +126,49 @@ def test_plot_a_log_dir_draws_its_newest_run(tmp_path):
     assert main([str(tmp_path / "empty")]) == 2
 
 
+def test_plot_loss_axis_is_log_with_a_point_per_log_line():
+    """600 steps logged every 50: the loss axis is logarithmic (on a linear one everything after
+    the first fall was a flat line) and each log line is a marked point."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from train.plot import draw
+
+    recs = [{"type": "train", "step": s, "loss": 8.0 / s**0.5, "tokens_per_s": 1e3}
+            for s in range(50, 601, 50)]  # fmt: skip
+    recs += [{"type": "eval", "step": s, "eval_loss": 8.0 / s**0.5} for s in (200, 400, 600)]
+    fig = draw(recs, "run")
+    try:
+        ax_loss, ax_tps = fig.axes
+        assert ax_loss.get_yscale() == "log"
+        train_line, eval_line = ax_loss.get_lines()
+        assert list(train_line.get_xdata()) == list(range(50, 601, 50))
+        assert train_line.get_marker() not in ("None", "", None)
+        assert list(eval_line.get_xdata()) == [200, 400, 600]
+        assert ax_tps.get_lines()[0].get_marker() not in ("None", "", None)
+    finally:
+        plt.close(fig)
+
+
+def test_plot_a_log_dir_skips_newer_runs_without_a_loss(tmp_path, capsys):
+    """A resume of a finished run (or a run stopped before its first log line) leaves a newer
+    log with no loss: `python -m train.plot logs/demo` draws the newest run that has one, with a
+    note (it was an error)."""
+    pytest.importorskip("matplotlib")
+    from train.plot import main
+
+    rec = {"type": "train", "step": 1, "loss": 3.0, "tokens_per_s": 1.0}
+    (tmp_path / "training_20261125_100000.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "training_20261125_110000.jsonl").write_text("")
+    assert main([str(tmp_path)]) == 0
+    assert [p.name for p in tmp_path.glob("*.png")] == ["training_20261125_100000.png"]
+    assert capsys.readouterr().err == (
+        "note: training_20261125_110000.jsonl logged no loss yet (a run stopped before its first "
+        "log line, or a finished run resumed); plotting training_20261125_100000.jsonl\n"
+    )
+    assert main([str(tmp_path / "training_20261125_110000.jsonl")]) == 2  # named: no loss
+
+
 def test_plot_skips_a_partial_last_line_and_odd_records(tmp_path, capsys):
     """A run still writing (or killed mid-write) leaves a last line without its newline: the plot
     draws the rest with a note. JSON that is not an object, or a record without the plotted

@@ -66,6 +66,7 @@ def test_trainer_matches_plain_loop_on_tinyshakespeare(tmp_path, shared_data, gp
         dataset_name=str(shared_data / "text" / "tinyshakespeare.txt"),
         tokenizer_name=str(gpt2_tokenizer_dir), eval_split=None, eval_holdout_fraction=0.05,
         block_size=32, batch_size=4, gradient_accumulation_steps=1, max_steps=STEPS,
+        weight_decay=0.1,  # the plain loop's
         warmup_steps=WARMUP, learning_rate=LR, min_lr_ratio=MIN_RATIO, num_workers=0,
         eval_max_batches=8, log_interval_steps=STEPS // 4, eval_interval_steps=10**6,
         save_interval_steps=10**6, log_dir=str(tmp_path / "logs"),

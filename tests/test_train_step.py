@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -288,21 +289,30 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("kernels", ["triton", "torch"])
-def test_train_step_does_not_read_the_device(tmp_path, kernels):
+@pytest.mark.parametrize("kernels,compile", [("triton", "auto"), ("torch", "auto"),
+                                              ("torch", "graph")])  # fmt: skip
+def test_train_step_does_not_read_the_device(tmp_path, kernels, compile):
     """Issue 8: no host sync in the hot loop. A step (accumulation 2, clipping, fused AdamW,
     the skip bookkeeping and the interval meter) dispatches no op that reads a device value back
     (on the GPU those stall the host, which is what bounds Octo's step). The one read allowed is
     the reference cross-entropy's label-range check, which its contract asks for (a clear error
     for a label outside the vocabulary; the Triton path gives NaN instead). The Triton ops'
     insides are not seen here (they run as one op); they hold no host read (the kernel tests
-    run them under torch.cuda.set_sync_debug_mode("error") on a GPU)."""
-    cfg = make_cfg(tmp_path, kernels=kernels, batch_size=4, gradient_accumulation_steps=2)
-    tr = Trainer(cfg, MODEL)
+    run them under torch.cuda.set_sync_debug_mode("error") on a GPU). compile=graph's CPU
+    stand-in (train/cudagraph.py: copy-in, loss scale, gradient checks, replay as a direct call)
+    adds none either (the compiled model runs eagerly while recorded: Dynamo refuses to trace
+    under a dispatch mode, and the model's own ops are the eager cases' business)."""
+    cfg = make_cfg(tmp_path, kernels=kernels, compile=compile, batch_size=4,
+                   gradient_accumulation_steps=2)  # fmt: skip
+    tr = Trainer(cfg, MODEL, graph_stand_in=compile == "graph")
     batches = random_batches(2, batch=4)
     tr.train_step(batches)  # the first step builds the optimizer state
-    with HostReads() as reads:
+    tr.train_step(batches)  # compile=graph: the second step's first micro-batch is captured
+    eager = torch.compiler.set_stance("force_eager") if compile == "graph" else nullcontext()
+    with eager, HostReads() as reads:
         tr.train_step(batches)
+    if compile == "graph":
+        assert (tr._graph.captures, tr._graph.replays) == (1, 4)
     allowed = "octo_kernels/cross_entropy.py" if kernels == "torch" else None
     unexpected = [r for r in reads.found if allowed is None or allowed not in r]
     assert unexpected == [], unexpected
@@ -311,16 +321,20 @@ def test_train_step_does_not_read_the_device(tmp_path, kernels):
 
 
 @pytest.mark.gpu
-def test_gpu_step_does_not_synchronize(tmp_path):
+@pytest.mark.parametrize("compile", ["on", "graph"])
+def test_gpu_step_does_not_synchronize(tmp_path, compile):
     """On a GPU the default path (bf16, Triton kernels, torch.compile) runs a step with no
     synchronizing CUDA call at all: torch.cuda.set_sync_debug_mode("error") raises on any.
-    (The loop's one wait, on the previous step's skip flags, is an event wait it allows.)"""
-    cfg = make_cfg(tmp_path, device="cuda", precision="bf16", kernels="triton", compile="on",
+    (The loop's one wait, on the previous step's skip flags, is an event wait it allows.) So
+    does compile=graph once captured: copy-in, replays, the optimizer outside the graph."""
+    cfg = make_cfg(tmp_path, device="cuda", precision="bf16", kernels="triton", compile=compile,
                    batch_size=4, gradient_accumulation_steps=2)  # fmt: skip
     tr = Trainer(cfg, MODEL)
     batches = random_batches(2, batch=4)
-    for _ in range(2):  # compile, optimizer state
+    for _ in range(2):  # compile, optimizer state; compile=graph: 2 warmups, the capture
         tr.train_step(batches)
+    if compile == "graph":
+        assert (tr._graph.captures, tr._graph.failure) == (1, None)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -359,7 +373,7 @@ def _compare_compile_modes(tmp_path, batches, out) -> None:
 
     for mode in ("off", "on", "cudagraphs"):
         cfg = make_cfg(tmp_path / mode, compile=mode, batch_size=4, gradient_accumulation_steps=2)
-        tr = Trainer(cfg, MODEL, eval_data=batches[:2])
+        tr = Trainer(cfg, MODEL, eval_data=batches[:2], graph_stand_in=mode == "cudagraphs")
         torch._dynamo.reset()
         counters.clear()
         losses = [tr.train_step(batches[2 * i : 2 * i + 2]).loss() for i in range(3)]

@@ -8,19 +8,49 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
-import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+# Light (no torch): the stop-signal handlers are in place before the seconds of heavy imports.
+from train.signals import ignore_stop_signals, raise_if_interrupted, stop_signals_interrupt
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.config import add_set_argument  # light: no torch
+    """The run's exit code (see train/run.py). From main()'s first line, SIGINT and SIGTERM stop
+    the start-up (torch and transformers take seconds to import) with one line and 130."""
+    with stop_signals_interrupt():
+        started = False
+        try:
+            parsed = _parse(argv)
+            if isinstance(parsed, int):
+                return parsed
+            from train.run import run  # imports torch: seconds, where a Ctrl-C often lands
+
+            raise_if_interrupted()  # one that an import swallowed ("Exception ignored in ...")
+            started = True
+            return run(*parsed)
+        except KeyboardInterrupt:  # run() reports its own; this is one in the instant around it
+            if started:
+                print("interrupted while the run was starting or ending; the lines above say "
+                      "what it saved", file=sys.stderr)  # fmt: skip
+            else:
+                print("interrupted before training started; nothing was saved", file=sys.stderr)
+            return 130
+
+
+def _parse(argv: list[str] | None) -> tuple[Any, dict[str, Any]] | int:
+    """(TrainConfig, model fields) from the command line, or 2 after a ConfigError's line."""
+    from train.config import ConfigError, TrainConfig, add_set_argument, load_model_config
+    from train.config_docs import help_epilog
 
     parser = argparse.ArgumentParser(
-        prog="python -m train", description="Train an Octo (Llama-architecture) language model."
+        prog="python -m train",
+        description="Train an Octo (Llama-architecture) language model.",
+        epilog=help_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config",
@@ -34,24 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_set_argument(parser)
     args = parser.parse_args(argv)
-
     try:
-        from train.config import ConfigError, TrainConfig, load_model_config
+        cfg = TrainConfig.load(args.config, args.set)
+        if args.model_config is not None:
+            cfg.model_config = args.model_config
+        return cfg, load_model_config(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
-        try:
-            cfg = TrainConfig.load(args.config, args.set)
-            if args.model_config is not None:
-                cfg.model_config = args.model_config
-            model_fields = load_model_config(cfg)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
 
-        from train.run import run  # imports torch: seconds, where a Ctrl-C often lands
-    except KeyboardInterrupt:  # run() reports its own
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
-        return 130
-    return run(cfg, model_fields)
+def entry() -> NoReturn:
+    """The process of `python -m train` (and of train/train.py): main(), then exit_process."""
+    try:
+        code = main()
+    except KeyboardInterrupt:  # in the instant after main()'s handlers are gone
+        code = 130
+    exit_process(code)
 
 
 def exit_process(code: int) -> NoReturn:
@@ -63,7 +92,10 @@ def exit_process(code: int) -> NoReturn:
     "terminate called without an active exception" after a run that succeeded
     (pytorch/pytorch#179291; seen here on CPU under load, core dump in
     c10d::ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork). Gloo is used on GPUs too, for the
-    host-side flags."""
+    host-side flags.
+    From here on SIGINT and SIGTERM are ignored: the code is decided, and a late Ctrl-C must
+    neither print a traceback nor change it."""
+    ignore_stop_signals()
     distributed = sys.modules.get("train.distributed")  # not imported: no group, torch unloaded
     if distributed is None or not distributed.joined_group():
         sys.exit(code)
@@ -74,6 +106,4 @@ def exit_process(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
-    code = main()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # it is over: a late Ctrl-C prints no traceback
-    exit_process(code)
+    entry()

@@ -6,11 +6,13 @@ which checkpoint to resume from.
                                                   the folder loads as a Llama model)
       optimizer.json, optimizer-0000K-of-0000N.safetensors   (train/checkpoint_io.py)
       trainer_state.json    step, epoch, tokens_seen, scheduler, scaler, data position, RNG states
-      train_config.json     the resolved TrainConfig
-      tokenizer files       (when a tokenizer is given)
+                            (train/checkpoint_state.py: each field is checked before a resume)
+      train_config.json     the resolved TrainConfig (a local tokenizer named as this folder's copy)
+      tokenizer files, generation_config.json   (when a tokenizer is given: octo.tokenizer_files)
       checkpoint_complete.json   written last: {"format": 2, "step", "files": {relative path:
                                  size in bytes}, "crc32": {relative path: [CRC-32 of each
-                                 "crc32_chunk" bytes]}} (format 1, before checksums: no "crc32")
+                                 "crc32_chunk" bytes]}} (format 1, before checksums: no "crc32");
+                                 octo/integrity.py reads it (final/ has one too: seal_folder)
 
 Atomic: everything goes to the sibling `checkpoint_step_5000.tmp`, each file is fsynced, the
 completion marker is written last, the folder is renamed into place and the parent fsynced. A crash
@@ -29,12 +31,10 @@ before_rotate (renamed into place, older checkpoints not yet removed).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
 import logging
 import os
-import random
 import re
 import shutil
 import signal
@@ -42,10 +42,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from octo.hf_io import CHECKSUM_CHUNK, MARKER_NAME, _read_weight_map, parse_size, unwrap_model
+from octo.hf_io import _read_weight_map, parse_size, unwrap_model
+from octo.integrity import CHECKSUM_CHUNK, MARKER_NAME, read_marker
+from octo.tokenizer_files import save_tokenizer, special_token_ids
 from train.checkpoint_io import (
     CheckpointError,
     check_files,
@@ -59,7 +60,14 @@ from train.checkpoint_io import (
     save_optimizer,
     write_json,
 )
+from train.checkpoint_state import (
+    capture_rng_state,
+    check_optimizer_meta,
+    check_trainer_state,
+    restore_rng_state,
+)
 from train.config import TrainConfig
+from train.data import with_own_tokenizer
 from train.data_stream import batch_size_change_effect
 
 __all__ = [
@@ -92,56 +100,6 @@ def _crash_point(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# ----- RNG ----------------------------------------------------------------------------------------
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-
-def capture_rng_state() -> dict:
-    """Every RNG a training step may draw from, as JSON (byte states base64-encoded, lossless):
-    python `random`, numpy's global generator, torch CPU, and torch CUDA (one per device, when
-    CUDA is in use)."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    cuda = None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [
-            kind,
-            base64.b64encode(keys.astype("<u4").tobytes()).decode(),
-            pos,
-            has_gauss,
-            cached,
-        ],  # fmt: skip
-        "torch": _b64(torch.get_rng_state()),
-        "cuda": cuda,
-    }
-
-
-def restore_rng_state(state: dict) -> None:
-    """Inverse of capture_rng_state. CUDA states are restored for the devices both sides have."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(
-        (kind, np.frombuffer(base64.b64decode(keys), dtype="<u4"), pos, has_gauss, cached)
-    )
-    torch.set_rng_state(_unb64(state["torch"]))
-    if state.get("cuda") and torch.cuda.is_available():
-        n = min(len(state["cuda"]), torch.cuda.device_count())
-        if n < len(state["cuda"]):
-            log.warning("checkpoint has %d CUDA RNG states, %d GPUs here", len(state["cuda"]), n)
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"][:n]])
-
-
 # ----- save ---------------------------------------------------------------------------------------
 
 
@@ -159,6 +117,33 @@ def replace_folder(tmp: Path, final: Path) -> None:
     else:
         os.rename(tmp, final)
     fsync_dir(final.parent)
+
+
+def seal_folder(
+    folder: Path, step: int | None = None, kind: str | None = None, before_marker: Any = None
+) -> None:
+    """Mark `folder` complete (octo/integrity.py's marker): fsync every file in it, checksum
+    each, then write the completion marker, listing every file present now, and fsync the
+    folder. Call it last, after every file of the folder is written: a file added later is not
+    covered (a reader that asks for it is told so). step: a checkpoint's (None: not recorded);
+    kind: None for a checkpoint, "model" for a final model folder (never resumed from)."""
+    files, crcs = fsync_and_checksum(folder, CHECKSUM_CHUNK)
+    if before_marker is not None:
+        before_marker()
+    marker: dict[str, Any] = {"format": 2}
+    marker.update({"step": step} if step is not None else {})
+    marker.update({"files": files, "crc32": crcs, "crc32_chunk": CHECKSUM_CHUNK})
+    marker.update({"kind": kind} if kind else {})
+    write_json(folder / MARKER, marker)
+    fsync_dir(folder)
+
+
+def what_stands(root: Path) -> str:
+    """After a failed save into root: the complete checkpoints left there, in words."""
+    found = complete_checkpoints(root)
+    if not found:
+        return "no checkpoint was saved before this one"
+    return f"the earlier checkpoints are intact (newest: {found[-1][1]})"
 
 
 def write_error_fix(e: OSError) -> str:
@@ -272,7 +257,8 @@ def save_checkpoint(
     t0 = time.perf_counter()
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp, max_shard_size=shard_bytes)
+        token_ids = special_token_ids(tokenizer) if tokenizer is not None else None
+        model.save_pretrained(tmp, max_shard_size=shard_bytes, token_ids=token_ids)
         _crash_point("after_model", step)
         what = "the optimizer state"
         save_optimizer(
@@ -285,17 +271,14 @@ def save_checkpoint(
         what = "trainer_state.json"
         write_json(tmp / "trainer_state.json", trainer_state)
         what = "train_config.json"
+        if tokenizer is not None:  # it names the tokenizer's copy in this folder
+            train_config = with_own_tokenizer(train_config)
         write_json(tmp / "train_config.json", train_config.to_dict())
         if tokenizer is not None:
             what = "the tokenizer files"
-            tokenizer.save_pretrained(str(tmp))
-        what = "the files (fsync)"
-        files, crcs = fsync_and_checksum(tmp, CHECKSUM_CHUNK)
-        _crash_point("before_marker", step)
-        what = MARKER
-        marker = {"format": 2, "step": step, "files": files, "crc32": crcs}
-        write_json(tmp / MARKER, {**marker, "crc32_chunk": CHECKSUM_CHUNK})
-        fsync_dir(tmp)
+            save_tokenizer(tokenizer, tmp, model.config.max_position_embeddings)
+        what = f"the files (fsync) and {MARKER}"
+        seal_folder(tmp, step, before_marker=lambda: _crash_point("before_marker", step))
         _crash_point("before_rename", step)
         what = "the checkpoint folder (rename)"
         if final.exists():  # saved this step before (e.g. a resumed run): replace it
@@ -306,8 +289,8 @@ def save_checkpoint(
         if isinstance(e, OSError):
             raise CheckpointError(
                 f"saving checkpoint {final} failed while writing {what}: "
-                f"{e.strerror or e}; {write_error_fix(e)}. The partial save was removed; earlier "
-                "checkpoints are intact"
+                f"{e.strerror or e}; {write_error_fix(e)}. The partial save was removed; "
+                f"{what_stands(root)}"
             ) from e
         raise
     _crash_point("before_rotate", step)
@@ -341,47 +324,27 @@ def _signature(path: Path, files: dict) -> tuple:
     return tuple((rel, st.st_size, st.st_mtime_ns, st.st_ino) for rel, st in stats)
 
 
-# trainer_state.json: field -> (the JSON types it may have, whether it must be there). The
-# trainer reads these (train/loop.py resume, train/checkpoint_dist.rank_state); anything else in
-# the file is passed along untouched.
-_STATE_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "step": ((int,), True),
-    "epoch": ((int,), False),
-    "tokens_seen": ((int,), False),
-    "nonfinite_skips": ((int,), False),
-    "scaler": ((dict, type(None)), False),
-    "data": ((dict, type(None)), False),
-    "rng": ((dict, type(None)), False),
-    "ranks": ((list, type(None)), False),
-}
-
-
-def check_trainer_state(path: Path, state: Any) -> None:
-    """CheckpointError (one line naming the file and the field) unless `state`, read from `path`,
-    has the fields the trainer reads, with JSON types it can use."""
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not an object (corrupt)")
-    for field, (types, required) in _STATE_FIELDS.items():
-        if field not in state:
-            if required:
-                raise CheckpointError(f"{path} has no {field!r} field (corrupt checkpoint)")
-            continue
-        value = state[field]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise CheckpointError(
-                f"{path}: field {field!r} is {value!r:.60}, not "
-                f"{' or '.join(t.__name__ for t in types)} (corrupt checkpoint)"
-            )
-    if state["step"] < 0:
-        raise CheckpointError(f"{path}: field 'step' is {state['step']} (corrupt checkpoint)")
+def _own_step(path: Path, meta: dict) -> int | None:
+    """The step a checkpoint folder is of: its name's N (checkpoint_step_N, .old or .tmp) and
+    its marker's "step", which must agree; None when neither says (a renamed format-1 copy)."""
+    m = _FINAL.fullmatch(path.name) or _TRANSIENT.fullmatch(path.name)
+    named = int(m.group(1)) if m else None
+    marked = meta.get("step")
+    if named is not None and marked is not None and named != marked:
+        raise CheckpointError(
+            f"{path / MARKER}: field 'step' is {marked} but the folder is checkpoint_step_{named} "
+            "(corrupt checkpoint)"
+        )
+    return named if named is not None else marked
 
 
 def verify_checkpoint(path: str | Path) -> None:
     """Integrity check of a checkpoint folder: marker present and parsed; every file it lists
     present with its size and (since format 2) its checksums, which reads every byte once (see
     _verified); safetensors headers consistent with their file sizes; JSON parses;
-    trainer_state.json has the fields the trainer reads. Raises CheckpointError naming the first
-    bad file. A format-1 checkpoint (no checksums) gets the size, header and parse checks."""
+    trainer_state.json holds every field the trainer reads, its step the folder's own
+    (train/checkpoint_state.py). Raises CheckpointError naming the first bad file (and field).
+    A format-1 checkpoint (no checksums) gets the size, header and parse checks."""
     path = Path(path)
     marker = path / MARKER
     if not marker.is_file():
@@ -389,23 +352,23 @@ def verify_checkpoint(path: str | Path) -> None:
             f"{path} has no {MARKER}: its save never finished; resume from an earlier checkpoint "
             "(or name the parent folder to pick the newest complete one)"
         )
-    meta = read_json(marker)
-    files = meta.get("files") if isinstance(meta, dict) else None
-    if not isinstance(files, dict):
-        raise CheckpointError(f"{marker} lists no files (corrupt checkpoint)")
+    try:
+        meta = read_marker(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if meta.get("kind", "checkpoint") != "checkpoint":
+        raise CheckpointError(
+            f"{path} is a model folder (weights only, no optimizer or trainer state), not a "
+            "checkpoint; resume from a checkpoint_step_N folder"
+        )
+    files = meta["files"]
     for name in _REQUIRED:
         if name not in files:
             raise CheckpointError(f"{path / name} is not part of the checkpoint (corrupt)")
     if "model.safetensors.index.json" not in files and "model.safetensors" not in files:
         raise CheckpointError(f"{path} holds no model weights (model*.safetensors)")
     crcs, chunk = meta.get("crc32"), meta.get("crc32_chunk")
-    if crcs is not None and not (
-        isinstance(crcs, dict)
-        and all(isinstance(v, list) and all(type(c) is int for c in v) for v in crcs.values())
-        and type(chunk) is int
-        and chunk > 0
-    ):
-        raise CheckpointError(f"{marker} has malformed checksums (corrupt checkpoint)")
+    step = _own_step(path, meta)
     try:
         signature = _signature(path, files)
     except OSError:
@@ -413,9 +376,18 @@ def verify_checkpoint(path: str | Path) -> None:
     if signature is not None and _verified.get(path.resolve()) == signature:
         return
     check_files(path, files, crcs, chunk or 0)
-    check_trainer_state(path / "trainer_state.json", read_json(path / "trainer_state.json"))
+    check_trainer_state(path / "trainer_state.json", read_json(path / "trainer_state.json"), step)
+    check_optimizer_meta(path / "optimizer.json", read_json(path / "optimizer.json"))
     if signature is not None:
         _verified[path.resolve()] = signature
+
+
+def _is_model_folder(path: Path) -> bool:
+    """A final model folder (its marker says kind "model"): weights, no trainer state."""
+    try:
+        return (read_marker(path) or {}).get("kind") == "model"
+    except ValueError:
+        return False  # a damaged marker: verify_checkpoint names it
 
 
 def resolve_resume(resume_from: str | Path) -> Path:
@@ -449,7 +421,8 @@ def resolve_resume(resume_from: str | Path) -> Path:
         raise CheckpointError(
             f"{p} is the temporary folder of an interrupted save; resume from its parent {p.parent}"
         )
-    if _FINAL.fullmatch(p.name) or (p / MARKER).exists() or (p / "trainer_state.json").exists():
+    marked = (p / MARKER).exists() and not _is_model_folder(p)
+    if _FINAL.fullmatch(p.name) or marked or (p / "trainer_state.json").exists():
         try:
             verify_checkpoint(p)
         except CheckpointError as e:  # named explicitly: an error, with the way out

@@ -13,6 +13,7 @@ parameter order changes, or when the model is wrapped (torch.compile, DDP) on on
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any
 
 import torch
 
-from octo.hf_io import checksum_mismatch, file_checksums, plan_shards, save_safetensors
+from octo.hf_io import plan_shards, save_safetensors
+from octo.integrity import checksum_mismatch, file_checksums
 
 
 class CheckpointError(ValueError):
@@ -85,9 +87,10 @@ def fsync_tree(root: Path) -> dict[str, int]:
 
 
 def fsync_and_checksum(root: Path, chunk: int) -> tuple[dict[str, int], dict[str, list[int]]]:
-    """fsync_tree(root), and the chunk CRC-32s of every file (octo.hf_io.file_checksums) computed
-    meanwhile: the files were just written, so they are read back from the page cache while the
-    fsyncs wait on the disk. Returns ({relative path: size}, {relative path: [CRC-32s]})."""
+    """fsync_tree(root), and the chunk CRC-32s of every file (octo.integrity.file_checksums)
+    computed meanwhile: the files were just written, so they are read back from the page cache
+    while the fsyncs wait on the disk. Returns ({relative path: size}, {relative path:
+    [CRC-32s]})."""
     paths = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
     sizes: dict[str, int] = {}
     crcs = file_checksums(paths, chunk, extra=[lambda: sizes.update(fsync_tree(root))])
@@ -103,6 +106,30 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
+
+
+def _check_entry(path: Path, name: str, info: dict) -> None:
+    """One tensor of a safetensors header: a known dtype, a shape of ints >= 0, and data
+    offsets spanning exactly shape x element size bytes (a shape edited alone, e.g. to [1],
+    would otherwise fail in a reshape, or fill only part of a parameter read in place)."""
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unknown dtype {dtype!r:.20} (corrupt)")
+    if not (
+        isinstance(shape, list)
+        and all(type(d) is int and d >= 0 for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CheckpointError(f"{path}: tensor {name} has a malformed header entry (corrupt)")
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise CheckpointError(
+            f"{path}: tensor {name} has shape {shape} ({dtype}: {nbytes} bytes) but its data is "
+            f"{offsets[1] - offsets[0]} bytes (corrupt checkpoint)"
+        )
 
 
 def read_header(path: Path) -> tuple[int, dict[str, dict]]:
@@ -121,6 +148,8 @@ def read_header(path: Path) -> tuple[int, dict[str, dict]]:
             end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
             raise CheckpointError(f"{path} has a malformed safetensors header (corrupt)") from None
+    for name, info in header.items():
+        _check_entry(path, name, info)
     if 8 + n + end != size:
         raise CheckpointError(
             f"{path} is {size} bytes but its header describes {8 + n + end} (truncated or corrupt)"
@@ -146,9 +175,7 @@ def read_tensors(
     out = {}
     with open(path, "rb", buffering=0) as f:
         for name, info in header.items():
-            dtype = _DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name} has unknown dtype {info['dtype']}")
+            dtype = _DTYPES[info["dtype"]]  # known: read_header checked each entry
             begin, end = info["data_offsets"]
             dest = into.get(name)
             direct = (
@@ -287,27 +314,36 @@ def save_optimizer(
     write_json(folder / OPTIMIZER_META, meta)
 
 
+def _state_tensor(path: Path, key: Any, loaded: dict[str, torch.Tensor]) -> torch.Tensor:
+    if not isinstance(key, str) or key not in loaded:
+        raise CheckpointError(f"{path} names tensor {key!r:.60}, which no optimizer shard holds")
+    return loaded[key]
+
+
 def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: dict[int, str]) -> None:
     """Fill optimizer (built over the model's parameters, any order) from save_optimizer's files.
-    The saved groups must hold the same parameter names as the current ones, group by group."""
-    meta = read_json(folder / OPTIMIZER_META)
+    The saved groups must hold the same parameter names as the current ones, group by group, and
+    every state tensor the shape of its parameter ("step": one number); each problem is one
+    CheckpointError naming the file and the field or tensor."""
+    meta_path = folder / OPTIMIZER_META
+    meta = read_json(meta_path)  # its form: checked with the checkpoint (check_optimizer_meta)
     if meta.get("optimizer") != type(optimizer).__name__:
         raise CheckpointError(
-            f"{folder / OPTIMIZER_META} holds {meta.get('optimizer')} state but the run uses "
+            f"{meta_path} holds {meta.get('optimizer')} state but the run uses "
             f"{type(optimizer).__name__}; resume with the same optimizer or start a fresh run"
         )
     saved_groups = meta["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
         raise CheckpointError(
-            f"{folder / OPTIMIZER_META} has {len(saved_groups)} parameter groups, the optimizer "
+            f"{meta_path} has {len(saved_groups)} parameter groups, the optimizer "
             f"{len(optimizer.param_groups)}; resume with the same weight-decay grouping"
         )
     loaded: dict[str, torch.Tensor] = {}
     for file in sorted(set(meta["weight_map"].values())):
         loaded.update(read_tensors(folder / file))
 
-    def tensor(key: str) -> torch.Tensor:
-        return loaded[key]
+    def tensor(key: Any) -> torch.Tensor:
+        return _state_tensor(meta_path, key, loaded)
 
     sd_state: dict[int, dict] = {}
     sd_groups = []
@@ -317,29 +353,33 @@ def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer, names: dict[i
         if set(current) != set(saved["params"]):
             diff = sorted(set(current) ^ set(saved["params"]), key=str)
             raise CheckpointError(
-                f"{folder / OPTIMIZER_META}: parameter group {i} differs from the optimizer's "
+                f"{meta_path}: parameter group {i} differs from the optimizer's "
                 f"(e.g. {diff[0]!r}); resume with the same model and weight-decay grouping"
             )
         hp = {k: v for k, v in saved.items() if k not in ("params", "tuple_keys")}
         for k, v in hp.items():
             if isinstance(v, dict) and set(v) == {"tensor"}:
                 hp[k] = tensor(v["tensor"])
-            elif k in saved["tuple_keys"]:
-                hp[k] = tuple(v)
+            elif k in saved.get("tuple_keys", []):
+                hp[k] = tuple(v) if isinstance(v, list) else v
         hp["params"] = list(range(index, index + len(current)))
         sd_groups.append(hp)
         for p, name in zip(group["params"], current):
             entries = meta["state"].get(name)
             if entries:
-                st = {}
-                for k, e in entries.items():
-                    st[k] = tensor(e["tensor"]) if "tensor" in e else e["value"]
-                    if k != "step" and isinstance(st[k], torch.Tensor) and st[k].dim():
-                        if st[k].shape != p.shape:
-                            raise CheckpointError(
-                                f"{folder}: optimizer state {name}.{k} has shape "
-                                f"{tuple(st[k].shape)} but the parameter has {tuple(p.shape)}"
-                            )
+                st = {k: tensor(e["tensor"]) if "tensor" in e else e["value"]
+                      for k, e in entries.items()}  # fmt: skip
+                for k, t in st.items():
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    ok = t.numel() == 1 if k == "step" else t.shape == p.shape
+                    if not ok:
+                        want = f"{tuple(p.shape)} (the parameter's)"
+                        want = "one number" if k == "step" else want
+                        raise CheckpointError(
+                            f"{folder}: optimizer state {name}.{k} has shape {tuple(t.shape)}, "
+                            f"not {want} (corrupt checkpoint, or another model)"
+                        )
                 sd_state[index] = st
             index += 1
     optimizer.load_state_dict({"state": sd_state, "param_groups": sd_groups})

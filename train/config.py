@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from train.trackers import report_to_names
+
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; the message is one line."""
@@ -23,72 +25,171 @@ class ConfigError(ValueError):
 
 # Keys that name files or folders; an empty string is refused rather than read as "here".
 PATH_KEYS = ("dataset_name", "tokenizer_name", "checkpoint_dir", "resume_from", "model_config",
-             "data_cache_dir", "log_dir")  # fmt: skip
-NULLABLE_PATH_KEYS = ("resume_from", "model_config")
+             "init_from", "data_cache_dir", "log_dir")  # fmt: skip
+NULLABLE_PATH_KEYS = ("resume_from", "model_config", "init_from")
+# tokenizer_name in the train_config.json of a folder holding its own copy of the tokenizer (a
+# checkpoint, final): `load` reads it as that config file's folder, wherever it was copied to
+OWN_TOKENIZER = "."
+
+
+def key(default: Any, help: str) -> Any:
+    """A TrainConfig field with its meaning: the one place a key is documented. `python -m train
+    --help` lists it, and the README's key tables are train.config_docs.key_table's output."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    # ----- the seed's keys --------------------------------------------------------------------
-    dataset_name: str = "roneneldan/TinyStories"  # Hub name, or a local file / glob / folder
-    train_split: str = "train"
-    eval_split: str | None = "validation"  # null: hold out eval_holdout_fraction of train
-    text_column: str = "text"
-    tokenizer_name: str = "gpt2"  # Hub name or local folder
-    block_size: int = 512  # tokens per training sequence
-    batch_size: int = 16  # sequences per micro-batch (per process)
-    gradient_accumulation_steps: int = 4
-    num_epochs: int = 1
-    learning_rate: float = 3e-4  # peak, after warmup
-    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
-    warmup_steps: int = 1000
-    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
-    seed: int = 42
-    log_interval_steps: int = 100
-    eval_interval_steps: int = 1000
-    save_interval_steps: int = 5000
-    eval_max_batches: int = 100
-    checkpoint_dir: str = "checkpoints"
-    resume_from: str | None = None  # a checkpoint folder, or a folder of them (newest complete)
-    use_mixed_precision: bool = True  # bf16 autocast where supported, else fp16 + GradScaler
-    use_gradient_checkpointing: bool = False
+    # ----- the seed's keys (train/config.json: the seed guide's file, value for value) ---------
+    dataset_name: str = key(
+        "roneneldan/TinyStories",
+        "Hub dataset (streamed), or a local `.txt`/`.jsonl`/`.json`/`.parquet` file, glob or "
+        "folder; `octo-demo` = the generated demo corpus",
+    )
+    train_split: str = key("train", "the training split")
+    eval_split: str | None = key(
+        "validation",
+        "the evaluation split; null holds out `eval_holdout_fraction` of train",
+    )
+    text_column: str = key("text", "the column holding the text")
+    tokenizer_name: str = key(
+        "gpt2",
+        "Hub name or local folder (fast tokenizers); `octo-demo` = the demo's BPE; `.` in a "
+        "config file = that file's folder (how a checkpoint's train_config.json names its own "
+        "tokenizer copy)",
+    )
+    block_size: int = key(512, "tokens per sequence (documents are packed, EOS between them)")
+    batch_size: int = key(16, "sequences per micro-batch, per process")
+    gradient_accumulation_steps: int = key(
+        4,
+        "micro-batches per optimizer step; the loss is normalised by the target tokens of all "
+        "of them",
+    )
+    num_epochs: int = key(1, "passes over the training data (reshuffled per epoch from the seed)")
+    learning_rate: float = key(3e-4, "peak learning rate, after warmup")
+    weight_decay: float = key(0.01, "AdamW decay, not applied to norms, biases and embeddings")
+    warmup_steps: int = key(100, "linear warmup steps")
+    max_grad_norm: float = key(1.0, "gradient clipping (0: off; the norm is logged either way)")
+    seed: int = key(42, "seeds Python, NumPy, torch and the data order")
+    log_interval_steps: int = key(50, "a log line every N steps")
+    eval_interval_steps: int = key(500, "evaluation every N steps and at the end")
+    save_interval_steps: int = key(
+        5000, "a checkpoint every N steps, at the end, and on SIGINT/SIGTERM"
+    )
+    eval_max_batches: int = key(64, "evaluation batches at most")
+    checkpoint_dir: str = key(
+        "checkpoints",
+        "where `checkpoint_step_N/` folders and `final/` go; one run at a time (a lock); a run "
+        "that does not resume refuses a folder already holding a run's checkpoints",
+    )
+    resume_from: str | None = key(
+        None,
+        "a checkpoint folder, or a folder of them (its newest complete one), to continue its "
+        "run exactly",
+    )
+    use_mixed_precision: bool = key(
+        True, "bf16 autocast where supported, else fp16 + GradScaler (CUDA)"
+    )
+    use_gradient_checkpointing: bool = key(False, "recompute each layer's activations in backward")
 
     # ----- further keys -----------------------------------------------------------------------
-    # JSON file, preset name ("seed", "tiny") or the model's fields themselves (what a saved
-    # train_config.json holds for a file: resolved_model_config); default "seed"
-    model_config: str | dict[str, Any] | None = None
-    max_steps: int | None = None  # optimizer steps; default: num_epochs worth of data
-    lr_schedule: str = "cosine"  # cosine | linear | constant, after warmup
-    min_lr_ratio: float = 0.1  # the decay's floor, as a fraction of learning_rate
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    # adamw | muon (torch.optim.Muon for the decoder layers' matrices, AdamW for the rest;
-    # train/muon.py); the muon_* keys apply only to muon
-    optimizer: str = "adamw"
-    # defaults from the sweep in bench/NOTES.md (demo and tiny-shakespeare)
-    muon_learning_rate: float = 0.01  # Muon's peak lr, on the same schedule as learning_rate
-    muon_adamw_lr_scale: float = 4.0  # with muon, AdamW's peak lr is learning_rate x this
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0  # decoupled: W <- W (1 - lr * muon_weight_decay)
-    precision: str = "auto"  # auto (from use_mixed_precision) | bf16 | fp16 | fp32
-    compile: str = "auto"  # auto (on for CUDA) | on | off | cudagraphs (on + CUDA graphs)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    kernels: str = "auto"  # auto | triton | torch (OCTO_KERNELS)
-    num_workers: int = 2  # DataLoader worker processes for tokenization
-    buffer_size: int = 10000  # shuffle buffer, in blocks (0 = no shuffle)
-    # tokenize once into memory-mapped shards under data_cache_dir, or stream; null: see
-    # `pretokenized`
-    pretokenize: bool | None = None
-    data_cache_dir: str = "data_cache"
-    eval_holdout_fraction: float = 0.0  # with eval_split null: this fraction of train docs
-    keep_last_checkpoints: int = 3
-    max_shard_size: int | str = "2GB"  # safetensors shard size of saved models: bytes or "500MB"
-    log_dir: str = "logs"
-    max_consecutive_nonfinite: int = 5  # NaN/Inf steps skipped in a row before the run stops
-    parallelism: str = "ddp"  # ddp | fsdp, when launched by torchrun with several processes
-    sample_prompt: str = "Once upon a time"  # printed sample at the end of a run
-    sample_max_new_tokens: int = 64
+    model_config: str | dict[str, Any] | None = key(
+        None,
+        "model JSON (ours or a transformers Llama `config.json`), a preset (`seed`, `tiny`), or "
+        "the model's fields themselves (a checkpoint's `train_config.json` stores them so it "
+        "rebuilds the same model anywhere); default: the seed architecture with vocab = "
+        "tokenizer size rounded up to 64",
+    )
+    init_from: str | None = key(
+        None,
+        "a final model folder, a `checkpoint_step_N` folder or a transformers Llama folder "
+        "(safetensors) whose weights start this run; its `config.json` gives the model's shape; "
+        "optimizer, schedule and data order start fresh; not with resume_from or model_config",
+    )
+    max_steps: int | None = key(
+        None,
+        "optimizer steps; default: num_epochs worth of the pre-tokenized data (streamed data "
+        "has no known size, so it needs max_steps)",
+    )
+    lr_schedule: str = key("cosine", "cosine, linear or constant after warmup")
+    min_lr_ratio: float = key(0.1, "the decay's floor, as a fraction of learning_rate")
+    adam_beta1: float = key(0.9, "AdamW beta1, in [0, 1)")
+    adam_beta2: float = key(0.95, "AdamW beta2, in [0, 1)")
+    adam_eps: float = key(1e-8, "AdamW epsilon, > 0 (torch's fused kernel on CUDA and CPU)")
+    optimizer: str = key(
+        "adamw",
+        "adamw, or muon: `torch.optim.Muon` (torch >= 2.9) for the 2-D weights inside the decoder "
+        "layers (q/k/v/o, gate/up/down), AdamW for embeddings, lm_head, norms and biases "
+        "(train/muon.py); one schedule drives both; clipping covers all parameters; DDP yes, "
+        "FSDP2 refused (Muon orthogonalises whole matrices, FSDP2 shards them)",
+    )
+    # the muon_* defaults: the sweep in bench/NOTES.md (demo and tiny-shakespeare)
+    muon_learning_rate: float = key(
+        0.01,
+        "Muon's peak lr, on learning_rate's warmup and decay (Muon's lr = the scheduled lr x "
+        "muon_learning_rate / learning_rate)",
+    )
+    muon_adamw_lr_scale: float = key(
+        4.0,
+        "with muon, AdamW's part steps at the scheduled lr x this (Muon's runs did best with it "
+        "above the AdamW-only lr: bench/NOTES.md)",
+    )
+    muon_momentum: float = key(0.95, "Muon's Nesterov momentum, in [0, 1)")
+    muon_weight_decay: float = key(
+        0.0, "Muon's decoupled weight decay: W <- W (1 - lr x muon_weight_decay)"
+    )
+    precision: str = key("auto", "auto (from use_mixed_precision; fp32 on CPU), bf16, fp16, fp32")
+    compile: str = key(
+        "auto",
+        "torch.compile of the step: auto (on for CUDA), on, off; cudagraphs = on + Inductor's "
+        "CUDA graphs; graph = on + each micro-batch's forward, loss and backward captured as one "
+        "CUDA graph and replayed (CUDA only; a failed capture is one line and the run goes on as "
+        "on). Both graph modes: one process only, not yet measured on a GPU (bench/NOTES.md)",
+    )
+    device: str = key("auto", "auto, cpu, cuda, cuda:N")
+    kernels: str = key(
+        "auto",
+        "auto (Triton on CUDA tensors, reference elsewhere), triton, torch; same as `OCTO_KERNELS`",
+    )
+    num_workers: int = key(
+        2, "DataLoader worker processes that tokenize the stream (streamed data only)"
+    )
+    buffer_size: int = key(
+        10000,
+        "streamed data's shuffle window, in blocks; pre-tokenized data permutes all its blocks "
+        "each epoch instead; 0: no shuffle in either mode",
+    )
+    pretokenize: bool | None = key(
+        None,
+        "true: tokenize once into memory-mapped shards under data_cache_dir/pretok (`python -m "
+        "train.prepare --config ...` does it ahead); false: stream, tokenizing on the fly; "
+        "null: true when max_steps is null, else false",
+    )
+    data_cache_dir: str = key("data_cache", "where pre-tokenized shards and the demo's files go")
+    eval_holdout_fraction: float = key(
+        0.0,
+        "with `eval_split: null`, the fraction of train documents held out for evaluation",
+    )
+    keep_last_checkpoints: int = key(3, "complete checkpoints kept")
+    max_shard_size: int | str = key(
+        "2GB", "safetensors shard size: bytes (an int) or a string like `500MB`, `2GB`"
+    )
+    log_dir: str = key("logs", "`training_YYYYMMDD_HHMMSS.log` and `.jsonl` go here")
+    report_to: str | list[str] = key(
+        "none",
+        "experiment trackers that get every log line and eval: `none`, `tensorboard`, `wandb`, "
+        "`trackio`, or a list (see [Experiment trackers](#experiment-trackers))",
+    )
+    max_consecutive_nonfinite: int = key(
+        5,
+        "NaN/Inf steps skipped in a row before the run stops (with a checkpoint of the last "
+        "good state)",
+    )
+    parallelism: str = key("ddp", "ddp or fsdp, under torchrun with several processes")
+    sample_prompt: str = key(
+        "Once upon a time", "the prompt of the three samples printed at the end"
+    )
+    sample_max_new_tokens: int = key(64, "tokens generated per sample at the end")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,6 +223,11 @@ class TrainConfig:
             if getattr(self, name) == "":
                 none = " (or null for none)" if name in NULLABLE_PATH_KEYS else ""
                 raise ConfigError(f"config key {name!r} is an empty string; give a path{none}")
+        if self.init_from is not None and self.resume_from is not None:
+            raise ConfigError(
+                "config keys 'init_from' and 'resume_from' are both set: init_from starts a fresh "
+                "run from trained weights, resume_from continues a run; set one of them to null"
+            )
         if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed accepts
             raise ConfigError(f"config key 'seed' must be in [-2**63, 2**64), got {self.seed}")
         if self.block_size < 2:  # a block is inputs and their next tokens: one token predicts none
@@ -166,7 +272,7 @@ class TrainConfig:
         choices = {
             "lr_schedule": ("cosine", "linear", "constant"),
             "precision": ("auto", "bf16", "fp16", "fp32"),
-            "compile": ("auto", "on", "off", "cudagraphs"),
+            "compile": ("auto", "on", "off", "cudagraphs", "graph"),
             "kernels": ("auto", "triton", "torch"),
             "parallelism": ("ddp", "fsdp"),
             "optimizer": ("adamw", "muon"),
@@ -175,6 +281,10 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 value, options = getattr(self, name), ", ".join(allowed)
                 raise ConfigError(f"config key {name!r} is {value!r}; choose one of {options}")
+        try:
+            report_to_names(self.report_to)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(
                 f"config key 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N"
@@ -227,6 +337,8 @@ class TrainConfig:
             mc = d.get("model_config")  # a relative path may be relative to the config's folder
             if isinstance(mc, str) and not Path(mc).exists() and (p.parent / mc).is_file():
                 d["model_config"] = str(p.parent / mc)
+            if d.get("tokenizer_name") == OWN_TOKENIZER:
+                d["tokenizer_name"] = str(p.parent)
         _check_keys(cls, d, str(path))
         sets: dict[str, Any] = {}
         for item in overrides:
@@ -270,6 +382,8 @@ def load_model_config(cfg: TrainConfig, override: str | None = None) -> dict[str
     """
     from octo.config import PRESETS, OctoConfig  # octo imports torch; only needed from here on
 
+    if cfg.init_from is not None:
+        return _init_from_fields(cfg, override)
     source = override if override is not None else cfg.model_config
     if source == "":  # --model-config "" would otherwise mean the seed preset
         raise ConfigError(
@@ -317,16 +431,45 @@ def load_model_config(cfg: TrainConfig, override: str | None = None) -> dict[str
     return fields
 
 
+def _init_from_fields(cfg: TrainConfig, override: str | None) -> dict[str, Any]:
+    """The model shape of cfg.init_from: its config.json (Octo's or a transformers Llama one),
+    vocab_size included, since the weights fix it. A model_config given as well must describe
+    the same shape (a vocab_size it leaves to the tokenizer aside); otherwise ConfigError."""
+    folder = Path(cfg.init_from)
+    kinds = "a final model folder, a checkpoint_step_N folder or a transformers Llama folder"
+    if not folder.is_dir():
+        state = "is a file" if folder.exists() else "does not exist"
+        raise ConfigError(f"init_from {folder} {state}; name {kinds}")
+    if not (folder / "config.json").is_file():
+        held = (folder / "final").is_dir() or any(folder.glob("checkpoint_step_*"))
+        hint = f" (it holds a run's checkpoints: name {folder / 'final'} or one of them)"
+        raise ConfigError(
+            f"init_from {folder} has no config.json{hint if held else ''}; name {kinds}"
+        )
+    plain = dataclasses.replace(cfg, init_from=None)
+    fields = load_model_config(plain, str(folder / "config.json"))
+    if (override if override is not None else cfg.model_config) is not None:
+        other = load_model_config(plain, override)
+        for name, value in other.items():
+            if value is not None and value != fields[name]:
+                raise ConfigError(
+                    f"model_config gives {name}={value}, but init_from {folder}'s config.json has "
+                    f"{fields[name]}; set model_config to null (init_from gives the model's shape)"
+                )
+    return fields
+
+
 def resolved_model_config(cfg: TrainConfig, fields: dict[str, Any]) -> str | dict[str, Any]:
     """What cfg.model_config should read in the configs a run saves (log folder, checkpoints), so
     that `--config <checkpoint>/train_config.json` rebuilds the same model from any working
     directory, even after the model file was edited or moved: a preset name as it is (its fields
     live in the code), otherwise `fields` (load_model_config's result; vocab_size None when the
-    tokenizer sizes it)."""
+    tokenizer sizes it; with init_from, its config.json's fields)."""
     from octo.config import PRESETS
 
     source = cfg.model_config or "seed"
-    return source if isinstance(source, str) and source in PRESETS else dict(fields)
+    preset = isinstance(source, str) and source in PRESETS and cfg.init_from is None
+    return source if preset else dict(fields)
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:

@@ -25,14 +25,17 @@ eval_split is null and eval_holdout_fraction > 0: its first eval_max_batches bat
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from train.config import OWN_TOKENIZER, TrainConfig
 from train.data_pretok import PretokTrainData, ensure_token_cache, load_part
 from train.data_source import DEMO_NAME, DataError, DocSource, encode_docs
 from train.data_stream import StreamingTrainData
+from train.hub import hub_unreachable
 
 __all__ = [
     "DataError",
@@ -49,19 +52,38 @@ TrainData = StreamingTrainData | PretokTrainData
 # ----- tokenizer --------------------------------------------------------------------------------
 
 
+def with_own_tokenizer(cfg: TrainConfig) -> TrainConfig:
+    """cfg as the train_config.json of a folder that holds a copy of the run's tokenizer records
+    it: a local tokenizer folder becomes OWN_TOKENIZER (the config file's own folder, see
+    TrainConfig.load), so a copied or moved checkpoint names its own copy and resumes without
+    the original folder. Hub names and octo-demo (rebuilt from data_cache_dir) stay."""
+    if cfg.tokenizer_name == DEMO_NAME or not is_local_tokenizer(cfg.tokenizer_name):
+        return cfg
+    return dataclasses.replace(cfg, tokenizer_name=OWN_TOKENIZER)
+
+
+def is_local_tokenizer(name: str) -> bool:
+    """True when tokenizer_name names a local folder (or a path meant as one), not a Hub name."""
+    return Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~"))
+
+
 def load_tokenizer(name_or_path: str, cache_dir: str | Path = "data_cache"):
     """A fast (Rust-backed) tokenizer with an EOS token, from a Hub name or a local folder.
 
     "octo-demo" names the demo tokenizer, trained on the demo corpus under cache_dir/demo on
-    first use (pass cfg.data_cache_dir). Any failure is a one-line DataError.
+    first use (pass cfg.data_cache_dir). No code from the folder runs (a local folder with an
+    auto_map is refused; transformers gets trust_remote_code=False). Any failure is a one-line
+    DataError.
     """
+    from octo.tokenizer_files import check_no_remote_code
+
     name = name_or_path
     if name == DEMO_NAME:
         from train import demo_corpus
 
         name = str(demo_corpus.ensure_demo_tokenizer(cache_dir))
     path = Path(name).expanduser()
-    local = path.exists() or name.startswith(("/", "./", "../", "~"))
+    local = is_local_tokenizer(name)
     fix = (
         "set tokenizer_name to a Hub name (network needed) or a folder with tokenizer.json "
         "(python -m train.tokenizer trains one)"
@@ -69,10 +91,17 @@ def load_tokenizer(name_or_path: str, cache_dir: str | Path = "data_cache"):
     if local and not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise DataError(f"tokenizer folder {name_or_path} {what}; {fix}")
+    if not local and (offline := hub_unreachable(f"tokenizer_name {name_or_path!r}")):
+        raise DataError(offline)
+    try:
+        if local:
+            check_no_remote_code(path)
+    except ValueError as e:
+        raise DataError(f"tokenizer_name {name_or_path!r}: {e}") from None
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(path) if local else name)
+        tok = AutoTokenizer.from_pretrained(str(path) if local else name, trust_remote_code=False)
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
         # Not local: only the Hub was tried. Say so, since a mistyped folder name lands here too.

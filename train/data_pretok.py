@@ -40,6 +40,7 @@ from train.data_source import (
     token_dtype,
     tokenizer_fingerprint,
 )
+from train.signals import forking_workers, init_worker_signals
 
 CACHE_VERSION = 1
 SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
@@ -91,6 +92,7 @@ _TOKENIZER = None  # the tokenizer of the pool's forked workers
 
 
 def _pool_init() -> None:
+    init_worker_signals()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     torch.set_num_threads(1)
 
@@ -114,6 +116,8 @@ def build_token_cache(
 
     The reading process hands batches of documents to a pool of `processes` (default: every core)
     forked tokenizer processes, at most 2 per process in flight, and writes the results in order.
+    The pool's workers leave stop signals to this process (train/signals.py); a finished pool
+    is closed and joined, one stopped by an error or an interrupt is terminated.
     """
     global _TOKENIZER
     from tqdm import tqdm
@@ -132,9 +136,7 @@ def build_token_cache(
     )
     processes = processes or os.cpu_count() or 1
     _TOKENIZER = tokenizer
-    pool = (
-        multiprocessing.get_context("fork").Pool(processes, _pool_init) if processes > 1 else None
-    )
+    pool = None
     tokens = 0
 
     def write(batch: tuple[list[str], list[str]], ids: tuple[np.ndarray, np.ndarray]) -> None:
@@ -146,6 +148,9 @@ def build_token_cache(
         bar.set_postfix_str(f"{tokens / 1e6:.1f}M tokens", refresh=False)
 
     try:
+        if processes > 1:
+            with forking_workers():
+                pool = multiprocessing.get_context("fork").Pool(processes, _pool_init)
         inflight: deque = deque()
         for batch in src.iter_parts():
             if pool is None:
@@ -158,9 +163,14 @@ def build_token_cache(
         while inflight:
             b, r = inflight.popleft()
             write(b, r.get())
-    finally:
         if pool is not None:
-            pool.terminate()
+            pool.close()  # every result is in: the workers exit when the queue runs dry
+            pool.join()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # ends the workers (a SIGTERM from their parent) and joins them
+        raise
+    finally:
         _TOKENIZER = None
         bar.close()
     meta = {

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import glob as globlib
 import hashlib
 import json
@@ -38,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from train.hub import hub_unreachable
+from train.locks import wait_lock
 
 
 class DataError(ValueError):
@@ -167,6 +169,8 @@ class DocSource:
                         builder, data_files={"train": files_s}, streaming=True, **kwargs
                     )
             else:
+                if offline := hub_unreachable(f"dataset_name {name!r}"):
+                    raise DataError(offline)
                 dd = datasets.load_dataset(name, streaming=True)
         except DataError:
             raise
@@ -366,12 +370,16 @@ def encode_docs(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
-    """What token ids depend on: the tokenizer's serialisation, EOS, and the library version."""
+    """What token ids depend on: the tokenizer's serialisation, EOS, and the library version;
+    and its Hub name, but not a local folder's path: a run resumed from a checkpoint reads the
+    checkpoint's copy of its tokenizer (train.data.with_own_tokenizer), and a path that changes
+    with every checkpoint must not make it tokenize the data again."""
     import tokenizers
 
     blob = tokenizer.backend_tokenizer.to_str()
+    name = getattr(tokenizer, "name_or_path", "")
     return {
-        "name": getattr(tokenizer, "name_or_path", ""),
+        "name": "" if Path(name).expanduser().is_dir() else name,
         "sha256": hashlib.sha256(blob.encode()).hexdigest(),
         "eos": tokenizer.eos_token_id,
         "tokenizers": tokenizers.__version__,
@@ -405,8 +413,7 @@ def build_once(final: Path, build: Callable[[Path], None]) -> Path:
         return final
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        with open(final.parent / f"{final.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with wait_lock(final.parent / f"{final.name}.lock"):
             if (final / COMPLETE).is_file():
                 return final
             for stale in final.parent.glob(f"{final.name}.tmp-*"):  # a killed builder's leftovers

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from train.data_source import DataError, DocSource, encode_docs
+from train.signals import forking_workers, init_worker_signals
 
 
 def new_stream_state() -> dict[str, Any]:
@@ -220,6 +221,9 @@ class _StreamDataset(torch.utils.data.IterableDataset):
 
 
 def _worker_init(worker_id: int) -> None:
+    # Stop signals are the main process's to act on (train/signals.py): a SIGTERM sent to the
+    # whole process group must not kill a worker the main process still reads from.
+    init_worker_signals()
     # One tokenizer thread per worker process: the workers are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     torch.set_num_threads(1)
@@ -262,7 +266,8 @@ class StreamingTrainData:
             pin_memory=torch.cuda.is_available() and self.cfg.device != "cpu",
             in_order=True,
         )
-        return iter(loader)
+        with forking_workers():  # the workers start here
+            return iter(loader)
 
     def __iter__(self) -> StreamingTrainData:
         return self

@@ -34,6 +34,7 @@ import torch
 
 from octo import OctoConfig, OctoForCausalLM
 from train.config import TrainConfig
+from train.cudagraph import MicroStepGraph
 from train.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -56,7 +57,14 @@ from train.metrics import (
     start_lines,
 )
 from train.muon import check_optimizer
-from train.optim import LRSchedule, apply_hyperparameters, build_optimizer, planned_steps, set_lr
+from train.optim import (
+    LRSchedule,
+    apply_hyperparameters,
+    build_optimizer,
+    planned_steps,
+    schedule_change,
+    set_lr,
+)
 from train.runtime import (
     check_compile_mode,
     maybe_compile,
@@ -109,15 +117,19 @@ class Trainer:
         env: DistEnv | None = None,
         logger: RunLogger | None = None,
         profile: bool = False,
+        graph_stand_in: bool = False,
     ) -> None:
         self.cfg, self.train_data, self.eval_data = cfg, train_data, eval_data
         self.tokenizer = tokenizer
         self.profile, self._logger = profile, logger
         self.device = device if device is not None else resolve_device(cfg)
         self.env = env if env is not None else init_distributed(self.device)
-        check_compile_mode(cfg, self.env.enabled)
+        # graph_stand_in (tests only): compile=graph or cudagraphs on a CPU (graph: the capture
+        # replaced by a direct call; cudagraphs: compiled code, no graphs on CPU tensors)
+        check_compile_mode(cfg, self.env.enabled, None if graph_stand_in else self.device)
         check_optimizer(cfg, self.env.enabled)
         self._cuda_graphs = cfg.compile == "cudagraphs"
+        self._static_grads = cfg.compile in ("cudagraphs", "graph")
         set_kernel_backend(cfg)
         seed_everything(cfg.seed)
         self.precision = resolve_precision(cfg, self.device)
@@ -130,7 +142,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.wrapped, cfg, self.device)
         self._fused = bool(self.optimizer.defaults.get("fused"))
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self._cuda_graphs:
+        if self._static_grads:
             # A graph replay overwrites its outputs, so a gradient must never *be* one: the
             # backward's first AccumulateGrad would adopt the graph's output buffer as p.grad and
             # the next micro-batch's replay would overwrite it. Gradients that exist before the
@@ -147,6 +159,11 @@ class Trainer:
 
         # Several processes: wrap_model compiled inside DDP/FSDP2 (their hooks do not trace).
         self._forward_loss = forward_loss if self.env.enabled else compile_fn(forward_loss)
+        self._graph = None  # compile=graph: each micro-batch's _micro_step as one CUDA graph
+        if cfg.compile == "graph":
+            self._graph = MicroStepGraph(self._micro_step, self._params, self.device,
+                                         capture=self.device.type == "cuda",
+                                         log=lambda line: self.log.info(line))  # fmt: skip
         self.step, self.tokens_seen = 0, 0
         dev = self.device
         self._consecutive = torch.zeros((), dtype=torch.int64, device=dev)  # skips in a row
@@ -179,18 +196,16 @@ class Trainer:
         scale = self._loss_scale(n_targets)
         self.wrapped.train()
         loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        if self._graph is not None:
+            self._graph.begin_step(scale)
         for i, ids in enumerate(micro_batches):
+            if self._graph is not None:  # copies ids in; the loss is the graph's until next call
+                loss_sum += self._graph(ids)
+                continue
             ids = ids.to(dev, non_blocking=True)
             self._new_graph_step()
             with no_sync(self.wrapped, self.env, i == len(micro_batches) - 1):
-                with self.precision.autocast():
-                    loss = self._forward_loss(ids)  # () fp32, summed over the tokens of ids
-                if self.scaler is None:
-                    (loss * scale).backward()
-                else:  # a non-finite loss must give non-finite gradients, so the scaler skips:
-                    poison = loss.detach() - loss.detach() + 1.0  # 1.0 exactly, or NaN
-                    self.scaler.scale(loss * scale * poison).backward()
-            loss_sum += loss.detach()
+                loss_sum += self._micro_step(ids, scale)
         t1 = self._clock(timings)
         if self.scaler is not None:
             self.scaler.unscale_(opt)
@@ -207,7 +222,7 @@ class Trainer:
             fault = ~torch.isfinite(loss_sum)
         fault = any_rank(fault, self.env)  # every rank skips the same steps
         lr = self.schedule(self.step)
-        set_lr(opt, lr)  # Muon's groups: lr * muon_learning_rate / learning_rate
+        set_lr(opt, lr)  # with muon, times each group's lr_scale (train.optim.set_lr)
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()
@@ -216,7 +231,7 @@ class Trainer:
             opt.step()
         elif not bool(fault):  # host sync: only optimizers without the fused kernel (Muon)
             opt.step()
-        opt.zero_grad(set_to_none=not self._cuda_graphs)
+        opt.zero_grad(set_to_none=not self._static_grads)
         self._count(fault, loss_sum, n_targets, norm)
         self.step += 1
         self.tokens_seen += sum(b.numel() for b in micro_batches) * self.env.world_size
@@ -224,6 +239,19 @@ class Trainer:
         if timings is not None:
             timings.update(forward_backward=t1 - t0, optimizer=t2 - t1)
         return StepStats(loss_sum, n_targets, norm, fault, lr, timings)
+
+    def _micro_step(self, ids: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        """Forward, loss and backward of one micro-batch (B, T) on the device, its loss scaled by
+        1/N; returns its summed token loss, () fp32, detached. compile=graph captures exactly
+        this (train/cudagraph.py), so it must not read a device value on the host."""
+        with self.precision.autocast():
+            loss = self._forward_loss(ids)  # () fp32, summed over the tokens of ids
+        if self.scaler is None:
+            (loss * scale).backward()
+        else:  # a non-finite loss must give non-finite gradients, so the scaler skips:
+            poison = loss.detach() - loss.detach() + 1.0  # 1.0 exactly, or NaN
+            self.scaler.scale(loss * scale * poison).backward()
+        return loss.detach()
 
     def _new_graph_step(self) -> None:
         """compile=cudagraphs: the outputs of the last forward (and its backward) are consumed,
@@ -461,9 +489,11 @@ class Trainer:
             self.train_data.load_state_dict(state["data"])
         if state.get("rng") is not None:
             restore_rng_state(state["rng"])
-        for line in resume_warnings(state, batch_size=self.cfg.batch_size,
-                                    learning_rate=self.cfg.learning_rate,
-                                    world_size=self.env.world_size):  # fmt: skip
+        warnings = resume_warnings(state, batch_size=self.cfg.batch_size,
+                                   learning_rate=self.cfg.learning_rate,
+                                   world_size=self.env.world_size)  # fmt: skip
+        warnings.append(schedule_change(state.get("scheduler"), self.schedule, self.step))
+        for line in filter(None, warnings):
             self.log.info(f"warning: {line}; continuing")
         self.last_checkpoint, self._checkpoint_step = Path(path), self.step
         self.log.info(f"Resumed from {path} at step {self.step}")

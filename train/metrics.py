@@ -25,6 +25,8 @@ from typing import Any, TextIO
 
 import torch
 
+from train.trackers import Trackers
+
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s. Matched in order
 # against torch.cuda.get_device_name(): the more specific names first.
 GPU_BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
@@ -195,7 +197,9 @@ def start_lines(t: Any) -> list[str]:
     resuming = f", resuming at step {t.step}" if t.step else ""
     compile_phrase = "off"
     if compile_enabled(cfg, dev):
-        compile_phrase = "on + CUDA graphs" if cfg.compile == "cudagraphs" else "on"
+        compile_phrase = {"cudagraphs": "on + CUDA graphs",
+                          "graph": "on + each micro-batch captured as one CUDA graph",
+                          }.get(cfg.compile, "on")  # fmt: skip
     return [
         f"Octo: {t.model.num_parameters() / 1e6:.2f}M parameters ({c.num_hidden_layers} layers, "
         f"hidden {c.hidden_size}, {c.num_attention_heads} heads / {c.num_key_value_heads} KV "
@@ -233,7 +237,8 @@ class _WarningsToRunLog(logging.Handler):
 
 class RunLogger:
     """Console + `{log_dir}/training_YYYYMMDD_HHMMSS.log` (the same lines) + `.jsonl` beside it (one
-    JSON object per event: type "start" | "train" | "eval" | "end"). On a terminal a tqdm bar with
+    JSON object per event: type "start" | "train" | "eval" | "end") + the config's report_to
+    trackers (train/trackers.py), fed the same events. On a terminal a tqdm bar with
     ETA runs under the lines; elsewhere (a file, a pipe, CI) only the plain lines. A disabled logger
     (ranks other than 0) writes nothing."""
 
@@ -245,6 +250,9 @@ class RunLogger:
         self.bar = None
         self.log_path = self.jsonl_path = None
         self._log = self._jsonl = None  # None once closed, or after a failed write (_write)
+        # report_to's trackers, started by the "start" record (enabled loggers only: rank 0)
+        self.trackers = Trackers(lambda msg: self.info(f"warning: {msg}"))
+        self.last: dict[str, dict[str, Any]] = {}  # the newest record of each type (model card)
         # rank 0 shows the modules' warnings in its log; the other ranks' (the same ones) are
         # dropped rather than printed bare once per process
         self._handler = _WarningsToRunLog(self) if enabled else logging.NullHandler()
@@ -290,6 +298,8 @@ class RunLogger:
         if self.enabled:
             event = {"time": round(time.time(), 3), **event}
             self._write("_jsonl", json.dumps(event) + "\n")
+            self.last[event.get("type")] = event
+            self.trackers.record(event)
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -328,6 +338,7 @@ class RunLogger:
     def close(self) -> None:
         """Stop routing warnings, close the bar and the files; never raises (see _write)."""
         logging.getLogger("train").removeHandler(self._handler)
+        self.trackers.close()
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -157,6 +157,31 @@ class LRSchedule:
                 "warmup_steps": self.warmup, "total_steps": self.total}  # fmt: skip
 
 
+def schedule_change(saved: Any, schedule: LRSchedule, step: int) -> str | None:
+    """The warning line for a resume whose schedule differs from the one the checkpoint was
+    trained under (`saved`: its state_dict), in planned steps (max_steps, or num_epochs of the
+    data), warmup, kind or floor ratio, naming each change and the learning rate at `step` under
+    both; None when they agree (a changed peak learning_rate has its own warning). A saved state
+    that is not such a dict (an older or foreign checkpoint) is not compared."""
+    try:
+        old = LRSchedule(saved["peak"], saved["warmup_steps"], saved["total_steps"],
+                         saved["kind"], saved["floor"] / saved["peak"])  # fmt: skip
+    except (TypeError, KeyError, ZeroDivisionError):
+        return None
+    pairs = {
+        "planned steps": (old.total, schedule.total),
+        "warmup_steps": (old.warmup, schedule.warmup),
+        "lr_schedule": (old.kind, schedule.kind),
+        "min_lr_ratio": (round(old.floor / old.peak, 6), round(schedule.floor / schedule.peak, 6)),
+    }
+    changes = [f"{name} {a} -> {b}" for name, (a, b) in pairs.items() if a != b]
+    if not changes:
+        return None
+    return (f"resuming with another learning-rate schedule ({', '.join(changes)}): the learning "
+            f"rate at step {step} is {schedule(step):.1e}, the checkpoint's schedule gave "
+            f"{old(step):.1e}")  # fmt: skip
+
+
 def tokens_per_step(cfg: TrainConfig, world_size: int = 1) -> int:
     """Input tokens consumed by one optimizer step, over all processes."""
     return cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world_size

@@ -1,8 +1,10 @@
 """`python -m train.plot LOG [--out PNG]`: train and eval loss, and throughput, against the step.
 
 LOG is a run's `training_*.log` or the `.jsonl` beside it (the numbers are read from the JSON
-lines), or a log_dir, meaning its newest run. The PNG goes beside it (`training_*.png`) unless
---out says otherwise. matplotlib is imported here only, so training never needs it.
+lines), or a log_dir, meaning its newest run with a loss logged (a run that stopped before its
+first log line, or a resume of a finished run, logs none). The PNG goes beside it
+(`training_*.png`) unless --out says otherwise. matplotlib is imported here only, so training
+never needs it.
 """
 
 from __future__ import annotations
@@ -70,44 +72,72 @@ def points(records: list[dict], kind: str, field: str) -> tuple[list, list]:
     return [s for s, _ in pairs], [v for _, v in pairs]
 
 
-def plot(path: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the run's curves to a PNG; returns its path."""
+def draw(records: list[dict], title: str):
+    """The figure of a run's records: train loss (a marker per log line) and eval loss on a log
+    axis, so the late, slow decline is not squashed flat under the first steps' fall (the losses
+    are cross-entropies, positive); throughput below. The caller closes it (plt.close)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    path = run_records_path(path)
-    records = read_records(path)
     train_loss = points(records, "train", "loss")
     train_tps = points(records, "train", "tokens_per_s")
     evals = points(records, "eval", "eval_loss")
-    if not train_loss[0] and not evals[0]:
+    fig, (ax_loss, ax_tps) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    ax_loss.plot(*train_loss, ".-", markersize=4, label="train")
+    if evals[0]:
+        ax_loss.plot(*evals, "o-", label="eval")
+    ax_loss.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 0.6, 2: not 6x10^-1
+    ax_loss.yaxis.set_major_formatter(plain)
+    ax_loss.yaxis.set_minor_formatter(plain)
+    ax_loss.set_ylabel("loss (nats / token, log scale)")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3, which="both")
+    ax_tps.plot(*train_tps, ".-", markersize=4, color="C2")
+    ax_tps.set_ylabel("tokens / s")
+    ax_tps.set_xlabel("step")
+    ax_tps.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def has_loss(records: list[dict]) -> bool:
+    return bool(points(records, "train", "loss")[0] or points(records, "eval", "eval_loss")[0])
+
+
+def plot(path: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the run's curves to a PNG; returns its path. For a log_dir, its newest run with a loss
+    (newer ones without are named in a note on stderr)."""
+    folder = Path(path) if Path(path).is_dir() else None
+    path = run_records_path(path)
+    records = read_records(path)
+    if folder is not None and not has_loss(records):
+        for older in sorted(folder.glob("training_*.jsonl"), reverse=True)[1:]:
+            older_records = read_records(older)
+            if has_loss(older_records):
+                print(f"note: {path.name} logged no loss yet (a run stopped before its first log "
+                      f"line, or a finished run resumed); plotting {older.name}",
+                      file=sys.stderr)  # fmt: skip
+                path, records = older, older_records
+                break
+    if not has_loss(records):
         raise ValueError(f"{path} holds no train or eval records with a loss yet")
     out = Path(out) if out is not None else Path(path).with_suffix(".png")
     if not out.suffix:  # matplotlib would write OUT.png: name the file it writes
         out = out.with_suffix(".png")
-    fig, (ax_loss, ax_tps) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    fig = draw(records, path.stem)
+    import matplotlib.pyplot as plt  # after draw() chose the backend
+
     try:
-        ax_loss.plot(*train_loss, label="train")
-        if evals[0]:
-            ax_loss.plot(*evals, "o-", label="eval")
-        ax_loss.set_ylabel("loss (nats / token)")
-        ax_loss.legend()
-        ax_loss.grid(alpha=0.3)
-        ax_tps.plot(*train_tps, color="C2")
-        ax_tps.set_ylabel("tokens / s")
-        ax_tps.set_xlabel("step")
-        ax_tps.grid(alpha=0.3)
-        fig.suptitle(Path(path).stem)
-        fig.tight_layout()
-        try:
-            fig.savefig(out, dpi=100)
-        except OSError as e:
-            raise OSError(
-                f"cannot write the plot to {out} ({e.strerror or e}); pass --out a .png path in "
-                "a writable folder"
-            ) from None
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise OSError(
+            f"cannot write the plot to {out} ({e.strerror or e}); pass --out a .png path in a "
+            "writable folder"
+        ) from None
     finally:
         plt.close(fig)
     return out

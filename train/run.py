@@ -15,10 +15,8 @@ import errno
 import os
 import shlex
 import shutil
-import signal
 import socket
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +24,15 @@ import torch
 
 from octo import OctoConfig
 from train.config import ConfigError, TrainConfig, resolved_model_config
-from train.distributed import cleanup, init_distributed
+from train.distributed import all_gather_object, cleanup, init_distributed
 from train.loop import Trainer
 from train.muon import check_optimizer
-from train.runtime import check_compile_mode, resolve_device, set_kernel_backend
+from train.resume_end import check_resume_step
+from train.runtime import check_compile_mode, check_memory, resolve_device, set_kernel_backend
+from train.signals import raise_if_interrupted, stop_signals_interrupt
+from train.trackers import check_installed
 
+N_SAMPLES = 3  # continuations of sample_prompt printed at the end of a run
 OOM_HINT = (
     "CUDA out of memory{where}: lower batch_size (raising gradient_accumulation_steps keeps the "
     "tokens per step), set use_gradient_checkpointing=true, or lower block_size"
@@ -39,40 +41,63 @@ OOM_HINT = (
 
 def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
     """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code.
-    The run's log is closed and the process group left on every way out."""
-    from train.checkpoint import CheckpointError
-    from train.data import DataError
+    The run's log is closed and the process group left on every way out.
 
-    trainer = env = final = None
+    SIGINT and SIGTERM outside fit() (which installs its own handlers: finish the step, save)
+    raise KeyboardInterrupt: at start-up, during the final model's save or sampling, the run
+    ends with one line naming what is saved, and save_final_model removes its partial folder.
+    (python -m train's main() installed the same handlers before its imports.)"""
+    with stop_signals_interrupt():
+        return _run(cfg, model_fields)
+
+
+def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
+    from train.checkpoint_lock import own_run_folders
+
+    trainer = env = final = locks = None
     cwd = Path.cwd()  # the directory the run's relative paths mean (see resume_command)
-    # SIGTERM outside fit() (which installs its own handlers: finish the step, save) is taken as
-    # Ctrl-C: at start-up, during the final model's save or sampling, the except below names what
-    # is saved and save_final_model removes its partial folder. (Python's default just dies.)
-    sigterm = _sigterm_as_interrupt()
     try:
+        from train.checkpoint import CheckpointError
+        from train.data import DataError
+
         try:
             # The configs a run saves say what it did: the model by its fields (or preset) and
-            # the data mode it used (see resume_command).
+            # the data mode it used (see resume_command); init_from is done once it is loaded,
+            # so a resume of this run (resume_from) takes it as it is.
+            init_from = cfg.init_from
             cfg = dataclasses.replace(
                 cfg,
                 model_config=resolved_model_config(cfg, model_fields),
                 pretokenize=cfg.pretokenized,
+                init_from=None,
             )
+            try:  # a missing tracker library: one line now, not after the data is built
+                check_installed(cfg.report_to)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             check_writable_folders(cfg)
-            if not cfg.resume_from:
-                check_fresh_checkpoint_dir(cfg.checkpoint_dir)
             set_kernel_backend(cfg)
             device = resolve_device(cfg)
             env = init_distributed(device)
-            check_compile_mode(cfg, env.enabled)
+            check_compile_mode(cfg, env.enabled, device)
             check_optimizer(cfg, env.enabled)
+            # this run's alone from here (train/checkpoint_lock.py), before any of it is read
+            locks = own_run_folders(cfg.checkpoint_dir, cfg.resume_from, env)
+            if not cfg.resume_from:
+                check_fresh_checkpoint_dir(cfg.checkpoint_dir)
             # a bad resume_from is reported before any data is built
             resume = agree_on_resume(cfg.resume_from, env) if cfg.resume_from else None
-            trainer = build_trainer(cfg, model_fields, device, env)
+            trainer = build_trainer(cfg, model_fields, device, env, init_from)
             log = trainer.log  # before the resume: its warnings become lines of this log
+            if init_from is not None:
+                log.info(f"Initialized from {init_from}: its weights, with a new optimizer, "
+                         "learning-rate schedule and data order")  # fmt: skip
             if resume is not None:
                 trainer.resume(resume)
-                check_resume_step(trainer, resume)
+                locks.release_source()
+                if check_resume_step(trainer, resume) == "complete":
+                    return 0
+            raise_if_interrupted()  # one that an import swallowed ("Exception ignored in ...")
             result = trainer.fit()
         except (ConfigError, DataError, CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -109,24 +134,12 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             print(line, file=sys.stderr, flush=True)
         return 130
     finally:
-        if sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
         if trainer is not None:
             trainer.log.close()
+        if locks is not None:
+            locks.release()
         if env is not None:
             cleanup(env)
-
-
-def _sigterm_as_interrupt() -> Any:
-    """Make SIGTERM raise KeyboardInterrupt; returns the handler it replaced (None off the main
-    thread, where handlers cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def interrupted_line(
@@ -173,24 +186,6 @@ def check_fresh_checkpoint_dir(checkpoint_dir: str) -> None:
         f"checkpoint_dir {root} already holds a run's checkpoints (newest: {' and '.join(held)}) "
         f"and this run starts from scratch; {cont}start over with another or an empty "
         "checkpoint_dir"
-    )
-
-
-def check_resume_step(trainer: Trainer, resume: Path) -> None:
-    """A checkpoint past the run's planned last step is one ConfigError line (exit 2): there is
-    nothing to train, and going on would only save that checkpoint's weights again as this
-    run's final model, which is surely not what the changed max_steps meant. A checkpoint at the
-    last step is fine: the run saves its final model and samples (what an interrupted end of a
-    run left to do)."""
-    step, total = trainer.step, trainer.total_steps
-    if step <= total:
-        return
-    fix = f"raise max_steps above {step}"
-    if trainer.steps_source != "max_steps":
-        fix = f"raise num_epochs or set max_steps above {step}"
-    raise ConfigError(
-        f"resume_from {resume} is at step {step}, past this run's last step {total} "
-        f"({trainer.steps_source}); {fix} to train on from it"
     )
 
 
@@ -278,14 +273,36 @@ def check_writable_folders(cfg: TrainConfig) -> None:
 
 
 def build_trainer(
-    cfg: TrainConfig, model_fields: dict[str, Any], device: torch.device, env: Any
+    cfg: TrainConfig,
+    model_fields: dict[str, Any],
+    device: torch.device,
+    env: Any,
+    init_from: str | None = None,
 ) -> Trainer:
-    """Tokenizer, model shape (vocab sized to the tokenizer), data, then the Trainer."""
+    """Tokenizer, model shape (vocab sized to the tokenizer), data, then the Trainer; with
+    init_from (a model folder; model_fields are its config.json's), its weights, loaded before
+    the tokenizer and data, so a bad folder is reported first."""
     from train.data import build_eval_batches, build_train_data, load_tokenizer, resolve_vocab_size
+    from train.init_from import check_tokenizer_fits, load_init_model
 
+    model = load_init_model(init_from) if init_from is not None else None
     tokenizer = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
+    raise_if_interrupted()  # one that transformers' import swallowed: before any data is built
+    if model is not None:
+        check_tokenizer_fits(init_from, tokenizer, model.config.vocab_size)
     vocab = resolve_vocab_size(model_fields["vocab_size"], tokenizer)
     model_cfg = OctoConfig.from_dict({**model_fields, "vocab_size": vocab})
+    # Whether it fits, before any data or module is built; every rank agrees (each checks its
+    # own device), so no rank goes on to wait for one that stopped.
+    try:
+        samples = (N_SAMPLES, len(sample_prompt_ids(tokenizer, cfg.sample_prompt)))
+        check_memory(cfg, model_cfg, device, env.world_size, samples)
+        error = None
+    except ConfigError as e:
+        error = str(e)
+    error = next((e for e in all_gather_object(error, env) if e is not None), None)
+    if error is not None:
+        raise ConfigError(error)
     # A separate eval split is built first (it is small): a missing split or column is reported
     # before the train split is pre-tokenized (minutes to hours). A holdout is read from the
     # train split's cache, which the train build makes.
@@ -295,27 +312,41 @@ def build_trainer(
     if cfg.eval_split is None:
         eval_data = build_eval_batches(cfg, tokenizer, env.rank, env.world_size)
     return Trainer(cfg, model_cfg, train_data=train_data, eval_data=eval_data, tokenizer=tokenizer,
-                   device=device, env=env)  # fmt: skip
+                   model=model, device=device, env=env)  # fmt: skip
 
 
 def save_final_model(trainer: Trainer) -> Path:
     """{checkpoint_dir}/final: the model (Llama-format safetensors + config.json), the tokenizer
-    and train_config.json; written beside, then renamed, so a half-written folder never stands.
+    (with its token ids in config.json and generation_config.json, see octo.tokenizer_files)
+    and train_config.json, and last the completion marker with every file's checksums (as a
+    checkpoint has: octo.generate and from_pretrained check it); written beside, then renamed,
+    so a half-written folder never stands.
     Whatever stops it (a full disk, Ctrl-C) removes final.tmp and leaves an earlier `final`
     in place."""
-    from train.checkpoint import CheckpointError, replace_folder, write_error_fix
-    from train.checkpoint_io import fsync_tree
+    from octo.tokenizer_files import save_tokenizer, special_token_ids
+    from train.checkpoint import (
+        CheckpointError,
+        replace_folder,
+        seal_folder,
+        what_stands,
+        write_error_fix,
+    )
+    from train.data import with_own_tokenizer
+    from train.model_card import write_model_card
 
-    cfg = trainer.cfg
+    cfg, tok = trainer.cfg, trainer.tokenizer
     final = Path(cfg.checkpoint_dir) / "final"
     tmp = final.with_name("final.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
-        if trainer.tokenizer is not None:
-            trainer.tokenizer.save_pretrained(tmp)
+        ids = special_token_ids(tok) if tok is not None else None
+        trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size, token_ids=ids)
+        if tok is not None:
+            save_tokenizer(tok, tmp, trainer.model.config.max_position_embeddings)
+            cfg = with_own_tokenizer(cfg)
         cfg.save(tmp / "train_config.json")
-        fsync_tree(tmp)
+        write_model_card(trainer, tmp, final)  # README.md (+ loss.png): train/model_card.py
+        seal_folder(tmp, kind="model")  # last: its marker covers every file written above
         replace_folder(tmp, final)
     except BaseException as e:  # a full disk, or Ctrl-C: no final.tmp is left, `final` stands
         shutil.rmtree(tmp, ignore_errors=True)
@@ -326,17 +357,22 @@ def save_final_model(trainer: Trainer) -> Path:
             raise
         raise CheckpointError(
             f"saving the final model to {final} failed: {e.strerror or e}; {write_error_fix(e)}. "
-            "The checkpoints are intact"
+            f"The partial folder was removed; {what_stands(final.parent)}"
         ) from e
     return final
 
 
-def generate_sample(trainer: Trainer, n_samples: int = 3) -> str:
+def sample_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's token ids; an empty one starts from BOS (or EOS)."""
+    return tokenizer.encode(prompt) or [tokenizer.bos_token_id or tokenizer.eos_token_id or 0]
+
+
+def generate_sample(trainer: Trainer, n_samples: int = N_SAMPLES) -> str:
     """n_samples continuations of cfg.sample_prompt by the trained model (top-k 50, top-p 0.95,
     temperature 0.8), one batch, from a generator seeded with cfg.seed, so the same weights print
     the same samples."""
     cfg, tok, model = trainer.cfg, trainer.tokenizer, trainer.model
-    prompt = tok.encode(cfg.sample_prompt) or [tok.bos_token_id or tok.eos_token_id or 0]
+    prompt = sample_prompt_ids(tok, cfg.sample_prompt)
     ids = torch.tensor([prompt] * n_samples, dtype=torch.long, device=trainer.device)  # (n, T0)
     gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
     with trainer.precision.autocast():

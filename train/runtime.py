@@ -10,21 +10,42 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import platform
 import random
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from octo.config import OctoConfig
 from train.config import ConfigError, TrainConfig
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux; platform's answer elsewhere): a CPU
+    number must say which CPU, and platform.processor() says only "x86_64"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
     """cfg.device -> a torch.device. auto: CUDA when available (cuda:LOCAL_RANK under torchrun),
-    else CPU. Asking for CUDA on a machine without it is a ConfigError."""
+    else CPU. A string torch cannot parse (cuda:abc), and CUDA asked for on a machine without
+    it, are ConfigErrors."""
     want = cfg.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(want)
+    except RuntimeError:  # torch's text lists every device type it knows
+        raise ConfigError(f"config key 'device' is {cfg.device!r}, which is not a device; use "
+                          "auto, cpu, cuda or cuda:N (N a GPU number)") from None  # fmt: skip
     if want.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available; "
@@ -84,8 +105,11 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
 
 
 def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
-    """compile: on | off | auto (= on for CUDA, where it pays; off on CPU) | cudagraphs (on)."""
-    return cfg.compile in ("on", "cudagraphs") or (cfg.compile == "auto" and device.type == "cuda")
+    """compile: on | off | auto (= on for CUDA, where it pays; off on CPU) | cudagraphs and graph
+    (both on, plus CUDA graphs)."""
+    return cfg.compile in ("on", "cudagraphs", "graph") or (
+        cfg.compile == "auto" and device.type == "cuda"
+    )
 
 
 def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Callable:
@@ -95,7 +119,9 @@ def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Calla
     compile="cudagraphs" adds mode="reduce-overhead": the step's kernels replay as CUDA graphs
     (no per-kernel launch cost; CPU tensors run without graphs). The Trainer then marks each
     micro-batch as a new graph step and keeps its gradients in buffers of its own (see
-    Trainer._cuda_graphs); bench/NOTES.md has what was measured."""
+    Trainer._cuda_graphs); bench/NOTES.md has what was measured. compile="graph" compiles as
+    "on": the Trainer captures the compiled forward + loss + backward itself
+    (train/cudagraph.py)."""
     if not compile_enabled(cfg, device):
         return fn
     if cfg.compile == "cudagraphs":
@@ -103,12 +129,21 @@ def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Calla
     return torch.compile(fn, fullgraph=True)
 
 
-def check_compile_mode(cfg: TrainConfig, distributed: bool) -> None:
-    """compile=cudagraphs is for one process: refused (ConfigError) under torchrun, before any
-    data is built (CUDA graphs under DDP/FSDP2 hooks were never tried)."""
-    if cfg.compile == "cudagraphs" and distributed:
-        raise ConfigError("compile 'cudagraphs' runs in one process only; use compile on under "
-                          "torchrun")  # fmt: skip
+def check_compile_mode(
+    cfg: TrainConfig, distributed: bool, device: torch.device | None = None
+) -> None:
+    """compile=cudagraphs and compile=graph are for one process on a CUDA device: refused
+    (ConfigError) under torchrun (CUDA graphs under DDP/FSDP2 hooks were never tried) and on any
+    other `device` (there is nothing to capture: cudagraphs would only compile, for minutes),
+    before any data is built. device None: not checked (the Trainer's CPU stand-in for tests)."""
+    if cfg.compile not in ("cudagraphs", "graph"):
+        return
+    if distributed:
+        raise ConfigError(f"compile {cfg.compile!r} runs in one process only; use compile on "
+                          "under torchrun")  # fmt: skip
+    if device is not None and device.type != "cuda":
+        raise ConfigError(f"compile {cfg.compile!r} captures CUDA graphs and needs a CUDA device, "
+                          f"but the device is {device}; use compile on or off here")  # fmt: skip
 
 
 def set_kernel_backend(cfg: TrainConfig) -> None:
@@ -135,6 +170,49 @@ def set_kernel_backend(cfg: TrainConfig) -> None:
         raise ConfigError(f"kernels 'triton' ({source}) on the CPU needs Triton's interpreter; "
                           "set kernels=auto (the PyTorch reference on CPU), or TRITON_INTERPRET=1 "
                           "in the environment (slow)")  # fmt: skip
+
+
+def check_memory(
+    cfg: TrainConfig,
+    model_cfg: OctoConfig,
+    device: torch.device,
+    world_size: int,
+    sample_shape: tuple[int, int],
+) -> None:
+    """ConfigError (one line: the estimate and what is free) when training this model and
+    sampling from it at the end cannot fit on `device`; from the configs alone (octo.memory), so
+    an impossible size is refused in a moment, before the data or the model are built.
+
+    Counted: fp32 weights, gradients and AdamW state (FSDP: this rank's share), and the KV cache
+    of the end-of-run samples, sample_shape = (samples, prompt tokens) with sample_max_new_tokens
+    more (at most max_position_embeddings), in the autocast dtype. Several processes on one
+    CPU share its memory. Activations are not counted (their own OOM is one line too)."""
+    from octo.memory import TooLargeError, check_fits, format_bytes, kv_cache_bytes, training_bytes
+
+    fsdp = world_size > 1 and cfg.parallelism == "fsdp"
+    train = training_bytes(model_cfg, shards=world_size if fsdp else 1)
+    samples, prompt = sample_shape
+    positions = min(prompt + cfg.sample_max_new_tokens, model_cfg.max_position_embeddings)
+    dtype = resolve_precision(cfg, device).autocast_dtype or torch.float32
+    kv = kv_cache_bytes(model_cfg, samples, positions, dtype)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    what = (
+        f"training this {model_cfg.num_parameters():,}-parameter model ({format_bytes(train)} of "
+        f"weights, gradients and AdamW state) and its {samples} samples at the end (KV cache of "
+        f"{positions:,} positions, {format_bytes(kv)})"
+    )
+    if processes > 1:
+        what += f", in each of {processes} processes on this machine,"
+    fix = (
+        "lower sample_max_new_tokens (or max_position_embeddings in the model config)"
+        if kv > train
+        else "make the model smaller (hidden_size, intermediate_size, num_hidden_layers or "
+        "vocab_size in the model config)"
+    )
+    try:
+        check_fits((train + kv) * processes, device, what, fix)
+    except TooLargeError as e:
+        raise ConfigError(str(e)) from None
 
 
 def seed_everything(seed: int) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from collections.abc import Iterable
@@ -33,6 +32,8 @@ def train_tokenizer(
     """Train on texts, save to out, and return the loaded transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from octo.tokenizer_files import save_tokenizer
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 2:
@@ -54,18 +55,12 @@ def train_tokenizer(
     out = Path(out)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=BOS)
     try:
-        fast.save_pretrained(out)
-        # transformers 5 writes its own class name, which 4.x cannot load: name the common one.
-        cfg_path = out / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        cfg.pop("backend", None)
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        save_tokenizer(fast, out, model_max_length=None)  # a class transformers 4.x loads too
     except OSError as e:  # disk full, no permission, a path under a regular file
         raise DataError(
             f"cannot write the tokenizer to {out} ({e}); name a writable folder"
         ) from None
-    return AutoTokenizer.from_pretrained(out)
+    return AutoTokenizer.from_pretrained(out, trust_remote_code=False)
 
 
 def _make_out_folder(out: Path) -> None:

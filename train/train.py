@@ -9,6 +9,6 @@ if __name__ == "__main__":
     # project root there instead, so `train` is the package.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     sys.path.insert(0, str(here.parent))
-    from train.__main__ import exit_process, main
+    from train.__main__ import entry
 
-    exit_process(main())
+    entry()
