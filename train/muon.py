@@ -15,8 +15,10 @@ Muon's update, per matrix W (m, n) with gradient G (torch.optim.Muon, nesterov):
 with s = sqrt(max(1, m / n)) ("original" scaling, Keller Jordan's), so the update's RMS is about
 lr / sqrt(n): a muon_learning_rate carries over between widths, unlike AdamW's.
 
-The one schedule (train.optim.LRSchedule, peak = learning_rate) drives both: every Muon group holds
-lr_scale = muon_learning_rate / learning_rate and gets lr(step) * lr_scale (train.optim.set_lr).
+The one schedule (train.optim.LRSchedule, peak = learning_rate) drives both: every group holds an
+lr_scale and gets lr(step) * lr_scale (train.optim.set_lr): Muon's muon_learning_rate /
+learning_rate, AdamW's muon_adamw_lr_scale (the parameters AdamW keeps did better at a few times
+the AdamW-only lr once Muon took the matrices: bench/NOTES.md).
 
 Why one object and not two optimizers: the loop, GradScaler, clipping, step hooks and the
 name-keyed checkpoint format (train/checkpoint_io.py) all take one torch.optim.Optimizer. This one
