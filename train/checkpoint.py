@@ -32,7 +32,6 @@ before_rotate (renamed into place, older checkpoints not yet removed).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -69,6 +68,7 @@ from train.checkpoint_state import (
 from train.config import TrainConfig
 from train.data import with_own_tokenizer
 from train.data_stream import batch_size_change_effect
+from train.errors import write_error_fix
 
 __all__ = [
     "CheckpointError",
@@ -146,16 +146,10 @@ def what_stands(root: Path) -> str:
     return f"the earlier checkpoints are intact (newest: {found[-1][1]})"
 
 
-def write_error_fix(e: OSError) -> str:
+def checkpoint_write_fix(e: OSError) -> str:
     """What to do about a failed checkpoint write, by its errno."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free disk space or set checkpoint_dir to a larger disk"
-    if e.errno == errno.EFBIG:
-        return (
-            "a file is larger than this system allows: raise the file-size limit (ulimit -f) "
-            "or lower max_shard_size"
-        )
-    return "check that checkpoint_dir is writable"
+    return write_error_fix(e, "checkpoint_dir", too_big="lower max_shard_size",
+                           other="check that checkpoint_dir is writable")  # fmt: skip
 
 
 def _remove(path: Path) -> None:
@@ -289,7 +283,7 @@ def save_checkpoint(
         if isinstance(e, OSError):
             raise CheckpointError(
                 f"saving checkpoint {final} failed while writing {what}: "
-                f"{e.strerror or e}; {write_error_fix(e)}. The partial save was removed; "
+                f"{e.strerror or e}; {checkpoint_write_fix(e)}. The partial save was removed; "
                 f"{what_stands(root)}"
             ) from e
         raise

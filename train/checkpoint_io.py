@@ -23,11 +23,7 @@ import torch
 
 from octo.hf_io import plan_shards, save_safetensors
 from octo.integrity import checksum_mismatch, file_checksums
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be written or used; one line naming the file and the fix."""
-
+from train.errors import CheckpointError
 
 OPTIMIZER_META = "optimizer.json"
 

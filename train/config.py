@@ -16,12 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from train.errors import ConfigError
 from train.trackers import report_to_names
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user must fix; the message is one line."""
-
 
 # Keys that name files or folders; an empty string is refused rather than read as "here".
 PATH_KEYS = ("dataset_name", "tokenizer_name", "checkpoint_dir", "resume_from", "model_config",

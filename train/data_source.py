@@ -24,7 +24,6 @@ run from an existing pre-tokenized cache work without it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob as globlib
 import hashlib
 import json
@@ -38,13 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from train.errors import DataError, write_error_fix
 from train.hub import hub_unreachable
 from train.locks import wait_lock
-
-
-class DataError(ValueError):
-    """A data or tokenizer problem the user must fix; the message is one line naming the fix."""
-
 
 DEMO_NAME = "octo-demo"
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -440,15 +435,7 @@ def build_once(final: Path, build: Callable[[Path], None]) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            fix = "free disk space or set data_cache_dir to a larger disk"
-        elif e.errno == errno.EFBIG:
-            fix = (
-                "a file is larger than this system allows: raise the file-size limit (ulimit -f) "
-                "or set data_cache_dir to a disk without one"
-            )
-        else:
-            fix = "set data_cache_dir to a folder you can write to"
+        fix = write_error_fix(e, "data_cache_dir")
         where = f" ({e.filename})" if e.filename else ""
         raise DataError(f"building {final} failed: {e.strerror or e}{where}; {fix}") from e
     return final

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import torch
 
+from train.errors import ConfigError
 from train.trackers import Trackers
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s. Matched in order
@@ -349,8 +350,6 @@ def log_dir_error(log_dir: str | Path, path: Path, e: OSError):
     """The ConfigError (one line, exit 2) for a file of the run's log folder that cannot be
     created or written before training starts: nothing is lost by stopping then, and a run that
     would go unlogged from its first step is better fixed than started."""
-    from train.config import ConfigError
-
     return ConfigError(
         f"config key 'log_dir' is {str(log_dir)!r}: writing {path} failed "
         f"({e.strerror or e}); free disk space or set log_dir to a folder you can write to"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 import shlex
 import shutil
@@ -25,6 +24,7 @@ import torch
 from octo import OctoConfig
 from train.config import ConfigError, TrainConfig, resolved_model_config
 from train.distributed import all_gather_object, cleanup, init_distributed
+from train.errors import write_error_fix
 from train.loop import Trainer
 from train.muon import check_optimizer
 from train.resume_end import check_resume_step
@@ -264,9 +264,7 @@ def check_writable_folders(cfg: TrainConfig) -> None:
                 reason = "a file of that name exists"
             elif e.filename and Path(e.filename) not in (folder, probe):  # a parent folder
                 reason += f": {e.filename}"
-            fix = f"set {key} to a folder you can write to"
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                fix = f"free disk space or set {key} to a larger disk"
+            fix = write_error_fix(e, key, too_big=f"set {key} to a larger disk")
             raise ConfigError(
                 f"config key {key!r} is {str(folder)!r}, which cannot be written ({reason}); {fix}"
             ) from None
@@ -326,10 +324,10 @@ def save_final_model(trainer: Trainer) -> Path:
     from octo.tokenizer_files import save_tokenizer, special_token_ids
     from train.checkpoint import (
         CheckpointError,
+        checkpoint_write_fix,
         replace_folder,
         seal_folder,
         what_stands,
-        write_error_fix,
     )
     from train.data import with_own_tokenizer
     from train.model_card import write_model_card
@@ -356,7 +354,8 @@ def save_final_model(trainer: Trainer) -> Path:
         if not isinstance(e, OSError):
             raise
         raise CheckpointError(
-            f"saving the final model to {final} failed: {e.strerror or e}; {write_error_fix(e)}. "
+            f"saving the final model to {final} failed: {e.strerror or e}; "
+            f"{checkpoint_write_fix(e)}. "
             f"The partial folder was removed; {what_stands(final.parent)}"
         ) from e
     return final
