@@ -30,20 +30,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from train.data_source import (
-    DataError,
-    DocSource,
-    build_once,
-    cache_key,
-    encode_docs,
-    token_dtype,
-    tokenizer_fingerprint,
-)
+from train.data.cache import build_once, cache_key, tokenizer_fingerprint
+from train.data.source import DocSource, encode_docs
+from train.errors import DataError
 from train.signals import forking_workers, init_worker_signals
 
 CACHE_VERSION = 1
 SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
+
+
+def token_dtype(vocab: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65536), else uint32."""
+    return np.dtype(np.uint16) if vocab <= 1 << 16 else np.dtype(np.uint32)
 
 
 def cache_path(src: DocSource, tokenizer, root: str | Path) -> Path:
@@ -120,8 +120,6 @@ def build_token_cache(
     is closed and joined, one stopped by an error or an interrupt is terminated.
     """
     global _TOKENIZER
-    from tqdm import tqdm
-
     src.open()
     vocab = len(tokenizer)
     dtype = token_dtype(vocab)
