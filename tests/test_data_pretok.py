@@ -120,6 +120,19 @@ def test_cache_rebuilt_when_tokenizer_or_file_changes(tok, tmp_path):
     ) == sorted(p.name for p in (first, second, third))
 
 
+def test_cache_key_is_the_tokenizers_identity(tok, tmp_path):
+    """The key holds the tokenizer's identity (train.data.cache.tokenizer_identity, which streamed
+    positions record too), not its raw serialisation: a copy of the tokenizer that truncates and
+    pads (settings encode_docs switches off, which change no id) finds the same cache."""
+    cfg = make_cfg(write(tmp_path / "d.jsonl", DOCS[:10]), tmp_path)
+    tok.save_pretrained(tmp_path / "copy")
+    copy = load_tokenizer(str(tmp_path / "copy"))
+    copy.backend_tokenizer.enable_truncation(max_length=8)
+    copy.backend_tokenizer.enable_padding(length=8)
+    src = train_source(cfg)
+    assert cache_path(src, copy, cfg.data_cache_dir) == cache_path(src, tok, cfg.data_cache_dir)
+
+
 def test_half_written_cache_is_never_used(tok, tmp_path, monkeypatch):
     path = write(tmp_path / "d.jsonl", DOCS[:30])
     cfg = make_cfg(path, tmp_path)

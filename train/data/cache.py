@@ -24,8 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import tokenizers
-
 from train.errors import DataError, write_error_fix
 from train.locks import wait_lock
 
@@ -54,21 +52,6 @@ def tokenizer_identity(tokenizer) -> str:
         model["merges"] = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
     spec["eos_token_id"] = tokenizer.eos_token_id
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
-    """What token ids depend on: the tokenizer's serialisation, EOS, and the library version;
-    and its Hub name, but not a local folder's path: a run resumed from a checkpoint reads the
-    checkpoint's copy of its tokenizer (train.data.with_own_tokenizer), and a path that changes
-    with every checkpoint must not make it tokenize the data again."""
-    blob = tokenizer.backend_tokenizer.to_str()
-    name = getattr(tokenizer, "name_or_path", "")
-    return {
-        "name": "" if Path(name).expanduser().is_dir() else name,
-        "sha256": hashlib.sha256(blob.encode()).hexdigest(),
-        "eos": tokenizer.eos_token_id,
-        "tokenizers": tokenizers.__version__,
-    }
 
 
 def build_once(final: Path, build: Callable[[Path], None]) -> Path:
