@@ -1,4 +1,4 @@
-"""train/data.py: sources and formats, packing, eval batches, holdout, and one-line errors."""
+"""train/data/: sources and formats, packing, eval batches, holdout, and one-line errors."""
 
 from __future__ import annotations
 
