@@ -65,9 +65,7 @@ def _parse(argv: list[str] | None) -> tuple[Any, dict[str, Any]] | int:
     add_set_argument(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = TrainConfig.load(args.config, args.set)
-        if args.model_config is not None:
-            cfg.model_config = args.model_config
+        cfg = TrainConfig.load(args.config, args.set, args.model_config)
         return cfg, load_model_config(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,27 +2,22 @@
 
 The seed's keys come first and mean what the seed's guide says; the keys after them have defaults
 and are documented in the README. A bad key or value raises ConfigError, one line naming the key,
-the value and the fix; `python -m train` turns it into exit code 2.
+the value and the fix (the checks: train/config_check.py); `python -m train` turns it into exit
+code 2. A TrainConfig is frozen: checked once, when it is built, and never rewritten after; a
+changed config is a new value (dataclasses.replace, which checks it again).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
-import math
-import typing
 from pathlib import Path
 from typing import Any
 
+from train.config_check import check_keys, check_values, typed_values
 from train.errors import ConfigError
-from train.trackers import report_to_names
 
-# Keys that name files or folders; an empty string is refused rather than read as "here".
-PATH_KEYS = ("dataset_name", "tokenizer_name", "checkpoint_dir", "resume_from", "model_config",
-             "init_from", "data_cache_dir", "log_dir")  # fmt: skip
-NULLABLE_PATH_KEYS = ("resume_from", "model_config", "init_from")
 # tokenizer_name in the train_config.json of a folder holding its own copy of the tokenizer (a
 # checkpoint, final): `load` reads it as that config file's folder, wherever it was copied to
 OWN_TOKENIZER = "."
@@ -37,7 +32,7 @@ def key(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # ----- the seed's keys (train/config.json: the seed guide's file, value for value) ---------
     dataset_name: str = key(
@@ -200,115 +195,30 @@ class TrainConfig:
         seed's config), the stream otherwise (training starts at once)."""
         return self.max_steps is None if self.pretokenize is None else self.pretokenize
 
-    # ----- validation -------------------------------------------------------------------------
-
     def validate(self) -> None:
-        """Type, range and choice checks. Raises ConfigError with a one-line message."""
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
-        # JSON and --set accept NaN and Infinity; no key means anything by them (an infinite
-        # learning rate trains NaN weights, a NaN max_grad_norm silently turns clipping off).
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            is_int = isinstance(value, int) and not isinstance(value, bool)
-            if is_int and _holds_float(hints[f.name]):
-                # JSON's 0 is an int: torch's AdamW refuses betas (0, 0.95), an int beside a float
-                value = float(value) if abs(value) < 2**1000 else math.inf
-                setattr(self, f.name, value)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"config key {f.name!r} must be a finite number, got {value}")
-        for name in PATH_KEYS:  # "" would silently mean the current folder
-            if getattr(self, name) == "":
-                none = " (or null for none)" if name in NULLABLE_PATH_KEYS else ""
-                raise ConfigError(f"config key {name!r} is an empty string; give a path{none}")
-        if self.init_from is not None and self.resume_from is not None:
-            raise ConfigError(
-                "config keys 'init_from' and 'resume_from' are both set: init_from starts a fresh "
-                "run from trained weights, resume_from continues a run; set one of them to null"
-            )
-        if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed accepts
-            raise ConfigError(f"config key 'seed' must be in [-2**63, 2**64), got {self.seed}")
-        if self.block_size < 2:  # a block is inputs and their next tokens: one token predicts none
-            raise ConfigError(
-                f"config key 'block_size' must be at least 2 (tokens per sequence, each predicting "
-                f"the next), got {self.block_size}"
-            )
-        positive = [
-            "block_size", "batch_size", "gradient_accumulation_steps", "num_epochs",
-            "log_interval_steps", "eval_interval_steps", "save_interval_steps", "eval_max_batches",
-            "keep_last_checkpoints", "sample_max_new_tokens", "max_consecutive_nonfinite",
-        ]  # fmt: skip
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(
-                    f"config key {name!r} must be positive, got {getattr(self, name)}"
-                )
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(
-                f"config key 'max_steps' must be positive or null, got {self.max_steps}"
-            )
-        for name in ("warmup_steps", "num_workers", "buffer_size"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
-        for name in ("learning_rate", "muon_learning_rate", "muon_adamw_lr_scale"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(
-                    f"config key {name!r} must be positive, got {getattr(self, name)}"
-                )
-        for name in ("weight_decay", "max_grad_norm", "muon_weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
-        unit = ("min_lr_ratio", "eval_holdout_fraction", "adam_beta1", "adam_beta2",
-                "muon_momentum")  # fmt: skip
-        for name in unit:
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(
-                    f"config key {name!r} must be in [0, 1), got {getattr(self, name)}"
-                )
-        if not self.adam_eps > 0:
-            raise ConfigError(f"config key 'adam_eps' must be positive, got {self.adam_eps}")
-        choices = {
-            "lr_schedule": ("cosine", "linear", "constant"),
-            "precision": ("auto", "bf16", "fp16", "fp32"),
-            "compile": ("auto", "on", "off", "cudagraphs", "graph"),
-            "kernels": ("auto", "triton", "torch"),
-            "parallelism": ("ddp", "fsdp"),
-            "optimizer": ("adamw", "muon"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                value, options = getattr(self, name), ", ".join(allowed)
-                raise ConfigError(f"config key {name!r} is {value!r}; choose one of {options}")
-        try:
-            report_to_names(self.report_to)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(
-                f"config key 'device' is {self.device!r}; use auto, cpu, cuda or cuda:N"
-            )
-        # Parsed here, not at the first checkpoint save (possibly hours in). Last, because it
-        # imports octo (torch): a config failing a check above stays a fast failure.
-        from octo.hf_io import parse_size
-
-        try:
-            parse_size(self.max_shard_size)
-        except ValueError as e:
-            raise ConfigError(f"config key {e}") from None
+        """Type, range and choice checks (train/config_check.py). Raises ConfigError with a
+        one-line message. A float key given an int (JSON's 0) holds it as a float from here: the
+        one write to a frozen TrainConfig, made while it is built, before anyone holds it."""
+        for name, value in typed_values(self).items():
+            object.__setattr__(self, name, value)
+        check_values(self)
 
     # ----- JSON and overrides -----------------------------------------------------------------
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a dict; an unknown key names the nearest valid one."""
-        _check_keys(cls, d, source)
+        check_keys(cls, d, source)
         return cls(**d)
 
     @classmethod
-    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    def load(
+        cls, path: str | Path | None, overrides: list[str] = (), model_config: str | None = None
+    ) -> TrainConfig:
         """Read a JSON config (or start from defaults when path is None) and apply `key=value`
-        overrides (values parsed as JSON when they parse, else taken as strings)."""
+        overrides (values parsed as JSON when they parse, else taken as strings). model_config
+        (python -m train's --model-config: a JSON file or a preset name), when given, replaces
+        the model_config that the file and the overrides set, once both passed their checks."""
         d: dict[str, Any] = {}
         if path is not None:
             p = Path(path)
@@ -338,7 +248,7 @@ class TrainConfig:
                 d["model_config"] = str(p.parent / mc)
             if d.get("tokenizer_name") == OWN_TOKENIZER:
                 d["tokenizer_name"] = str(p.parent)
-        _check_keys(cls, d, str(path))
+        check_keys(cls, d, str(path))
         sets: dict[str, Any] = {}
         for item in overrides:
             if "=" not in item:
@@ -348,8 +258,13 @@ class TrainConfig:
                 sets[key.strip()] = json.loads(raw)
             except json.JSONDecodeError:
                 sets[key.strip()] = raw
-        _check_keys(cls, sets, "--set")
-        return cls(**{**d, **sets})
+        check_keys(cls, sets, "--set")
+        cfg = cls(**{**d, **sets})
+        if model_config is None:
+            return cfg
+        if model_config == "":  # would read as no model_config: the seed preset
+            raise _empty_model_config()
+        return dataclasses.replace(cfg, model_config=model_config)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -359,20 +274,21 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def _check_keys(cls: type, d: dict[str, Any], source: str) -> None:
-    """ConfigError for the first key that is not a field, naming the nearest field."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in d:
-        if key not in names:
-            near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-            hint = f"did you mean {near[0]!r}?" if near else "see the README for the valid keys"
-            raise ConfigError(f"{source}: unknown key {key!r}; {hint}")
+def _empty_model_config() -> ConfigError:
+    """The error for a model config given as "" (--model-config "", or load_model_config's
+    override): one wording wherever it is caught."""
+    from octo.config import PRESETS  # octo imports torch: on this error only
+
+    return ConfigError(
+        f"model config is an empty string; give a JSON file or one of {', '.join(PRESETS)}"
+    )
 
 
 def load_model_config(cfg: TrainConfig, override: str | None = None) -> dict[str, Any]:
     """The model's shape as OctoConfig fields, validated, before any data or model is loaded.
 
-    Source: `override` (--model-config), else cfg.model_config, else the "seed" preset. A JSON
+    Source: `override` (a file or preset in place of cfg.model_config), else cfg.model_config
+    (python -m train's --model-config is there: TrainConfig.load), else the "seed" preset. A JSON
     file (ours or a transformers Llama config.json) keeps its vocab_size when it names one; a
     preset name gives the architecture only; a dict is the fields themselves. vocab_size is None
     when the tokenizer should size it (train.data.resolve_vocab_size). Raises ConfigError (one
@@ -384,10 +300,8 @@ def load_model_config(cfg: TrainConfig, override: str | None = None) -> dict[str
     if cfg.init_from is not None:
         return _init_from_fields(cfg, override)
     source = override if override is not None else cfg.model_config
-    if source == "":  # --model-config "" would otherwise mean the seed preset
-        raise ConfigError(
-            f"model config is an empty string; give a JSON file or one of {', '.join(PRESETS)}"
-        )
+    if source == "":  # would otherwise mean the seed preset
+        raise _empty_model_config()
     source = source or "seed"
     try:
         if isinstance(source, dict):  # the fields themselves (a saved train_config.json)
@@ -469,31 +383,6 @@ def resolved_model_config(cfg: TrainConfig, fields: dict[str, Any]) -> str | dic
     source = cfg.model_config or "seed"
     preset = isinstance(source, str) and source in PRESETS and cfg.init_from is None
     return source if preset else dict(fields)
-
-
-def _check_type(name: str, value: Any, hint: Any) -> None:
-    """Accept value when it matches the annotation (int also for float; None for Optional)."""
-    args = typing.get_args(hint) or (hint,)
-    ok = False
-    for t in args:
-        if t is type(None):
-            ok |= value is None
-        elif t is float:
-            ok |= isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif t is int:
-            ok |= isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok |= isinstance(value, typing.get_origin(t) or t)  # dict[str, Any] -> dict
-    if not ok:
-        want = " or ".join(
-            "null" if t is type(None) else (typing.get_origin(t) or t).__name__ for t in args
-        )
-        raise ConfigError(f"config key {name!r} must be {want}, got {value!r}")
-
-
-def _holds_float(hint: Any) -> bool:
-    """True for a field typed float or float | None."""
-    return hint is float or float in typing.get_args(hint)
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
