@@ -49,6 +49,9 @@ from typing import Any
 
 import torch
 
+from octo.generate import load_model
+from octo.tokenizer_files import load_local_tokenizer
+
 DTYPES = ("f16", "bf16", "f32")
 GPT2_PRE = "gpt-2"  # llama.cpp's tokenizer.ggml.pre tag for GPT-2's byte-level pre-tokenizer
 
@@ -141,7 +144,7 @@ def gguf_vocab(tokenizer: Any, vocab_size: int, where: str) -> GGUFVocab:
     """GGUFVocab of a transformers fast tokenizer (its tokenizer.json, read through
     backend_tokenizer), padded to the model's vocab_size; ValueError when it is not a byte-level
     BPE (check_byte_level_bpe) or holds more tokens than the model."""
-    import gguf
+    import gguf  # lazy: an optional extra (pip install gguf)
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -224,9 +227,7 @@ def export_gguf(
 ) -> Path:
     """Write FOLDER's model and tokenizer to OUT as a llama.cpp GGUF file (module docstring).
     Returns OUT. ValueError (one line) for a bad folder, tokenizer, dtype or OUT."""
-    import gguf
-
-    from octo.generation import load_local_tokenizer, load_model
+    import gguf  # lazy: an optional extra (pip install gguf); main names it when absent
 
     folder, out = Path(folder), Path(out)
     if dtype not in DTYPES:
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         try:
-            import gguf  # noqa: F401
+            import gguf  # noqa: F401  (lazy: an optional extra; its absence is one line)
         except ImportError:
             raise ValueError(
                 "GGUF export needs the gguf package: pip install gguf (or pip install "

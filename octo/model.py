@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 import octo_kernels
 from octo.config import OctoConfig
+from octo.sampling import sample_next
 
 
 @dataclasses.dataclass
@@ -311,7 +312,6 @@ class OctoForCausalLM(nn.Module):
         top-k or top-p filter) apply where an argument is left out. A KV cache larger than the
         device's free memory is refused (octo.memory.TooLargeError, a ValueError) before it is
         allocated."""
-        from octo.generation import sample_next  # sampling helpers live beside the CLI
         from octo.memory import check_fits, kv_cache_bytes
 
         if attention_mask is not None and not bool(attention_mask.bool().all()):
