@@ -16,9 +16,9 @@ headers; octo/memory.py estimates the bytes). A folder with a completion marker 
 checkpoint, a final model: octo/integrity.py) is checked against it first, so a changed byte is
 named as such.
 
-Here: the folder as a whole (save_pretrained, from_pretrained). Shards and durable writes
-are octo/files.py's, the index and shard headers octo/hf_index.py's, the marker
-octo/integrity.py's.
+Here: the folder as a whole (save_pretrained, from_pretrained = checks + empty_model +
+load_weights). Shards and durable writes are octo/files.py's, the index and shard headers
+octo/hf_index.py's, the marker octo/integrity.py's.
 """
 
 from __future__ import annotations
@@ -193,12 +193,34 @@ def from_pretrained(
     dtype = torch.float32 if dtype is None else dtype
     check_fits(weights_bytes(cfg, dtype), device, f"the model in {directory} ({dtype})",
                "load it on another device or in a smaller dtype")  # fmt: skip
+    model = empty_model(cls, cfg, device=device, dtype=dtype)
+    load_weights(model, directory, weight_map)
+    return model.eval()
+
+
+def empty_model(
+    cls: type[nn.Module],
+    cfg: OctoConfig,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """cls(cfg) with uninitialised storage on `device` in `dtype` (default: as built, float32):
+    built on the meta device, so there is no init cost and the global RNG is untouched; a tied
+    lm_head is tied again (to_empty gives each module a tensor of its own). For weights that are
+    loaded next."""
     with torch.device("meta"):
         model = cls(cfg)
     model.to_empty(device=device)
-    model.to(dtype)
-    if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
-        model.lm_head.weight = model.model.embed_tokens.weight
+    if dtype is not None:
+        model.to(dtype)
+    model.tie_weights()
+    return model
+
+
+def load_weights(model: nn.Module, directory: Path, weight_map: dict[str, str]) -> None:
+    """Copy the tensors of weight_map ({name: shard file}, names checked by check_weights) from
+    directory's shards into model's state in place (any device or dtype: copy_ converts)."""
     params = model.state_dict()
     by_file: dict[str, list[str]] = {}
     for name, file_name in weight_map.items():
@@ -214,4 +236,3 @@ def from_pretrained(
                 raise ValueError(
                     f"shard {path} is truncated or corrupt ({e}); re-save it"
                 ) from None
-    return model.eval()
