@@ -104,7 +104,7 @@ def test_streaming_pipeline_overhead(benchmark, setup):
 
 def test_pretokenized_loader(benchmark, setup):
     from train.data import build_train_data, train_source
-    from train.data_pretok import ensure_token_cache
+    from train.data.pretok import ensure_token_cache
 
     tok, docs, path, tmp = setup
     cfg = make_cfg(path, tmp, pretokenize=True, num_workers=0, num_epochs=20)

@@ -68,8 +68,8 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     a data cache shared by the runs (for tests that run `python -m train` end to end)."""
     import json
 
-    from train.demo_corpus import generate_stories
-    from train.tokenizer import train_tokenizer
+    from train.data.bpe import train_tokenizer
+    from train.data.demo import generate_stories
 
     root = tmp_path_factory.mktemp("stories")
     data = root / "stories"

@@ -26,8 +26,8 @@ def pretok(runs: int, data: str, tokenizer: str, root: str) -> int:
     import multiprocessing
 
     from train.data import load_tokenizer
-    from train.data_pretok import ensure_token_cache
-    from train.data_source import DocSource
+    from train.data.pretok import ensure_token_cache
+    from train.data.source import DocSource
     from train.signals import stop_signals_interrupt
 
     tok = load_tokenizer(tokenizer)

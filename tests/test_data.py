@@ -1,4 +1,4 @@
-"""train/data.py: sources and formats, packing, eval batches, holdout, and one-line errors."""
+"""train/data/: sources and formats, packing, eval batches, holdout, and one-line errors."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from train.data import (  # noqa: E402
     load_tokenizer,
     resolve_vocab_size,
 )
-from train.data_source import DocSource  # noqa: E402
-from train.demo_corpus import generate_stories  # noqa: E402
-from train.tokenizer import train_tokenizer  # noqa: E402
+from train.data.bpe import train_tokenizer  # noqa: E402
+from train.data.demo import generate_stories  # noqa: E402
+from train.data.source import DocSource  # noqa: E402
 
 DOCS = list(generate_stories(120, seed=7))
 
@@ -281,14 +281,14 @@ def test_unreachable_hub_name_says_no_local_folder_either(tok, tmp_path, monkeyp
     import datasets
     from huggingface_hub import constants
 
-    import train.hub
+    import train.data.hub
 
     def offline(name, **kw):
         raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    # the Hub answers (train.hub's probe passes, as when online) but cannot serve the name
-    monkeypatch.setattr(train.hub, "_reachable", constants.ENDPOINT)
+    # the Hub answers (train.data.hub's probe passes, as when online) but cannot serve the name
+    monkeypatch.setattr(train.data.hub, "_reachable", constants.ENDPOINT)
     msg = one_line_error(
         lambda: build_train_data(cfg_for("mydata/stories", tmp_path), tok),
         "no local file or folder 'mydata/stories' exists",

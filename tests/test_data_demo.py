@@ -11,15 +11,15 @@ import sys
 
 import pytest
 
-from train import demo_corpus
-from train.demo_corpus import PLOTS, generate_stories, story
+from train.data import demo as demo_corpus
+from train.data.demo import PLOTS, generate_stories, story
 
 
 def test_deterministic():
     a, b = list(generate_stories(50, 9)), list(generate_stories(50, 9))
     assert a == b and a != list(generate_stories(50, 10))
     # The same in another process with another hash seed (nothing depends on set/dict order).
-    code = "import hashlib; from train.demo_corpus import generate_stories as g; "
+    code = "import hashlib; from train.data.demo import generate_stories as g; "
     code += "print(hashlib.sha256('|'.join(g(200, 1)).encode()).hexdigest())"
     here = hashlib.sha256("|".join(generate_stories(200, 1)).encode()).hexdigest()
     for seed in ("1", "2"):

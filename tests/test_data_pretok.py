@@ -20,10 +20,11 @@ from train.data import (  # noqa: E402
     load_tokenizer,
     train_source,
 )
-from train.data_pretok import cache_path, ensure_token_cache, load_part  # noqa: E402
-from train.data_source import COMPLETE, DocSource, token_dtype  # noqa: E402
-from train.demo_corpus import generate_stories  # noqa: E402
-from train.tokenizer import train_tokenizer  # noqa: E402
+from train.data.bpe import train_tokenizer  # noqa: E402
+from train.data.cache import COMPLETE  # noqa: E402
+from train.data.demo import generate_stories  # noqa: E402
+from train.data.pretok import cache_path, ensure_token_cache, load_part, token_dtype  # noqa: E402
+from train.data.source import DocSource  # noqa: E402
 
 DOCS = list(generate_stories(80, seed=5))
 
@@ -119,6 +120,19 @@ def test_cache_rebuilt_when_tokenizer_or_file_changes(tok, tmp_path):
     ) == sorted(p.name for p in (first, second, third))
 
 
+def test_cache_key_is_the_tokenizers_identity(tok, tmp_path):
+    """The key holds the tokenizer's identity (train.data.cache.tokenizer_identity, which streamed
+    positions record too), not its raw serialisation: a copy of the tokenizer that truncates and
+    pads (settings encode_docs switches off, which change no id) finds the same cache."""
+    cfg = make_cfg(write(tmp_path / "d.jsonl", DOCS[:10]), tmp_path)
+    tok.save_pretrained(tmp_path / "copy")
+    copy = load_tokenizer(str(tmp_path / "copy"))
+    copy.backend_tokenizer.enable_truncation(max_length=8)
+    copy.backend_tokenizer.enable_padding(length=8)
+    src = train_source(cfg)
+    assert cache_path(src, copy, cfg.data_cache_dir) == cache_path(src, tok, cfg.data_cache_dir)
+
+
 def test_half_written_cache_is_never_used(tok, tmp_path, monkeypatch):
     path = write(tmp_path / "d.jsonl", DOCS[:30])
     cfg = make_cfg(path, tmp_path)
@@ -135,7 +149,7 @@ def test_half_written_cache_is_never_used(tok, tmp_path, monkeypatch):
     np.testing.assert_array_equal(cache_tokens(cfg, tok), reference_tokens(tok, DOCS[:30]))
     # A build that dies half-way leaves nothing at the final name (and no temporary folder).
     cfg2 = make_cfg(path, tmp_path, data_cache_dir=str(tmp_path / "cache2"))
-    import train.data_pretok as dp
+    import train.data.pretok as dp
 
     def boom(*a, **k):
         raise KeyboardInterrupt

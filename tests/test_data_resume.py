@@ -12,10 +12,10 @@ pytest.importorskip("datasets")
 
 from train.config import TrainConfig  # noqa: E402
 from train.data import DataError, build_train_data, train_source  # noqa: E402
-from train.data_pretok import ensure_token_cache, load_part  # noqa: E402
-from train.data_stream import batch_size_change_effect  # noqa: E402
-from train.demo_corpus import generate_stories  # noqa: E402
-from train.tokenizer import train_tokenizer  # noqa: E402
+from train.data.bpe import train_tokenizer  # noqa: E402
+from train.data.demo import generate_stories  # noqa: E402
+from train.data.pretok import ensure_token_cache, load_part  # noqa: E402
+from train.data.stream import batch_size_change_effect  # noqa: E402
 
 DOCS = list(generate_stories(90, seed=11))
 
@@ -227,7 +227,7 @@ def test_tokenizer_identity_is_the_same_for_every_copy(tok, tmp_path, gpt2_token
     identity, so a legitimate resume is never refused. GPT-2 as built from the Hub's
     vocab.json/merges.txt (offline) and its saved copy too."""
     from train.data import load_tokenizer
-    from train.data_stream import tokenizer_identity
+    from train.data.cache import tokenizer_identity
 
     for original in (tok, load_tokenizer(str(gpt2_tokenizer_dir))):
         want = tokenizer_identity(original)

@@ -54,7 +54,7 @@ def trained(corpus, tmp_path_factory) -> tuple[Path, float]:
 
 def other_stories(root: Path) -> Path:
     """Stories the trained model never saw (other seeds of the same generator)."""
-    from train.demo_corpus import generate_stories
+    from train.data.demo import generate_stories
 
     data = root / "other"
     data.mkdir(exist_ok=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.child_env import child_env
-from train.data_source import DataError, DocSource
+from train.data import DataError
+from train.data.source import DocSource
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused
@@ -67,10 +68,10 @@ def test_hub_dataset_without_the_hub_is_one_line(monkeypatch):
     """A Hub dataset (with a local tokenizer) meets the same check before datasets retries."""
     from huggingface_hub import constants
 
-    import train.hub
+    import train.data.hub
 
     monkeypatch.setattr(constants, "ENDPOINT", CLOSED)
-    monkeypatch.setattr(train.hub, "_reachable", None)
+    monkeypatch.setattr(train.data.hub, "_reachable", None)
     with pytest.raises(DataError) as e:
         DocSource("roneneldan/TinyStories", "train", "text").open()
     msg = str(e.value)

@@ -18,7 +18,8 @@ import pytest
 
 from train.__main__ import main
 from train.config import TrainConfig
-from train.data_source import COMPLETE, DataError, build_once
+from train.data import DataError
+from train.data.cache import COMPLETE, build_once
 from train.run import check_writable_folders
 
 

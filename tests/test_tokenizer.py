@@ -9,8 +9,9 @@ import pytest
 pytest.importorskip("datasets")
 
 from train.data import DataError, load_tokenizer  # noqa: E402
-from train.demo_corpus import generate_stories  # noqa: E402
-from train.tokenizer import BOS, EOS, main, train_tokenizer  # noqa: E402
+from train.data.bpe import BOS, EOS, train_tokenizer  # noqa: E402
+from train.data.demo import generate_stories  # noqa: E402
+from train.tokenizer import main  # noqa: E402
 
 DOCS = list(generate_stories(200, seed=3))
 

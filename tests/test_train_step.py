@@ -132,7 +132,7 @@ def test_planned_steps_are_the_steps_the_data_yields(tmp_path, world):
     """num_epochs of pre-tokenized data on 1 or 2 ranks: the schedule spans exactly the optimizer
     steps each rank's batches make (2 ranks once planned half of them: they counted one rank's
     tokens against the global step)."""
-    from train.data_pretok import PretokTrainData
+    from train.data.pretok import PretokTrainData
 
     cfg = make_cfg(tmp_path, max_steps=None, num_epochs=3, batch_size=2,
                    gradient_accumulation_steps=2)  # fmt: skip

@@ -67,7 +67,7 @@ from train.checkpoint_state import (
 )
 from train.config import TrainConfig
 from train.data import with_own_tokenizer
-from train.data_stream import batch_size_change_effect
+from train.data.stream import batch_size_change_effect
 from train.errors import write_error_fix
 
 __all__ = [

@@ -8,7 +8,7 @@ of every field the trainer reads, before any of it is used (and of optimizer.jso
                                                  warnings and the per-rank states compare them)
     scheduler        the LR schedule's settings (a record: the schedule is rebuilt from the config)
     scaler           GradScaler.state_dict() under fp16, else null
-    data             the train data's position (train/data_pretok.py or train/data_stream.py
+    data             the train data's position (train/data/pretok.py or train/data/stream.py
                      state_dict: "mode" pretok or stream), or null
     rng              capture_rng_state(): python, numpy, torch CPU and CUDA generator states
     ranks            under torchrun, each rank's {"data", "rng"} (train/checkpoint_dist.py)
@@ -185,7 +185,7 @@ _STREAM_POSITION = ("window", "doc", "offset", "emitted")
 
 
 def _check_data(data: dict, field: str, world_size: int) -> None:
-    """A data position's shape (train/data_pretok.py, train/data_stream.py state_dict): the
+    """A data position's shape (train/data/pretok.py, train/data/stream.py state_dict): the
     entries load_state_dict reads, with the types it can use. Another mode, or none, is the
     data object's own to check (a pre-tokenized or streamed one refuses it in one line, naming
     the mode; tests pass data objects of their own)."""

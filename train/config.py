@@ -26,6 +26,9 @@ NULLABLE_PATH_KEYS = ("resume_from", "model_config", "init_from")
 # tokenizer_name in the train_config.json of a folder holding its own copy of the tokenizer (a
 # checkpoint, final): `load` reads it as that config file's folder, wherever it was copied to
 OWN_TOKENIZER = "."
+# dataset_name / tokenizer_name: the generated demo corpus / its BPE (train/data/demo.py), built
+# under data_cache_dir on first use
+DEMO_NAME = "octo-demo"
 
 
 def key(default: Any, help: str) -> Any:

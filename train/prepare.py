@@ -2,7 +2,7 @@
 
 Builds (on all cores, with a progress bar) the memory-mapped token shards of the train split --
 and of the eval split, when the config names one -- under data_cache_dir/pretok/, keyed on
-dataset, split, text column, holdout and tokenizer (train/data_pretok.py). A run with
+dataset, split, text column, holdout and tokenizer (train/data/pretok.py). A run with
 `pretokenize: true` then reads them; it also builds them itself on first use, so this command
 is for doing it ahead of time (say, on a CPU machine before a GPU run). Already complete caches
 are left as they are.
@@ -16,18 +16,21 @@ import sys
 import time
 from pathlib import Path
 
+from train.config import ConfigError, TrainConfig, add_set_argument
+from train.errors import DataError
+
 
 def main(argv: list[str] | None = None) -> int:
-    from train.config import ConfigError, TrainConfig, add_set_argument
-    from train.data import DataError, eval_source, load_tokenizer, train_source
-    from train.data_pretok import cache_path, ensure_token_cache
-    from train.data_source import COMPLETE
-
     ap = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="training config JSON")
     add_set_argument(ap)
     ap.add_argument("--processes", type=int, default=None, help="tokenizer processes (all cores)")
     args = ap.parse_args(argv)
+    # Lazy: train.data imports torch (seconds); --help and a bad argument answer before it.
+    from train.data import eval_source, load_tokenizer, train_source
+    from train.data.cache import COMPLETE
+    from train.data.pretok import cache_path, ensure_token_cache
+
     try:
         cfg = TrainConfig.load(args.config, args.set)
         tok = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)

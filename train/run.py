@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from octo import OctoConfig
-from train.config import ConfigError, TrainConfig, resolved_model_config
+from train.config import DEMO_NAME, ConfigError, TrainConfig, resolved_model_config
 from train.distributed import all_gather_object, cleanup, init_distributed
 from train.errors import write_error_fix
 from train.loop import Trainer
@@ -241,8 +241,6 @@ def check_writable_folders(cfg: TrainConfig) -> None:
     data is read, not a traceback at the first log line or at the first checkpoint save, hours
     in. Every rank checks (under torchrun on several machines each sees its own disks); the file
     name holds the host and process id, so ranks sharing a folder never touch the same file."""
-    from train.data_source import DEMO_NAME
-
     keys = ["checkpoint_dir", "log_dir"]
     # data_cache_dir only when used and not yet a folder: a read-only folder of complete caches
     # is fine, and a cache that must be built there reports a failed write itself (build_once)

@@ -3,13 +3,9 @@
     python -m train.tokenizer --config train/config.json --vocab-size 16000 --out tok16k
     # then in the config: "tokenizer_name": "tok16k" (and the model's vocab_size may be 16000)
 
-The tokenizer is GPT-2 style: bytes are the base alphabet (every text encodes, nothing is ever
-unknown), pre-tokenized on spaces/punctuation, merges learned by `tokenizers`' BpeTrainer on the
-train documents (held-out ones excluded). Special tokens: EOS "<|endoftext|>" (id 0, ends every
-document) and BOS "<|startoftext|>" (id 1). The total size, special tokens included, is
---vocab-size (fewer only when the text has fewer distinct merges). The folder is saved with
-tokenizer_class PreTrainedTokenizerFast, so `AutoTokenizer.from_pretrained(DIR)` loads it offline
-on transformers 4.x and 5.x alike.
+The tokenizer is a GPT-2 style byte-level BPE (train/data/bpe.py) trained on the config's train
+documents (held-out ones excluded), with EOS "<|endoftext|>" (id 0) and BOS "<|startoftext|>"
+(id 1); --vocab-size counts them. `AutoTokenizer.from_pretrained(OUT)` loads it offline.
 """
 
 from __future__ import annotations
@@ -18,49 +14,10 @@ import argparse
 import itertools
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
-from train.data_source import DataError
-
-EOS, BOS = "<|endoftext|>", "<|startoftext|>"
-
-
-def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, out: str | Path, *, show_progress: bool = False
-):
-    """Train on texts, save to out, and return the loaded transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from octo.tokenizer_files import save_tokenizer
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + 2:
-        raise DataError(
-            f"--vocab-size {vocab_size} is below the {len(alphabet) + 2} a byte-level BPE needs "
-            "(256 bytes + EOS + BOS); choose a larger one"
-        )
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[EOS, BOS],
-        initial_alphabet=alphabet,
-        show_progress=show_progress,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    out = Path(out)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=BOS)
-    try:
-        save_tokenizer(fast, out, model_max_length=None)  # a class transformers 4.x loads too
-    except OSError as e:  # disk full, no permission, a path under a regular file
-        raise DataError(
-            f"cannot write the tokenizer to {out} ({e}); name a writable folder"
-        ) from None
-    return AutoTokenizer.from_pretrained(out, trust_remote_code=False)
+from train.config import ConfigError, TrainConfig, add_set_argument
+from train.errors import DataError
 
 
 def _make_out_folder(out: Path) -> None:
@@ -78,8 +35,6 @@ def _make_out_folder(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.config import ConfigError, TrainConfig, add_set_argument
-    from train.data import train_source
 
     ap = argparse.ArgumentParser(
         prog="python -m train.tokenizer", description=__doc__.split("\n")[0]
@@ -90,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-docs", type=int, default=None, help="train on the first N documents")
     add_set_argument(ap)
     args = ap.parse_args(argv)
+    # Lazy: train.data imports torch (seconds); --help and a bad argument answer before it.
+    from train.data import train_source
+    from train.data.bpe import train_tokenizer
+
     out = Path(args.out)
     try:
         if args.max_docs is not None and args.max_docs < 1:

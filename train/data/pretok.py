@@ -4,7 +4,7 @@ Cache layout (one folder per key, under data_cache_dir/pretok/):
 
     {name}-{split}-{key}/      key = sha256 of (format version, dataset fingerprint -- for local
       meta.json                files their sizes and mtimes --, split, text column, holdout,
-      kept-00000.bin ...       tokenizer serialisation + EOS + `tokenizers` version)
+      kept-00000.bin ...       tokenizer identity (train/data/cache.py), `tokenizers` version)
       heldout-00000.bin ...    (only with a holdout: the held-out documents, for evaluation)
       COMPLETE                 written last; the folder is built under a temporary name and renamed
 
@@ -29,32 +29,39 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tokenizers
 import torch
+from tqdm import tqdm
 
-from train.data_source import (
-    DataError,
-    DocSource,
-    build_once,
-    cache_key,
-    encode_docs,
-    token_dtype,
-    tokenizer_fingerprint,
-)
+from train.data.cache import build_once, cache_key, tokenizer_identity
+from train.data.source import DocSource, encode_docs
+from train.errors import DataError
 from train.signals import forking_workers, init_worker_signals
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the tokenizer keyed by tokenizer_identity (1: its raw serialisation)
 SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
+
+
+def token_dtype(vocab: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65536), else uint32."""
+    return np.dtype(np.uint16) if vocab <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _key_fields(src: DocSource, tokenizer) -> dict[str, Any]:
+    """What the cached ids depend on (meta.json records it too). No tokenizer name or folder: a
+    run resumed from a checkpoint reads the checkpoint's copy of its tokenizer, and the same ids
+    must find the same cache."""
+    return {
+        "version": CACHE_VERSION,
+        "source": src.fingerprint(),
+        "tokenizer": tokenizer_identity(tokenizer),
+        "tokenizers": tokenizers.__version__,
+    }
 
 
 def cache_path(src: DocSource, tokenizer, root: str | Path) -> Path:
     """Where the cache of src's split lives (computing it needs no `datasets`)."""
-    key = cache_key(
-        {
-            "version": CACHE_VERSION,
-            "source": src.fingerprint(),
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-        }
-    )
+    key = cache_key(_key_fields(src, tokenizer))
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(src.name.rstrip("/*")).name or "data")[-40:]
     return Path(root) / "pretok" / f"{slug}-{src.split}-{key}"
 
@@ -120,8 +127,6 @@ def build_token_cache(
     is closed and joined, one stopped by an error or an interrupt is terminated.
     """
     global _TOKENIZER
-    from tqdm import tqdm
-
     src.open()
     vocab = len(tokenizer)
     dtype = token_dtype(vocab)
@@ -174,12 +179,10 @@ def build_token_cache(
         _TOKENIZER = None
         bar.close()
     meta = {
-        "version": CACHE_VERSION,
+        **_key_fields(src, tokenizer),
         "dtype": dtype.name,
         "vocab": vocab,
         "eos": tokenizer.eos_token_id,
-        "source": src.fingerprint(),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
         "parts": {p: w.close() for p, w in writers.items()},
     }
     if meta["parts"]["kept"]["tokens"] == 0:

@@ -25,7 +25,7 @@ def hub_unreachable(what: str) -> str | None:
     that `what` (e.g. "tokenizer_name 'gpt2'", a name that is no local path) needs it, and the
     ways to run without it."""
     global _reachable
-    try:
+    try:  # lazy: it comes with transformers and datasets, and only a Hub name needs it
         from huggingface_hub import constants, get_session
     except ImportError:  # no huggingface_hub: the caller's own import reports it
         return None

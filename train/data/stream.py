@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.data_source import DataError, DocSource, encode_docs
+from train.data.cache import tokenizer_identity
+from train.data.source import DocSource, encode_docs
+from train.errors import DataError
 from train.signals import forking_workers, init_worker_signals
 
 
@@ -99,27 +101,6 @@ def batch_size_change_effect(state: dict[str, Any], batch_size: int) -> str | No
 
 # Identity keys older checkpoints do not record: not compared when absent.
 _ADDED_LATER = ("text_column", "tokenizer")
-
-
-def tokenizer_identity(tokenizer) -> str:
-    """sha256 of what the token ids depend on: the backend tokenizer's serialisation (vocabulary,
-    merges, normalizer, pre-tokenizer, added tokens) and the EOS id, without the parts that do
-    not change ids or that differ between copies of one tokenizer: truncation and padding (set
-    per call; encode_docs switches them off) and the merges' spelling (["a", "b"] since
-    tokenizers 0.20, "a b" before). So the same tokenizer loaded from its folder, the Hub cache or
-    a checkpoint's copy gives the same string. (data_source.tokenizer_fingerprint, the token
-    cache's key, also holds the tokenizer's name and library version: too strict for this.)"""
-    import hashlib
-    import json
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    spec.pop("truncation", None)
-    spec.pop("padding", None)
-    model = spec.get("model") or {}
-    if isinstance(model.get("merges"), list):
-        model["merges"] = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
-    spec["eos_token_id"] = tokenizer.eos_token_id
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def stream_batches(

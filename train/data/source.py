@@ -11,7 +11,7 @@ path that streams a Hugging Face Hub dataset is the same one the tests drive wit
     file.parquet               split "train"                         rows of text_column
     "dir/*.jsonl" (a glob)     split "train" (files in sorted order) as for the files' kind
     folder/                    splits from file names (train*, validation*/valid*/dev*, test*)
-    "octo-demo"                the generated demo corpus (train/demo_corpus.py), built on first use
+    "octo-demo"                the generated demo corpus (train/data/demo.py), built on first use
 
 Held-out evaluation (eval_split null, eval_holdout_fraction = p/q > 0): train document i is held
 out iff floor((i+1)p/q) > floor(ip/q), i.e. exactly floor(n p/q) of the first n documents, spread
@@ -23,27 +23,21 @@ run from an existing pre-tokenized cache work without it.
 
 from __future__ import annotations
 
-import contextlib
 import glob as globlib
-import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from train.errors import DataError, write_error_fix
-from train.hub import hub_unreachable
-from train.locks import wait_lock
+from train.config import DEMO_NAME
+from train.data.demo import DEMO_VERSION, ensure_demo_corpus
+from train.data.hub import hub_unreachable
+from train.errors import DataError
 
-DEMO_NAME = "octo-demo"
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-COMPLETE = "COMPLETE"  # marker file: a cache folder without it is never used
 
 
 def is_local(name: str) -> bool:
@@ -117,9 +111,7 @@ class DocSource:
         edited file changes the fingerprint (and the pre-tokenized cache key)."""
         fp: dict[str, Any] = {"split": self.split, "column": self.column, "holdout": self.holdout}
         if self.name == DEMO_NAME:
-            from train import demo_corpus
-
-            fp["dataset"] = {"demo": demo_corpus.DEMO_VERSION}
+            fp["dataset"] = {"demo": DEMO_VERSION}
         elif is_local(self.name):
             _, files = local_files(self.name)
             fp["dataset"] = [
@@ -135,7 +127,7 @@ class DocSource:
         """Load the split lazily through `datasets` and check that split and column exist."""
         if self._ds is not None:
             return self
-        try:
+        try:  # lazy: absent on the GPU image, where a run reads a complete pre-tokenized cache
             import datasets
         except ImportError:
             raise DataError(
@@ -146,9 +138,7 @@ class DocSource:
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)
         name = self.name
         if name == DEMO_NAME:
-            from train import demo_corpus
-
-            name = str(demo_corpus.ensure_demo_corpus(self.cache_dir))
+            name = str(ensure_demo_corpus(self.cache_dir))
         try:
             if is_local(name):
                 builder, files = local_files(name)
@@ -362,80 +352,3 @@ def encode_docs(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         flat.append(eos)
         lens[k] = len(ids) + 1
     return np.array(flat, dtype=np.int32), lens
-
-
-def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
-    """What token ids depend on: the tokenizer's serialisation, EOS, and the library version;
-    and its Hub name, but not a local folder's path: a run resumed from a checkpoint reads the
-    checkpoint's copy of its tokenizer (train.data.with_own_tokenizer), and a path that changes
-    with every checkpoint must not make it tokenize the data again."""
-    import tokenizers
-
-    blob = tokenizer.backend_tokenizer.to_str()
-    name = getattr(tokenizer, "name_or_path", "")
-    return {
-        "name": "" if Path(name).expanduser().is_dir() else name,
-        "sha256": hashlib.sha256(blob.encode()).hexdigest(),
-        "eos": tokenizer.eos_token_id,
-        "tokenizers": tokenizers.__version__,
-    }
-
-
-def token_dtype(vocab: int) -> np.dtype:
-    """uint16 when every id fits (vocab <= 65536), else uint32."""
-    return np.dtype(np.uint16) if vocab <= 1 << 16 else np.dtype(np.uint32)
-
-
-def cache_key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ----- build-once folders -----------------------------------------------------------------------
-
-
-def build_once(final: Path, build: Callable[[Path], None]) -> Path:
-    """Return `final`, first building it when no complete copy exists.
-
-    build(tmp) fills a temporary sibling folder; its files are fsynced, a COMPLETE marker is
-    written last, and the folder is renamed into place, so a crash leaves either nothing or a
-    temporary folder that is never read. A lock file serialises concurrent builders (DDP ranks
-    on one machine): the first builds, the others wait and then find it complete. A failed
-    write (a full disk, a file-size limit, a folder that cannot be written) is a one-line
-    DataError naming the fix; the temporary folder is removed.
-    """
-    final = Path(final)
-    if (final / COMPLETE).is_file():
-        return final
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with wait_lock(final.parent / f"{final.name}.lock"):
-            if (final / COMPLETE).is_file():
-                return final
-            for stale in final.parent.glob(f"{final.name}.tmp-*"):  # a killed builder's leftovers
-                shutil.rmtree(stale, ignore_errors=True)
-            if final.exists():  # present without its marker: half-written, never used
-                shutil.rmtree(final)
-            tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
-            try:
-                build(tmp)
-                for f in tmp.rglob("*"):
-                    if f.is_file():
-                        with open(f, "rb") as fh:
-                            os.fsync(fh.fileno())
-                with open(tmp / COMPLETE, "w") as fh:
-                    fh.write("complete\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.rename(tmp, final)
-                with contextlib.suppress(OSError):
-                    fd = os.open(final.parent, os.O_RDONLY)
-                    os.fsync(fd)
-                    os.close(fd)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    except OSError as e:
-        fix = write_error_fix(e, "data_cache_dir")
-        where = f" ({e.filename})" if e.filename else ""
-        raise DataError(f"building {final} failed: {e.strerror or e}{where}; {fix}") from e
-    return final

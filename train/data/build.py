@@ -1,50 +1,24 @@
-"""Everything between a dataset name and a batch of token ids (the trainer's data interface).
-
-    tok = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
-    vocab = resolve_vocab_size(model_cfg_vocab_or_None, tok)
-    train = build_train_data(cfg, tok, rank, world_size)    # iterator of (B, T) int64 batches
-    evals = build_eval_batches(cfg, tok, rank, world_size)  # list of (B, T) int64 batches
-    ckpt["data"] = train.state_dict(); ...; train.load_state_dict(ckpt["data"])
-
-The labels are the ids themselves (the model shifts inside). Documents are tokenized without the
-tokenizer's own special tokens, each followed by EOS, concatenated and cut into block_size blocks
-with no padding (the last partial block and batch of an epoch are dropped). Two modes:
-
-* streaming (pretokenize false, or null with max_steps set): tokenized on the fly in num_workers
-  DataLoader processes with a seeded shuffle window of buffer_size blocks -- train/data_stream.py;
-* pre-tokenized (pretokenize true, or null with max_steps null, as in the seed's config): tokenized
-  once into memory-mapped shards under data_cache_dir, built automatically on first use or by
-  `python -m train.prepare`; each epoch a full seeded permutation of the blocks --
-  train/data_pretok.py.
-
-Both resume exactly: after load_state_dict the next batches equal an uninterrupted run's.
-Sources (Hub names, local files, globs, folders, the "octo-demo" corpus) are in
-train/data_source.py. Evaluation reads the eval split, or the held-out part of train when
-eval_split is null and eval_holdout_fraction > 0: its first eval_max_batches batches in order.
-"""
+"""The trainer's data interface, documented in train/data/__init__.py: a config's tokenizer,
+its train and eval sources, and their (B, T) int64 batches in the mode cfg.pretokenized picks
+(train/data/pretok.py or train/data/stream.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from train.config import OWN_TOKENIZER, TrainConfig
-from train.data_pretok import PretokTrainData, ensure_token_cache, load_part
-from train.data_source import DEMO_NAME, DataError, DocSource, encode_docs
-from train.data_stream import StreamingTrainData
-from train.hub import hub_unreachable
-
-__all__ = [
-    "DataError",
-    "TrainData",
-    "build_eval_batches",
-    "build_train_data",
-    "load_tokenizer",
-    "resolve_vocab_size",
-]
+from octo.tokenizer_files import check_no_remote_code
+from train.config import DEMO_NAME, OWN_TOKENIZER, TrainConfig
+from train.data.demo import ensure_demo_tokenizer
+from train.data.hub import hub_unreachable
+from train.data.pretok import PretokTrainData, ensure_token_cache, load_part
+from train.data.source import DocSource, encode_docs
+from train.data.stream import StreamingTrainData
+from train.errors import DataError
 
 TrainData = StreamingTrainData | PretokTrainData
 
@@ -75,13 +49,9 @@ def load_tokenizer(name_or_path: str, cache_dir: str | Path = "data_cache"):
     auto_map is refused; transformers gets trust_remote_code=False). Any failure is a one-line
     DataError.
     """
-    from octo.tokenizer_files import check_no_remote_code
-
     name = name_or_path
     if name == DEMO_NAME:
-        from train import demo_corpus
-
-        name = str(demo_corpus.ensure_demo_tokenizer(cache_dir))
+        name = str(ensure_demo_tokenizer(cache_dir))
     path = Path(name).expanduser()
     local = is_local_tokenizer(name)
     fix = (
@@ -99,6 +69,8 @@ def load_tokenizer(name_or_path: str, cache_dir: str | Path = "data_cache"):
     except ValueError as e:
         raise DataError(f"tokenizer_name {name_or_path!r}: {e}") from None
     try:
+        # Lazy: transformers takes seconds to import, and run() checks for a stop signal that
+        # this import swallowed right after load_tokenizer (train/signals.py).
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path) if local else name, trust_remote_code=False)
@@ -149,34 +121,24 @@ def _holdout(cfg) -> float:
     return cfg.eval_holdout_fraction
 
 
+def _source(cfg, split: str, role: str, **kw: Any) -> DocSource:
+    return DocSource(
+        cfg.dataset_name, split, cfg.text_column, cache_dir=cfg.data_cache_dir, role=role, **kw
+    )
+
+
 def train_source(cfg) -> DocSource:
     """The train documents of cfg (without the held-out ones); not opened yet."""
-    return DocSource(
-        cfg.dataset_name,
-        cfg.train_split,
-        cfg.text_column,
-        holdout_fraction=_holdout(cfg),
-        part="kept",
-        cache_dir=cfg.data_cache_dir,
-        role="train",
-    )
+    return _source(cfg, cfg.train_split, "train", holdout_fraction=_holdout(cfg), part="kept")
 
 
 def eval_source(cfg) -> DocSource | None:
     """The eval split, or the held-out part of train, or None (no evaluation)."""
     holdout = _holdout(cfg)
-    common = dict(cache_dir=cfg.data_cache_dir, role="eval")
     if cfg.eval_split is not None:
-        return DocSource(cfg.dataset_name, cfg.eval_split, cfg.text_column, **common)
+        return _source(cfg, cfg.eval_split, "eval")
     if holdout > 0:
-        return DocSource(
-            cfg.dataset_name,
-            cfg.train_split,
-            cfg.text_column,
-            holdout_fraction=holdout,
-            part="heldout",
-            **common,
-        )
+        return _source(cfg, cfg.train_split, "eval", holdout_fraction=holdout, part="heldout")
     return None
 
 

@@ -23,6 +23,9 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+from train.data.bpe import train_tokenizer
+from train.data.cache import build_once
+
 DEMO_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 DEMO_VOCAB_SIZE = 2048
 N_TRAIN, N_VALID = 24_000, 600
@@ -395,7 +398,6 @@ def generate_stories(n: int, seed: int) -> Iterator[str]:
 
 def ensure_demo_corpus(cache_dir: str | Path) -> Path:
     """{cache_dir}/demo/corpus-{version}/ with train.jsonl and validation.jsonl, built once."""
-    from train.data_source import build_once
 
     def build(tmp: Path) -> None:
         for split, n, seed in (("train", N_TRAIN, TRAIN_SEED), ("validation", N_VALID, VALID_SEED)):
@@ -409,9 +411,6 @@ def ensure_demo_corpus(cache_dir: str | Path) -> Path:
 def ensure_demo_tokenizer(cache_dir: str | Path) -> Path:
     """{cache_dir}/demo/tokenizer-{version}-{vocab}/: a DEMO_VOCAB_SIZE byte-level BPE trained
     on the demo's train stories, built once."""
-    from train.data_source import build_once
-    from train.tokenizer import train_tokenizer
-
     corpus = ensure_demo_corpus(cache_dir)
 
     def build(tmp: Path) -> None:
