@@ -2,6 +2,7 @@
 
 The fields are exactly the seed's model parameters plus tie_word_embeddings and
 initializer_range; every impossible value raises ValueError naming the field and the value.
+A config is frozen: built and validated once, then only read (dataclasses.replace makes another).
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 
-@dataclasses.dataclass
+def nearest_key(key: str, names: Sequence[str], cutoff: float = 0.6) -> str | None:
+    """The name in `names` closest to a mistyped `key` (difflib's ratio >= cutoff), or None: for
+    "did you mean ...?" in a config's unknown-key message."""
+    near = difflib.get_close_matches(key, names, n=1, cutoff=cutoff)
+    return near[0] if near else None
+
+
+@dataclasses.dataclass(frozen=True)
 class OctoConfig:
     """Shape of an Octo (Llama) model. head_dim = hidden_size / num_attention_heads."""
 
@@ -152,8 +160,8 @@ class OctoConfig:
         unknown = [k for k in d if k not in names]
         if unknown and not allow_hf_keys:
             k = unknown[0]
-            near = difflib.get_close_matches(k, names, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(names)}"
+            near = nearest_key(k, names)
+            hint = f"; did you mean {near!r}?" if near else f"; valid keys: {', '.join(names)}"
             raise ValueError(f"OctoConfig: unknown key {k!r}{hint}")
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -38,16 +38,17 @@ into place, so a failure leaves no partial file and an existing OUT is replaced 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from octo.files import write_atomic
+from octo.generate import load_model
+from octo.tokenizer_files import load_local_tokenizer
 
 DTYPES = ("f16", "bf16", "f32")
 GPT2_PRE = "gpt-2"  # llama.cpp's tokenizer.ggml.pre tag for GPT-2's byte-level pre-tokenizer
@@ -141,7 +142,7 @@ def gguf_vocab(tokenizer: Any, vocab_size: int, where: str) -> GGUFVocab:
     """GGUFVocab of a transformers fast tokenizer (its tokenizer.json, read through
     backend_tokenizer), padded to the model's vocab_size; ValueError when it is not a byte-level
     BPE (check_byte_level_bpe) or holds more tokens than the model."""
-    import gguf
+    import gguf  # lazy: an optional extra (pip install gguf)
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -224,9 +225,7 @@ def export_gguf(
 ) -> Path:
     """Write FOLDER's model and tokenizer to OUT as a llama.cpp GGUF file (module docstring).
     Returns OUT. ValueError (one line) for a bad folder, tokenizer, dtype or OUT."""
-    import gguf
-
-    from octo.generation import load_local_tokenizer, load_model
+    import gguf  # lazy: an optional extra (pip install gguf); main names it when absent
 
     folder, out = Path(folder), Path(out)
     if dtype not in DTYPES:
@@ -288,31 +287,18 @@ def export_gguf(
         kind = qtype if t.dim() == 2 else gguf.GGMLQuantizationType.F32
         w.add_tensor(name, gguf.quants.quantize(t.numpy(), kind), raw_dtype=kind)
     del model, state
-    _write_atomic(w, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # beside OUT, then renamed over it: OUT is the old file or the whole new one
+    write_atomic(out, lambda tmp: _write_file(w, tmp))
     return out
 
 
-def _write_atomic(w: Any, out: Path) -> None:
-    """Write the GGUFWriter's file to a temporary name beside OUT, fsync it, rename it over OUT and
-    fsync the folder (octo.hf_io._fsync_path), so OUT is the old file or the whole new one."""
-    from octo.hf_io import _fsync_path
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        w.write_header_to_file(path=tmp)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        _fsync_path(tmp)
-        os.replace(tmp, out)
-        _fsync_path(out.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+def _write_file(w: Any, path: Path) -> None:
+    """The GGUFWriter's whole file (header, metadata, tensors) to path."""
+    w.write_header_to_file(path=path)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 # ----- python -m octo.export_gguf -----------------------------------------------------------------
@@ -335,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         try:
-            import gguf  # noqa: F401
+            import gguf  # noqa: F401  (lazy: an optional extra; its absence is one line)
         except ImportError:
             raise ValueError(
                 "GGUF export needs the gguf package: pip install gguf (or pip install "

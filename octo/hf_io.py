@@ -15,21 +15,26 @@ naming the file or tensor, found before anything is allocated (octo/hf_index.py 
 headers; octo/memory.py estimates the bytes). A folder with a completion marker (a training
 checkpoint, a final model: octo/integrity.py) is checked against it first, so a changed byte is
 named as such.
+
+Here: the folder as a whole (save_pretrained, from_pretrained = checks + empty_model +
+load_weights). Shards and durable writes are octo/files.py's, the index and shard headers
+octo/hf_index.py's, the marker octo/integrity.py's.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from octo.config import OctoConfig
-from octo.hf_index import INDEX_NAME, SINGLE_NAME, _read_weight_map, check_weights
+from octo.files import fsync, parse_size, plan_shards, save_safetensors, write_json
+from octo.hf_index import INDEX_NAME, SINGLE_NAME, check_weights, read_weight_map
 from octo.integrity import verify_marked
+from octo.memory import check_fits, weights_bytes
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -38,40 +43,8 @@ SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # inverse frequencies); transformers skips them on load, and so do we.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like transformers': "2GB" (10^9), "500MB", "1GiB" (2^30),
-    "50KB"; a lowercase trailing "b" as in "5Gb" means bits, as in transformers."""
-    if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise ValueError(f"max_shard_size must be an int or a string like '2GB', got {size!r}")
-    if isinstance(size, int):
-        n = size
-    else:
-        m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?I?B?)\s*", size, flags=re.IGNORECASE)
-        if m is None or m.group(2).upper() not in _UNITS:
-            raise ValueError(
-                f"max_shard_size {size!r} is not a size; use an int (bytes) or a string like "
-                "'2GB', '500MB', '1GiB'"
-            )
-        n = int(m.group(1)) * _UNITS[m.group(2).upper()]
-        if size.strip().endswith("b") and m.group(2).upper() in ("KB", "MB", "GB", "TB"):
-            n //= 8  # bits, transformers' convention
-    if n <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
-    return n
+# transitional: train/checkpoint.py imports this name until it moves to train/checkpoint/ (S3)
+_read_weight_map = read_weight_map
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -90,57 +63,6 @@ def clean_key(name: str) -> str:
     or of single layers) and a leading `module.` (DDP)."""
     name = name.replace("_orig_mod.", "")
     return name[len("module.") :] if name.startswith("module.") else name
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors.torch.save_file (metadata format "pt"), with a failed write raised as the
-    OSError it is. The library reports a full disk as SafetensorError("... No space left on
-    device (os error 28)"), which is no OSError and carries no errno, so a caller could neither
-    tell it from a bug nor say what to do."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except SafetensorError as e:
-        found = re.search(r"\(os error (\d+)\)", str(e))
-        if found is None:
-            raise
-        code = int(found.group(1))
-        raise OSError(code, os.strerror(code), str(path)) from e
-
-
-def _fsync_path(path: Path) -> None:
-    """Flush a written file (or a directory entry list) to disk."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w") as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
-    """Names grouped into shards of at most max_bytes each (also used for optimizer state).
-    Greedy, in state-dict order (transformers' rule): a new shard starts when the next tensor
-    would overflow the current one; a tensor larger than max_bytes gets a shard of its own."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += n
-    return shards
 
 
 def save_pretrained(
@@ -195,7 +117,7 @@ def save_pretrained(
     weight_map = {}
     for file_name, keys in zip(names, plan):
         save_safetensors({k: tensors[k] for k in keys}, out / file_name)
-        _fsync_path(out / file_name)
+        fsync(out / file_name)
         weight_map.update(dict.fromkeys(keys, file_name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {
@@ -205,18 +127,18 @@ def save_pretrained(
         },
         "weight_map": dict(sorted(weight_map.items())),
     }
-    _write_json(out / INDEX_NAME, index)
+    write_json(out / INDEX_NAME, index, indent=2, sort_keys=True)
     float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     dtype = str(next(iter(float_dtypes))).removeprefix("torch.") if len(float_dtypes) == 1 else None
     token_ids = dict(token_ids or {})
     hf = cfg.to_hf_dict(dtype=dtype or "float32", bos_token_id=token_ids.get("bos_token_id"),
                         eos_token_id=token_ids.get("eos_token_id"))  # fmt: skip
-    _write_json(out / CONFIG_NAME, hf)
+    write_json(out / CONFIG_NAME, hf, indent=2, sort_keys=True)
     if token_ids:
-        _write_json(out / GENERATION_CONFIG_NAME, token_ids)
+        write_json(out / GENERATION_CONFIG_NAME, token_ids, indent=2, sort_keys=True)
     elif (out / GENERATION_CONFIG_NAME).is_file():  # an earlier save's, naming other tokens
         (out / GENERATION_CONFIG_NAME).unlink()
-    _fsync_path(out)
+    fsync(out)
 
 
 def _verify(directory: Path, names: list[str]) -> None:
@@ -242,10 +164,6 @@ def from_pretrained(
     loading costs no random init and leaves the global RNG untouched. Returned in eval mode,
     as transformers does.
     """
-    from safetensors import SafetensorError, safe_open
-
-    from octo.memory import check_fits, weights_bytes
-
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"checkpoint folder {directory} does not exist")
@@ -255,7 +173,7 @@ def from_pretrained(
     # files are parsed, so an edited config.json is named as changed, not as a bad config.
     _verify(directory, [n for n in (CONFIG_NAME, INDEX_NAME) if (directory / n).is_file()])
     cfg = OctoConfig.from_json_file(directory / CONFIG_NAME)
-    weight_map = _read_weight_map(directory)
+    weight_map = read_weight_map(directory)
     shards = sorted(set(weight_map.values()))
     for shard in shards:
         if not (directory / shard).is_file():
@@ -275,12 +193,34 @@ def from_pretrained(
     dtype = torch.float32 if dtype is None else dtype
     check_fits(weights_bytes(cfg, dtype), device, f"the model in {directory} ({dtype})",
                "load it on another device or in a smaller dtype")  # fmt: skip
+    model = empty_model(cls, cfg, device=device, dtype=dtype)
+    load_weights(model, directory, weight_map)
+    return model.eval()
+
+
+def empty_model(
+    cls: type[nn.Module],
+    cfg: OctoConfig,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """cls(cfg) with uninitialised storage on `device` in `dtype` (default: as built, float32):
+    built on the meta device, so there is no init cost and the global RNG is untouched; a tied
+    lm_head is tied again (to_empty gives each module a tensor of its own). For weights that are
+    loaded next."""
     with torch.device("meta"):
         model = cls(cfg)
     model.to_empty(device=device)
-    model.to(dtype)
-    if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
-        model.lm_head.weight = model.model.embed_tokens.weight
+    if dtype is not None:
+        model.to(dtype)
+    model.tie_weights()
+    return model
+
+
+def load_weights(model: nn.Module, directory: Path, weight_map: dict[str, str]) -> None:
+    """Copy the tensors of weight_map ({name: shard file}, names checked by check_weights) from
+    directory's shards into model's state in place (any device or dtype: copy_ converts)."""
     params = model.state_dict()
     by_file: dict[str, list[str]] = {}
     for name, file_name in weight_map.items():
@@ -296,4 +236,3 @@ def from_pretrained(
                 raise ValueError(
                     f"shard {path} is truncated or corrupt ({e}); re-save it"
                 ) from None
-    return model.eval()

@@ -20,6 +20,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 MARKER_NAME = "checkpoint_complete.json"
 CHECKSUM_CHUNK = 64 << 20  # bytes per CRC-32: chunks of one file are checked in parallel
 
@@ -27,8 +29,6 @@ CHECKSUM_CHUNK = 64 << 20  # bytes per CRC-32: chunks of one file are checked in
 def _crc32_chunk(path: Path, start: int, length: int) -> int:
     """CRC-32 of bytes [start, start + length) of path, read in 8 MiB pieces into an uninitialised
     buffer (no zeroing, no page fault per 4 KiB as through a memory map)."""
-    import numpy as np
-
     buf = memoryview(np.empty(min(length, 8 << 20), dtype=np.uint8))
     crc, left = 0, length
     with open(path, "rb", buffering=0) as f:

@@ -21,8 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import octo.hf_io as hf_io
 import octo_kernels
 from octo.config import OctoConfig
+from octo.memory import check_fits, kv_cache_bytes
+from octo.sampling import sample_next
 
 
 @dataclasses.dataclass
@@ -191,8 +194,7 @@ class OctoForCausalLM(nn.Module):
         self.config = config
         self.model = OctoModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2 style: residual output projections scaled by 1/sqrt(2L) so the stream's variance
@@ -201,6 +203,12 @@ class OctoForCausalLM(nn.Module):
         for layer in self.model.layers:
             nn.init.normal_(layer.self_attn.o_proj.weight, mean=0.0, std=std)
             nn.init.normal_(layer.mlp.down_proj.weight, mean=0.0, std=std)
+
+    def tie_weights(self) -> None:
+        """lm_head uses embed_tokens' weight when config.tie_word_embeddings (again after
+        to_empty or load_state_dict(assign=True), which give each module a tensor of its own)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -311,9 +319,6 @@ class OctoForCausalLM(nn.Module):
         top-k or top-p filter) apply where an argument is left out. A KV cache larger than the
         device's free memory is refused (octo.memory.TooLargeError, a ValueError) before it is
         allocated."""
-        from octo.generation import sample_next  # sampling helpers live beside the CLI
-        from octo.memory import check_fits, kv_cache_bytes
-
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError(
                 "generate does not take padded prompts (attention_mask has zeros); generate "
@@ -360,17 +365,15 @@ class OctoForCausalLM(nn.Module):
     ) -> None:
         """Write config.json (Llama) and sharded safetensors loadable by transformers; token_ids:
         the tokenizer's special token ids, for config.json and generation_config.json."""
-        from octo.hf_io import save_pretrained
-
-        save_pretrained(self, save_directory, max_shard_size=max_shard_size, token_ids=token_ids)
+        hf_io.save_pretrained(
+            self, save_directory, max_shard_size=max_shard_size, token_ids=token_ids
+        )
 
     @classmethod
     def from_pretrained(cls, directory, device=None, dtype=None) -> OctoForCausalLM:
         """Load an Octo or transformers Llama folder (config.json + safetensors); never unpickles.
         device: default CPU; dtype: default float32. See octo.hf_io.from_pretrained."""
-        from octo.hf_io import from_pretrained
-
-        return from_pretrained(cls, directory, device=device, dtype=dtype)
+        return hf_io.from_pretrained(cls, directory, device=device, dtype=dtype)
 
 
 def _attention_mask(

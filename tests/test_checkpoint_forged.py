@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from octo import OctoConfig, OctoForCausalLM
-from octo.generation import main as generate_main
+from octo.generate import main as generate_main
 from tests.fakes import final_model_trainer
 from train.checkpoint import (
     MARKER,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from octo import OctoConfig, OctoForCausalLM
-from octo.generation import main as generate_main
+from octo.generate import main as generate_main
 from train.__main__ import main as train_main
 from train.config import TrainConfig
 

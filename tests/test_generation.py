@@ -11,8 +11,9 @@ import torch
 from test_hf_interop import hf_twin, max_diff, octo_model
 
 from octo import OctoConfig, OctoForCausalLM
-from octo.generation import main, sample_next
+from octo.generate import main
 from octo.model import KVCache
+from octo.sampling import sample_next
 
 GPT2_VOCAB = 50304  # 50257 rounded up to a multiple of 64
 

@@ -16,7 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from octo import OctoConfig, OctoForCausalLM
-from octo.hf_io import INDEX_NAME, parse_size
+from octo.files import parse_size
+from octo.hf_index import INDEX_NAME
 
 hf_logging.set_verbosity_error()
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -5,6 +5,7 @@ Parity with transformers' Llama lives in test_hf_interop.py, generation in test_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -72,6 +73,16 @@ def test_unknown_key_names_the_nearest_field(tmp_path):
         OctoConfig.from_json_file(path)
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         OctoConfig.preset("huge")
+
+
+def test_config_is_frozen():
+    """A validated config is only read: assigning a field would skip validate()."""
+    cfg = OctoConfig.preset("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.hidden_size = 65  # odd head_dim: validate() would refuse it
+    assert dataclasses.replace(cfg, num_hidden_layers=3).num_hidden_layers == 3
+    with pytest.raises(ValueError, match="head_dim"):
+        dataclasses.replace(cfg, hidden_size=68)  # 68 / 4 heads = 17: odd
 
 
 def test_bad_json_files(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from octo import OctoConfig, OctoForCausalLM
-from octo.generation import main as generate_main
+from octo.generate import main as generate_main
 from octo.tokenizer_files import save_tokenizer
 from train.__main__ import main as train_main
 
