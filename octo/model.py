@@ -291,6 +291,12 @@ class OctoForCausalLM(nn.Module):
                 )
         return CausalLMOutput(loss=loss, logits=logits)
 
+    @staticmethod
+    def count_targets(input_ids: torch.Tensor) -> int:
+        """Target tokens of forward(input_ids, labels=input_ids) without attention_mask: B * (T - 1)
+        (the shift above: the last position predicts nothing). From the shape: no device sync."""
+        return input_ids.shape[0] * (input_ids.shape[1] - 1)
+
     @torch.no_grad()
     def generate(
         self,

@@ -257,3 +257,15 @@ def test_all_ignored_labels_give_zero_loss_and_gradients():
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_count_targets_is_the_number_of_token_losses():
+    """count_targets states the forward's shift rule: the summed loss over it is the mean loss."""
+    model = OctoForCausalLM(OctoConfig.preset("tiny"))
+    ids = torch.randint(0, 256, (3, 9))
+    with torch.no_grad():
+        losses = model(ids, labels=ids, reduction="none").loss
+        total = model(ids, labels=ids, reduction="sum").loss
+        mean = model(ids, labels=ids).loss
+    assert OctoForCausalLM.count_targets(ids) == int((losses != 0).sum()) == 3 * 8
+    torch.testing.assert_close(total / OctoForCausalLM.count_targets(ids), mean)

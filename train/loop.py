@@ -80,7 +80,7 @@ class StepStats:
     """What one train_step did. Tensors stay on the device (reading them syncs)."""
 
     loss_sum: torch.Tensor  # () fp32: summed token loss of the step on this rank
-    n_targets: int  # target tokens of the step on this rank: sum over micro-batches of B * (T - 1)
+    n_targets: int  # target tokens of the step on this rank (OctoForCausalLM.count_targets)
     grad_norm: torch.Tensor  # () fp32: global gradient norm before clipping
     skipped: torch.Tensor  # () bool: non-finite loss or gradient norm; the update was not applied
     lr: float
@@ -192,7 +192,7 @@ class Trainer:
         cfg, dev, opt = self.cfg, self.device, self.optimizer
         timings = {} if self.profile else None
         t0 = self._clock(timings)
-        n_targets = sum(b.shape[0] * (b.shape[1] - 1) for b in micro_batches)
+        n_targets = sum(OctoForCausalLM.count_targets(b) for b in micro_batches)
         scale = self._loss_scale(n_targets)
         self.wrapped.train()
         loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
@@ -312,7 +312,7 @@ class Trainer:
             self._new_graph_step()
             with self.precision.autocast():
                 totals[0] += self._forward_loss(ids)
-            totals[1] += ids.shape[0] * (ids.shape[1] - 1)
+            totals[1] += OctoForCausalLM.count_targets(ids)
         self.wrapped.train()
         loss_sum, n = all_reduce_sum(totals, self.env).tolist()
         if n == 0:
