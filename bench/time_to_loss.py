@@ -42,9 +42,10 @@ import torch
 
 from bench.common import env_info, gpt2_tokenizer_folder
 from octo import OctoConfig
-from train.config import TrainConfig, load_model_config
-from train.data import build_eval_batches, build_train_data, load_tokenizer, resolve_vocab_size
+from train.config import TrainConfig
+from train.data import build_eval_batches, build_train_data, load_tokenizer
 from train.loop import Trainer
+from train.model_config import load_model_config, resolve_vocab_size
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.child_env import child_env
-from train.config import ConfigError, TrainConfig, load_model_config
+from train.config import ConfigError, TrainConfig
+from train.model_config import load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def test_model_config_default_is_seed_architecture_with_vocab_from_tokenizer(tmp
 def test_saved_model_config_rebuilds_the_model_from_anywhere(tmp_path, monkeypatch):
     """A run saves model_config as a preset name or the resolved fields (resolved_model_config):
     its train_config.json rebuilds the same model from another folder, after the file changed."""
-    from train.config import resolved_model_config
+    from train.model_config import resolved_model_config
 
     shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
              "num_attention_heads": 4, "num_key_value_heads": 1,
@@ -289,7 +290,7 @@ def test_init_from_config_errors(tmp_path):
     """init_from: with resume_from, a missing folder, a file, a folder of checkpoints, and a
     model_config of another shape are each one ConfigError line, before anything loads; its
     config.json gives the shape (vocab_size included), and a saved config names the fields."""
-    from train.config import resolved_model_config
+    from train.model_config import resolved_model_config
 
     with pytest.raises(ConfigError, match="'init_from' and 'resume_from' are both set.*set one"):
         TrainConfig(init_from="a", resume_from="b")

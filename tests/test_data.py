@@ -17,11 +17,11 @@ from train.data import (  # noqa: E402
     build_eval_batches,
     build_train_data,
     load_tokenizer,
-    resolve_vocab_size,
 )
 from train.data.bpe import train_tokenizer  # noqa: E402
 from train.data.demo import generate_stories  # noqa: E402
 from train.data.source import DocSource  # noqa: E402
+from train.model_config import resolve_vocab_size  # noqa: E402
 
 DOCS = list(generate_stories(120, seed=7))
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from octo import OctoConfig, OctoForCausalLM
-from train.config import TrainConfig, load_model_config
-from train.data import build_eval_batches, build_train_data, load_tokenizer, resolve_vocab_size
+from train.config import TrainConfig
+from train.data import build_eval_batches, build_train_data, load_tokenizer
 from train.loop import Trainer
+from train.model_config import load_model_config, resolve_vocab_size
 
 STEPS, WARMUP, LR, MIN_RATIO = 200, 20, 3e-3, 0.1
 

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse(argv: list[str] | None) -> tuple[Any, dict[str, Any]] | int:
     """(TrainConfig, model fields) from the command line, or 2 after a ConfigError's line."""
-    from train.config import ConfigError, TrainConfig, add_set_argument, load_model_config
+    from train.config import ConfigError, TrainConfig, add_set_argument
     from train.config_docs import help_epilog
 
     parser = argparse.ArgumentParser(
@@ -66,6 +66,8 @@ def _parse(argv: list[str] | None) -> tuple[Any, dict[str, Any]] | int:
     args = parser.parse_args(argv)
     try:
         cfg = TrainConfig.load(args.config, args.set, args.model_config)
+        from train.model_config import load_model_config  # octo, torch: once the config is valid
+
         return cfg, load_model_config(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -263,7 +263,7 @@ class TrainConfig:
         if model_config is None:
             return cfg
         if model_config == "":  # would read as no model_config: the seed preset
-            raise _empty_model_config()
+            raise empty_model_config_error()
         return dataclasses.replace(cfg, model_config=model_config)
 
     def to_dict(self) -> dict[str, Any]:
@@ -274,7 +274,7 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def _empty_model_config() -> ConfigError:
+def empty_model_config_error() -> ConfigError:
     """The error for a model config given as "" (--model-config "", or load_model_config's
     override): one wording wherever it is caught."""
     from octo.config import PRESETS  # octo imports torch: on this error only
@@ -282,107 +282,6 @@ def _empty_model_config() -> ConfigError:
     return ConfigError(
         f"model config is an empty string; give a JSON file or one of {', '.join(PRESETS)}"
     )
-
-
-def load_model_config(cfg: TrainConfig, override: str | None = None) -> dict[str, Any]:
-    """The model's shape as OctoConfig fields, validated, before any data or model is loaded.
-
-    Source: `override` (a file or preset in place of cfg.model_config), else cfg.model_config
-    (python -m train's --model-config is there: TrainConfig.load), else the "seed" preset. A JSON
-    file (ours or a transformers Llama config.json) keeps its vocab_size when it names one; a
-    preset name gives the architecture only; a dict is the fields themselves. vocab_size is None
-    when the tokenizer should size it (train.data.resolve_vocab_size). Raises ConfigError (one
-    line) for a missing file, an unknown key (nearest valid key named), an impossible shape, or
-    block_size > max_position_embeddings.
-    """
-    from octo.config import PRESETS, OctoConfig  # octo imports torch; only needed from here on
-
-    if cfg.init_from is not None:
-        return _init_from_fields(cfg, override)
-    source = override if override is not None else cfg.model_config
-    if source == "":  # would otherwise mean the seed preset
-        raise _empty_model_config()
-    source = source or "seed"
-    try:
-        if isinstance(source, dict):  # the fields themselves (a saved train_config.json)
-            fields = {"vocab_size": None, **source}
-            source = "fields in model_config"
-        elif source in PRESETS:
-            fields = {**PRESETS[source], "vocab_size": None}
-        else:
-            p = Path(source)
-            if p.is_dir():
-                raise ConfigError(
-                    f"model config {source!r} is a folder; pass a JSON file or one of "
-                    f"{', '.join(sorted(PRESETS))}"
-                )
-            if not p.is_file():
-                raise ConfigError(
-                    f"model config {source!r} is neither a JSON file nor a preset; "
-                    f"pass a file path or one of {', '.join(sorted(PRESETS))}"
-                )
-            fields = OctoConfig.from_json_file(p).to_dict()  # ValueError on bad JSON or keys
-            if "vocab_size" not in json.loads(p.read_text(encoding="utf-8")):
-                fields["vocab_size"] = None
-        # vocab_size is checked again once the tokenizer sized it; 64 stands in until then.
-        vocab = fields["vocab_size"]
-        fields = OctoConfig.from_dict({**fields, "vocab_size": vocab or 64}).to_dict()
-        fields["vocab_size"] = vocab
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise
-        msg = str(e)  # OctoConfig.from_json_file's messages name the file already
-        raise ConfigError(
-            msg if msg.startswith("model config ") else f"model config {source}: {msg}"
-        ) from None
-    if cfg.block_size > fields["max_position_embeddings"]:
-        raise ConfigError(
-            f"block_size {cfg.block_size} exceeds the model's max_position_embeddings "
-            f"{fields['max_position_embeddings']}; lower block_size or raise "
-            "max_position_embeddings in the model config"
-        )
-    return fields
-
-
-def _init_from_fields(cfg: TrainConfig, override: str | None) -> dict[str, Any]:
-    """The model shape of cfg.init_from: its config.json (Octo's or a transformers Llama one),
-    vocab_size included, since the weights fix it. A model_config given as well must describe
-    the same shape (a vocab_size it leaves to the tokenizer aside); otherwise ConfigError."""
-    folder = Path(cfg.init_from)
-    kinds = "a final model folder, a checkpoint_step_N folder or a transformers Llama folder"
-    if not folder.is_dir():
-        state = "is a file" if folder.exists() else "does not exist"
-        raise ConfigError(f"init_from {folder} {state}; name {kinds}")
-    if not (folder / "config.json").is_file():
-        held = (folder / "final").is_dir() or any(folder.glob("checkpoint_step_*"))
-        hint = f" (it holds a run's checkpoints: name {folder / 'final'} or one of them)"
-        raise ConfigError(
-            f"init_from {folder} has no config.json{hint if held else ''}; name {kinds}"
-        )
-    plain = dataclasses.replace(cfg, init_from=None)
-    fields = load_model_config(plain, str(folder / "config.json"))
-    if (override if override is not None else cfg.model_config) is not None:
-        other = load_model_config(plain, override)
-        for name, value in other.items():
-            if value is not None and value != fields[name]:
-                raise ConfigError(
-                    f"model_config gives {name}={value}, but init_from {folder}'s config.json has "
-                    f"{fields[name]}; set model_config to null (init_from gives the model's shape)"
-                )
-    return fields
-
-
-def resolved_model_config(cfg: TrainConfig, fields: dict[str, Any]) -> str | dict[str, Any]:
-    """What cfg.model_config should read in the configs a run saves (log folder, checkpoints), so
-    that `--config <checkpoint>/train_config.json` rebuilds the same model from any working
-    directory, even after the model file was edited or moved: a preset name as it is (its fields
-    live in the code), otherwise `fields` (load_model_config's result; vocab_size None when the
-    tokenizer sizes it; with init_from, its config.json's fields)."""
-    from octo.config import PRESETS
-
-    source = cfg.model_config or "seed"
-    preset = isinstance(source, str) and source in PRESETS and cfg.init_from is None
-    return source if preset else dict(fields)
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,6 @@ training or after the last checkpoint; SIGTERM there too), with one line saying 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shlex
 import shutil
@@ -21,11 +20,11 @@ from typing import Any
 
 import torch
 
-from octo import OctoConfig
-from train.config import DEMO_NAME, ConfigError, TrainConfig, resolved_model_config
+from train.config import DEMO_NAME, ConfigError, TrainConfig
 from train.distributed import all_gather_object, cleanup, init_distributed
 from train.errors import write_error_fix
 from train.loop import Trainer
+from train.model_config import ModelSpec, run_config
 from train.muon import check_optimizer
 from train.resume_end import check_resume_step
 from train.runtime import check_compile_mode, check_memory, resolve_device, set_kernel_backend
@@ -40,8 +39,8 @@ OOM_HINT = (
 
 
 def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
-    """Train as cfg says (model_fields: train.config.load_model_config). Returns the exit code.
-    The run's log is closed and the process group left on every way out.
+    """Train as cfg says (model_fields: train.model_config.load_model_config). Returns the exit
+    code. The run's log is closed and the process group left on every way out.
 
     SIGINT and SIGTERM outside fit() (which installs its own handlers: finish the step, save)
     raise KeyboardInterrupt: at start-up, during the final model's save or sampling, the run
@@ -61,16 +60,7 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
         from train.data import DataError
 
         try:
-            # The configs a run saves say what it did: the model by its fields (or preset) and
-            # the data mode it used (see resume_command); init_from is done once it is loaded,
-            # so a resume of this run (resume_from) takes it as it is.
-            init_from = cfg.init_from
-            cfg = dataclasses.replace(
-                cfg,
-                model_config=resolved_model_config(cfg, model_fields),
-                pretokenize=cfg.pretokenized,
-                init_from=None,
-            )
+            cfg, spec = run_config(cfg, model_fields)  # what every saved config records
             try:  # a missing tracker library: one line now, not after the data is built
                 check_installed(cfg.report_to)
             except ValueError as e:
@@ -87,10 +77,10 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
                 check_fresh_checkpoint_dir(cfg.checkpoint_dir)
             # a bad resume_from is reported before any data is built
             resume = agree_on_resume(cfg.resume_from, env) if cfg.resume_from else None
-            trainer = build_trainer(cfg, model_fields, device, env, init_from)
+            trainer = build_trainer(cfg, spec, device, env)
             log = trainer.log  # before the resume: its warnings become lines of this log
-            if init_from is not None:
-                log.info(f"Initialized from {init_from}: its weights, with a new optimizer, "
+            if spec.init_from is not None:
+                log.info(f"Initialized from {spec.init_from}: its weights, with a new optimizer, "
                          "learning-rate schedule and data order")  # fmt: skip
             if resume is not None:
                 trainer.resume(resume)
@@ -268,26 +258,21 @@ def check_writable_folders(cfg: TrainConfig) -> None:
             ) from None
 
 
-def build_trainer(
-    cfg: TrainConfig,
-    model_fields: dict[str, Any],
-    device: torch.device,
-    env: Any,
-    init_from: str | None = None,
-) -> Trainer:
+def build_trainer(cfg: TrainConfig, spec: ModelSpec, device: torch.device, env: Any) -> Trainer:
     """Tokenizer, model shape (vocab sized to the tokenizer), data, then the Trainer; with
-    init_from (a model folder; model_fields are its config.json's), its weights, loaded before
-    the tokenizer and data, so a bad folder is reported first."""
-    from train.data import build_eval_batches, build_train_data, load_tokenizer, resolve_vocab_size
+    spec.init_from (a model folder; spec.fields are its config.json's), its weights, loaded
+    before the tokenizer and data, so a bad folder is reported first."""
+    from train.data import build_eval_batches, build_train_data, load_tokenizer
     from train.init_from import check_tokenizer_fits, load_init_model
+
+    init_from = spec.init_from
 
     model = load_init_model(init_from) if init_from is not None else None
     tokenizer = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
     raise_if_interrupted()  # one that transformers' import swallowed: before any data is built
     if model is not None:
         check_tokenizer_fits(init_from, tokenizer, model.config.vocab_size)
-    vocab = resolve_vocab_size(model_fields["vocab_size"], tokenizer)
-    model_cfg = OctoConfig.from_dict({**model_fields, "vocab_size": vocab})
+    model_cfg = spec.resolve(tokenizer)
     # Whether it fits, before any data or module is built; every rank agrees (each checks its
     # own device), so no rank goes on to wait for one that stopped.
     try:

@@ -1,8 +1,8 @@
 """Everything between a dataset name and a batch of token ids (the trainer's data interface).
 
     tok = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
-    vocab = resolve_vocab_size(model_cfg_vocab_or_None, tok)
-    train = build_train_data(cfg, tok, rank, world_size)    # iterator of (B, T) int64 batches
+    model_cfg = spec.resolve(tok)  # train.model_config.ModelSpec: vocab_size sized to tok
+    train = build_train_data(cfg, tok, rank, world_size, pin_memory=rt.pin_memory)  # (B, T) int64
     evals = build_eval_batches(cfg, tok, rank, world_size)  # list of (B, T) int64 batches
     ckpt["data"] = train.state_dict(); ...; train.load_state_dict(ckpt["data"])
 
@@ -42,7 +42,6 @@ from train.data.build import (
     build_train_data,
     eval_source,
     load_tokenizer,
-    resolve_vocab_size,
     train_source,
     with_own_tokenizer,
 )
@@ -55,7 +54,6 @@ __all__ = [
     "build_train_data",
     "eval_source",
     "load_tokenizer",
-    "resolve_vocab_size",
     "train_source",
     "with_own_tokenizer",
 ]

@@ -91,24 +91,6 @@ def load_tokenizer(name_or_path: str, cache_dir: str | Path = "data_cache"):
     return tok
 
 
-def resolve_vocab_size(model_vocab_size: int | None, tokenizer) -> int:
-    """The model's vocab_size: None -> len(tokenizer) rounded up to a multiple of 64 (tensor-core
-    friendly); smaller than the tokenizer -> DataError naming both numbers and both fixes."""
-    n = len(tokenizer)
-    rounded = -(-n // 64) * 64
-    if model_vocab_size is None:
-        return rounded
-    if model_vocab_size < n:
-        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
-        raise DataError(
-            f"model vocab_size {model_vocab_size} is smaller than tokenizer {name!r}'s {n} tokens; "
-            f"drop vocab_size from the model config (it then becomes {rounded}), or train a "
-            f"tokenizer of that size (python -m train.tokenizer --config CONFIG --vocab-size "
-            f"{model_vocab_size} --out DIR) and set tokenizer_name to DIR"
-        )
-    return model_vocab_size
-
-
 # ----- sources of a config ----------------------------------------------------------------------
 
 
