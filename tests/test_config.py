@@ -286,6 +286,23 @@ def test_triton_kernels_on_cpu_without_interpreter_is_a_config_error(monkeypatch
     set_kernel_backend(TrainConfig(kernels="triton", device="cpu"))  # the interpreter runs it
 
 
+def test_a_gpu_number_this_machine_lacks_is_one_config_line(monkeypatch):
+    """device=cuda:N past the GPUs present: a ConfigError naming those there are (it was an
+    error deep in torch.cuda.set_device). The resolver is octo.device's, so CUDA is faked."""
+    import torch
+
+    from train.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError) as e:
+        resolve_device(TrainConfig(device="cuda:2"))
+    assert str(e.value) == (
+        "config key 'device' is 'cuda:2', but this machine has 2 CUDA device(s), cuda:0 to "
+        "cuda:1; use auto or one of those"
+    )
+
+
 def test_init_from_config_errors(tmp_path):
     """init_from: with resume_from, a missing folder, a file, a folder of checkpoints, and a
     model_config of another shape are each one ConfigError line, before anything loads; its

@@ -99,7 +99,7 @@ def test_muon_step_reads_the_device_once(tmp_path):
         tr.train_step(batches)
     # the reference cross-entropy's label check is allowed, as for AdamW
     found = [r for r in reads.found if "octo_kernels/cross_entropy.py" not in r]
-    assert len(found) == 1 and "train/loop.py" in found[0], reads.found
+    assert len(found) == 1 and "train/step.py" in found[0], reads.found
 
 
 def test_start_and_log_lines_name_the_optimizer(tmp_path):

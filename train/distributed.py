@@ -100,7 +100,7 @@ def wrap_model(
     torchrun; the model itself otherwise. param_dtype: the autocast dtype of the run
     (bf16/fp16, or None for fp32), the dtype FSDP gathers parameters in.
 
-    compile_fn (train.runtime.maybe_compile for the run, or None): torch.compile cannot trace
+    compile_fn (train.runtime.Runtime.compiled for the run, or None): torch.compile cannot trace
     through DDP's or FSDP2's forward hooks with fullgraph=True, so with several processes the
     compiled unit goes inside the wrapper, as nanoGPT (DDP) and torchtitan (FSDP2) do: the
     model's forward under DDP (Dynamo's DDPOptimizer then splits the graph at the gradient

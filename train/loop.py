@@ -1,30 +1,25 @@
 """The Trainer: one optimizer step, evaluation, the run around them, checkpoints and resume.
 
-One step (`train_step`), for micro-batches m = 1..A of token ids (B, T) (labels = ids, shifted in
-the model):
-    loss_m = sum of the token losses of m (model(..., reduction="sum"), fp32)
-    backward of loss_m / N,  N = target tokens of ALL micro-batches of the step (and all ranks)
-so the gradient is that of the mean token loss of the whole step, whatever A and B are. Then the
-global gradient norm, clipping at max_grad_norm, the scheduled lr, and AdamW. A step whose loss or
-gradient norm is not finite is skipped on the device (the fused AdamW's `found_inf`, or the
-GradScaler's), counted, and after max_consecutive_nonfinite in a row the run stops.
+One step (`train_step`) over A micro-batches (B, T): each one's summed token loss, backward with
+the loss scaled by 1/(target tokens of the whole step), then the global gradient norm, clipping,
+the scheduled lr and the update (the arithmetic: train/step.py). A step whose loss or gradient
+norm is not finite is skipped on the device, counted, and after max_consecutive_nonfinite in a
+row the run stops.
 
 No host sync in the hot path: losses, norms and skip counts accumulate in device tensors, read once
-per log interval; the skip counters are copied to the host asynchronously and read one step late
-(waiting only for the previous step, while the current one is queued on the GPU).
+per log interval (the skip counts one step late, train.step.SkipCounter).
 
-`Trainer(cfg, model_cfg, train_data=..., eval_data=...)` then `fit()` is a run; a benchmark can
-build one with synthetic data and call `train_step(micro_batches)` itself (profile=True adds
-per-phase timings, with the syncs that timing needs; without it there are none).
+`Trainer(cfg, model_cfg, train_data=..., eval_data=...)` then `fit()` is a run; run() passes the
+Runtime it built (runtime=), a Trainer built directly builds its own (Runtime.build, from
+device=/env= when given). A benchmark can build one with synthetic data and call
+`train_step(micro_batches)` itself (profile=True adds per-phase timings, with the syncs that
+timing needs; without it there are none).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
-import signal
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,28 +30,17 @@ import torch
 from octo import OctoConfig, OctoForCausalLM
 from train.config import TrainConfig
 from train.cudagraph import MicroStepGraph
-from train.distributed import (
-    DistEnv,
-    all_reduce_sum,
-    any_rank,
-    host_any,
-    init_distributed,
-    no_sync,
-    replicated,
-    wrap_model,
-)
+from train.distributed import DistEnv, all_reduce_sum, host_any, no_sync, wrap_model
 from train.metrics import (
     IntervalMeter,
     RunLogger,
     flops_per_token,
     format_eval_line,
-    format_log_line,
-    log_dir_error,
+    log_interval,
+    log_start,
     matmul_params,
     perplexity,
-    start_lines,
 )
-from train.muon import check_optimizer
 from train.optim import (
     LRSchedule,
     apply_hyperparameters,
@@ -65,30 +49,16 @@ from train.optim import (
     schedule_change,
     set_lr,
 )
-from train.runtime import (
-    check_compile_mode,
-    maybe_compile,
-    resolve_device,
-    resolve_precision,
-    seed_everything,
-    set_kernel_backend,
+from train.runtime import Precision, Runtime, seed_everything
+from train.signals import finish_step_on_stop
+from train.step import (
+    SkipCounter,
+    StepStats,
+    apply_update,
+    grad_norm,
+    loss_scale,
+    step_fault,
 )
-
-
-@dataclasses.dataclass
-class StepStats:
-    """What one train_step did. Tensors stay on the device (reading them syncs)."""
-
-    loss_sum: torch.Tensor  # () fp32: summed token loss of the step on this rank
-    n_targets: int  # target tokens of the step on this rank (OctoForCausalLM.count_targets)
-    grad_norm: torch.Tensor  # () fp32: global gradient norm before clipping
-    skipped: torch.Tensor  # () bool: non-finite loss or gradient norm; the update was not applied
-    lr: float
-    timings: dict[str, float] | None = None  # seconds per phase, only with Trainer(profile=True)
-
-    def loss(self) -> float:
-        """Mean token loss of the step (syncs)."""
-        return float(self.loss_sum) / self.n_targets
 
 
 @dataclasses.dataclass
@@ -109,6 +79,7 @@ class Trainer:
         cfg: TrainConfig,
         model_cfg: OctoConfig,
         *,
+        runtime: Runtime | None = None,
         train_data: Iterable[torch.Tensor] | None = None,
         eval_data: Iterable[torch.Tensor] | None = None,
         tokenizer: Any = None,
@@ -122,35 +93,28 @@ class Trainer:
         self.cfg, self.train_data, self.eval_data = cfg, train_data, eval_data
         self.tokenizer = tokenizer
         self.profile, self._logger = profile, logger
-        self.device = device if device is not None else resolve_device(cfg)
-        self.env = env if env is not None else init_distributed(self.device)
-        # graph_stand_in (tests only): compile=graph or cudagraphs on a CPU (graph: the capture
-        # replaced by a direct call; cudagraphs: compiled code, no graphs on CPU tensors)
-        check_compile_mode(cfg, self.env.enabled, None if graph_stand_in else self.device)
-        check_optimizer(cfg, self.env.enabled)
-        self._cuda_graphs = cfg.compile == "cudagraphs"
-        self._static_grads = cfg.compile in ("cudagraphs", "graph")
-        set_kernel_backend(cfg)
-        seed_everything(cfg.seed)
-        self.precision = resolve_precision(cfg, self.device)
-        self.model = (model if model is not None else OctoForCausalLM(model_cfg)).to(self.device)
+        # device, env, precision, compile mode, kernels: decided once (train/runtime.py)
+        self.rt = rt = runtime if runtime is not None else Runtime.build(
+            cfg, device=device, env=env, graph_stand_in=graph_stand_in
+        )  # fmt: skip
+        seed_everything(cfg.seed)  # before the model's initialization
+        self.model = (model if model is not None else OctoForCausalLM(model_cfg)).to(rt.device)
         if cfg.use_gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        compile_fn = functools.partial(maybe_compile, cfg=cfg, device=self.device)
-        self.wrapped = wrap_model(self.model, self.env, cfg.parallelism,
-                                  self.precision.autocast_dtype, compile_fn)  # fmt: skip
-        self.optimizer = build_optimizer(self.wrapped, cfg, self.device)
+        self.wrapped = wrap_model(self.model, rt.env, cfg.parallelism,
+                                  rt.precision.autocast_dtype, rt.compiled)  # fmt: skip
+        self.optimizer = build_optimizer(self.wrapped, cfg, rt.device)
         self._fused = bool(self.optimizer.defaults.get("fused"))
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self._static_grads:
+        if rt.static_grads:
             # A graph replay overwrites its outputs, so a gradient must never *be* one: the
             # backward's first AccumulateGrad would adopt the graph's output buffer as p.grad and
             # the next micro-batch's replay would overwrite it. Gradients that exist before the
             # first backward (and are zeroed, not freed) are added into in place instead.
             for p in self._params:
                 p.grad = torch.zeros_like(p)
-        self.scaler = self.precision.make_scaler()
-        self.total_steps, self.steps_source = planned_steps(cfg, train_data, self.env.world_size)
+        self.scaler = rt.precision.make_scaler()
+        self.total_steps, self.steps_source = planned_steps(cfg, train_data, rt.env.world_size)
         self.schedule = LRSchedule.from_config(cfg, self.total_steps)
         wrapped = self.wrapped
 
@@ -158,25 +122,42 @@ class Trainer:
             return wrapped(ids, labels=ids, reduction="sum").loss
 
         # Several processes: wrap_model compiled inside DDP/FSDP2 (their hooks do not trace).
-        self._forward_loss = forward_loss if self.env.enabled else compile_fn(forward_loss)
+        self._forward_loss = forward_loss if rt.env.enabled else rt.compiled(forward_loss)
         self._graph = None  # compile=graph: each micro-batch's _micro_step as one CUDA graph
-        if cfg.compile == "graph":
-            self._graph = MicroStepGraph(self._micro_step, self._params, self.device,
-                                         capture=self.device.type == "cuda",
+        if rt.compile == "graph":
+            self._graph = MicroStepGraph(self._micro_step, self._params, rt.device,
+                                         capture=rt.device.type == "cuda",
                                          log=lambda line: self.log.info(line))  # fmt: skip
         self.step, self.tokens_seen = 0, 0
-        dev = self.device
-        self._consecutive = torch.zeros((), dtype=torch.int64, device=dev)  # skips in a row
-        self._skips = torch.zeros((), dtype=torch.int64, device=dev)  # skips in total
-        self.meter = IntervalMeter(self.device, self.env, self._flops_per_token())
-        self._flags_host = torch.zeros(2, dtype=torch.int64, pin_memory=dev.type == "cuda")
-        self._flags_event = torch.cuda.Event() if dev.type == "cuda" else None
-        self.consecutive_nonfinite = self.nonfinite_skips = 0  # host copies (one step late on GPU)
+        self.skips = SkipCounter(rt.device, rt.pin_memory)
+        self.meter = IntervalMeter(rt.device, rt.env, self._flops_per_token())
         self._stop_signal: str | None = None
         # the newest complete checkpoint of this run (saved or resumed from; None on ranks other
         # than 0) and the step it holds (on every rank), so an unchanged state is not saved twice
         self.last_checkpoint: Path | None = None
         self._checkpoint_step: int | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.rt.device
+
+    @property
+    def env(self) -> DistEnv:
+        return self.rt.env
+
+    @property
+    def precision(self) -> Precision:
+        return self.rt.precision
+
+    @property
+    def consecutive_nonfinite(self) -> int:
+        """Skipped steps in a row (host copy: one step late on a GPU)."""
+        return self.skips.in_row
+
+    @property
+    def nonfinite_skips(self) -> int:
+        """Skipped steps in total (host copy: one step late on a GPU)."""
+        return self.skips.total
 
     @property
     def log(self) -> RunLogger:
@@ -193,7 +174,7 @@ class Trainer:
         timings = {} if self.profile else None
         t0 = self._clock(timings)
         n_targets = sum(OctoForCausalLM.count_targets(b) for b in micro_batches)
-        scale = self._loss_scale(n_targets)
+        scale = loss_scale(n_targets, self.env, dev)
         self.wrapped.train()
         loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
         if self._graph is not None:
@@ -209,30 +190,14 @@ class Trainer:
         t1 = self._clock(timings)
         if self.scaler is not None:
             self.scaler.unscale_(opt)
-        if cfg.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self._params if p.grad is not None]
-            )
-        norm = replicated(norm)  # FSDP2: a replicated DTensor
-        if self.scaler is None:
-            fault = ~(torch.isfinite(loss_sum) & torch.isfinite(norm))
-        else:  # gradient overflow is the scaler's business (it lowers the scale); NaN loss is ours
-            fault = ~torch.isfinite(loss_sum)
-        fault = any_rank(fault, self.env)  # every rank skips the same steps
+        norm = grad_norm(self._params, cfg.max_grad_norm)
+        fault = step_fault(loss_sum, norm, self.scaler is not None, self.env)
         lr = self.schedule(self.step)
         set_lr(opt, lr)  # with muon, times each group's lr_scale (train.optim.set_lr)
-        if self.scaler is not None:
-            self.scaler.step(opt)
-            self.scaler.update()
-        elif self._fused:
-            opt.found_inf = fault.float()  # fused AdamW skips the whole update on device when 1
-            opt.step()
-        elif not bool(fault):  # host sync: only optimizers without the fused kernel (Muon)
-            opt.step()
-        opt.zero_grad(set_to_none=not self._static_grads)
-        self._count(fault, loss_sum, n_targets, norm)
+        apply_update(opt, self.scaler, self._fused, fault)
+        opt.zero_grad(set_to_none=not self.rt.static_grads)
+        self.meter.add(~fault, loss_sum, n_targets, norm)
+        self.skips.add(fault)
         self.step += 1
         self.tokens_seen += sum(b.numel() for b in micro_batches) * self.env.world_size
         t2 = self._clock(timings)
@@ -256,35 +221,8 @@ class Trainer:
     def _new_graph_step(self) -> None:
         """compile=cudagraphs: the outputs of the last forward (and its backward) are consumed,
         so the next replay may overwrite them. No-op otherwise."""
-        if self._cuda_graphs:
+        if self.rt.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-
-    def _loss_scale(self, n_targets: int) -> float | torch.Tensor:
-        """1/N with N the step's target tokens over all ranks. DDP/FSDP average gradients over
-        ranks, hence world_size / N there (all_reduce of N: tensor, no host sync)."""
-        if not self.env.enabled:
-            return 1.0 / n_targets
-        n = all_reduce_sum(torch.tensor(float(n_targets), device=self.device), self.env)
-        return self.env.world_size / n
-
-    def _count(self, fault: torch.Tensor, loss_sum, n_targets: int, norm: torch.Tensor) -> None:
-        """Device-side bookkeeping of the step, then the (lagged) host copy of the skip counts."""
-        good = ~fault
-        self._consecutive = torch.where(fault, self._consecutive + 1, 0)
-        self._skips += fault
-        self.meter.add(good, loss_sum, n_targets, norm)
-        if self._flags_event is not None:  # GPU: read the previous step's counts, then send these
-            self._read_flags()
-            self._flags_host.copy_(torch.stack([self._consecutive, self._skips]), non_blocking=True)
-            self._flags_event.record()
-        else:
-            self._flags_host.copy_(torch.stack([self._consecutive, self._skips]))
-            self._read_flags()
-
-    def _read_flags(self) -> None:
-        if self._flags_event is not None:
-            self._flags_event.synchronize()
-        self.consecutive_nonfinite, self.nonfinite_skips = self._flags_host.tolist()
 
     def _flops_per_token(self) -> float:
         c = self.model.config
@@ -326,17 +264,16 @@ class Trainer:
         """Train to the planned step (or the end of the data), evaluating, logging and saving on
         the configured intervals; stop cleanly on SIGINT/SIGTERM or too many non-finite steps."""
         cfg, log = self.cfg, self.log
-        self._log_start()
+        log_start(self)
         log.start_progress(self.total_steps, self.step)
-        previous = self._install_signal_handlers()
-        data = iter(self.train_data)
-        self.meter.restart(self.step, self.tokens_seen)
-        status, last_eval = "completed", None
-        seen_skips = self.nonfinite_skips
         # The handlers stay until the last save is done: a Ctrl-C during the final evaluation or
         # save ends the run as one in the loop does (the save finishes, exit 0), and Python's
         # default handler would abort that save instead.
-        try:
+        with finish_step_on_stop(self._request_stop, lambda: self._stop_signal is not None):
+            data = iter(self.train_data)
+            self.meter.restart(self.step, self.tokens_seen)
+            status, last_eval = "completed", None
+            seen_skips = self.nonfinite_skips
             while self.step < self.total_steps:
                 batches = _next_micro_batches(data, cfg.gradient_accumulation_steps)
                 if host_any(batches is None, self.env):  # one rank's data ended
@@ -356,7 +293,7 @@ class Trainer:
                     status = "nonfinite"
                     break
                 if self.step % cfg.log_interval_steps == 0:
-                    self._log_interval()
+                    log_interval(self)
                 if self.step % cfg.eval_interval_steps == 0:
                     last_eval = self.meter.paused(self._evaluate_and_log)
                 if self.step % cfg.save_interval_steps == 0:
@@ -370,9 +307,6 @@ class Trainer:
                 self.save_checkpoint()
             if status == "completed" and host_any(self._stop_signal is not None, self.env):
                 status = "interrupted"  # during the final evaluation or save: no final model
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         if status == "interrupted":
             self._stop_signal = self._stop_signal or "a signal to another process"
         last_ckpt = self.last_checkpoint
@@ -386,18 +320,6 @@ class Trainer:
                     "checkpoint": str(last_ckpt) if last_ckpt else None})  # fmt: skip
         return FitResult(status, self.step, last_ckpt, self._stop_signal, last_eval)
 
-    def _log_interval(self) -> None:
-        """The log line and its JSON record over the steps since the last one (one host sync)."""
-        r = self.meter.record(self.step, self.tokens_seen, self.total_steps)
-        lr = self.schedule(self.step - 1)
-        r.update(lr=lr, optimizer=self.cfg.optimizer, nonfinite_skips=self.nonfinite_skips,
-                 epoch=getattr(self.train_data, "epoch", 0))  # fmt: skip
-        if self.cfg.optimizer == "muon":  # what each part stepped with (train.optim.set_lr)
-            r["lr"] = lr * self.cfg.muon_adamw_lr_scale
-            r["muon_lr"] = lr * self.cfg.muon_learning_rate / self.cfg.learning_rate
-        self.log.info(format_log_line(r))
-        self.log.record(r)
-
     def _evaluate_and_log(self) -> dict[str, float] | None:
         r = self.evaluate()
         if r is not None:
@@ -405,36 +327,9 @@ class Trainer:
             self.log.record({"type": "eval", **r})
         return r
 
-    def _log_start(self) -> None:
-        log, c = self.log, self.model.config
-        if log.log_path is not None:  # the resolved configs, beside the log, before any line:
-            stem = log.log_path.with_name(log.log_path.stem)  # a full log_dir is one error line
-            path = Path(f"{stem}_config.json")
-            try:
-                self.cfg.save(path)
-                path = Path(f"{stem}_model.json")
-                c.to_json_file(path)
-            except OSError as e:
-                raise log_dir_error(self.cfg.log_dir, path, e) from None
-        for line in start_lines(self):
-            log.info(line)
-        log.record({"type": "start", "step": self.step, "total_steps": self.total_steps,
-                    "parameters": self.model.num_parameters(), "precision": self.precision.name,
-                    "config": self.cfg.to_dict(), "model_config": c.to_dict()})  # fmt: skip
-
-    def _install_signal_handlers(self) -> dict:
-        """SIGINT/SIGTERM: finish the step, save, exit 0. A second Ctrl-C aborts at once (a
-        KeyboardInterrupt: a save in progress is dropped whole, and run() names the last complete
-        checkpoint, exit 130)."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def on_signal(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self._stop_signal = signal.Signals(signum).name
-
-        return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    def _request_stop(self, name: str) -> None:
+        """A stop signal (train.signals.finish_step_on_stop): finish the step, save, exit 0."""
+        self._stop_signal = name
 
     # ----- checkpoints --------------------------------------------------------------------------
 
@@ -448,7 +343,7 @@ class Trainer:
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": data.state_dict() if hasattr(data, "state_dict") else None,
-            "rng": capture_rng_state(), "nonfinite_skips": int(self._skips),
+            "rng": capture_rng_state(), "nonfinite_skips": self.skips.exact_total(),
             "batch_size": self.cfg.batch_size, "learning_rate": self.cfg.learning_rate,
             "world_size": self.env.world_size,
         }  # fmt: skip
@@ -481,8 +376,7 @@ class Trainer:
                                      env=self.env)  # this rank's data position and RNG  # fmt: skip
         apply_hyperparameters(self.optimizer, self.cfg)
         self.step, self.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
-        self._skips.fill_(int(state.get("nonfinite_skips", 0)))
-        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+        self.skips.restore(int(state.get("nonfinite_skips", 0)))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if state.get("data") is not None and hasattr(self.train_data, "load_state_dict"):

@@ -187,33 +187,64 @@ class IntervalMeter:
         }  # fmt: skip
 
 
+def log_start(t: Any) -> None:
+    """A run's first output; t is the Trainer (train/loop.py). The resolved configs beside the
+    log, before any line (a full log_dir is one error line), then start_lines and the start
+    record."""
+    log, c = t.log, t.model.config
+    if log.log_path is not None:
+        stem = log.log_path.with_name(log.log_path.stem)
+        path = Path(f"{stem}_config.json")
+        try:
+            t.cfg.save(path)
+            path = Path(f"{stem}_model.json")
+            c.to_json_file(path)
+        except OSError as e:
+            raise log_dir_error(t.cfg.log_dir, path, e) from None
+    for line in start_lines(t):
+        log.info(line)
+    log.record({"type": "start", "step": t.step, "total_steps": t.total_steps,
+                "parameters": t.model.num_parameters(), "precision": t.rt.precision.name,
+                "config": t.cfg.to_dict(), "model_config": c.to_dict()})  # fmt: skip
+
+
+def log_interval(t: Any) -> None:
+    """The log line and its JSON record over the steps since the last one (one host sync); t is
+    the Trainer."""
+    cfg = t.cfg
+    r = t.meter.record(t.step, t.tokens_seen, t.total_steps)
+    lr = t.schedule(t.step - 1)
+    r.update(lr=lr, optimizer=cfg.optimizer, nonfinite_skips=t.nonfinite_skips,
+             epoch=getattr(t.train_data, "epoch", 0))  # fmt: skip
+    if cfg.optimizer == "muon":  # what each part stepped with (train.optim.set_lr)
+        r["lr"] = lr * cfg.muon_adamw_lr_scale
+        r["muon_lr"] = lr * cfg.muon_learning_rate / cfg.learning_rate
+    t.log.info(format_log_line(r))
+    t.log.record(r)
+
+
 def start_lines(t: Any) -> list[str]:
-    """What a run prints first; t is the Trainer (train/loop.py)."""
+    """What a run prints first; t is the Trainer (train/loop.py), t.rt its Runtime."""
     import octo_kernels
     from train.optim import describe_optimizer, tokens_per_step
-    from train.runtime import compile_enabled
 
-    cfg, c, dev = t.cfg, t.model.config, t.device
+    cfg, c, rt = t.cfg, t.model.config, t.rt
+    dev, env = rt.device, rt.env
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     resuming = f", resuming at step {t.step}" if t.step else ""
-    compile_phrase = "off"
-    if compile_enabled(cfg, dev):
-        compile_phrase = {"cudagraphs": "on + CUDA graphs",
-                          "graph": "on + each micro-batch captured as one CUDA graph",
-                          }.get(cfg.compile, "on")  # fmt: skip
     return [
         f"Octo: {t.model.num_parameters() / 1e6:.2f}M parameters ({c.num_hidden_layers} layers, "
         f"hidden {c.hidden_size}, {c.num_attention_heads} heads / {c.num_key_value_heads} KV "
         f"heads, vocab {c.vocab_size})",
         f"Tokens per step: {cfg.batch_size} x {cfg.block_size} x {cfg.gradient_accumulation_steps}"
-        f" x {t.env.world_size} processes = {tokens_per_step(cfg, t.env.world_size)}",
+        f" x {env.world_size} processes = {tokens_per_step(cfg, env.world_size)}",
         f"Global batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x "
-        f"{t.env.world_size} processes = "
-        f"{cfg.batch_size * cfg.gradient_accumulation_steps * t.env.world_size} sequences per step"
-        + (f" ({cfg.parallelism.upper()})" if t.env.enabled else ""),
+        f"{env.world_size} processes = "
+        f"{cfg.batch_size * cfg.gradient_accumulation_steps * env.world_size} sequences per step"
+        + (f" ({cfg.parallelism.upper()})" if env.enabled else ""),
         f"Planned steps: {t.total_steps} ({t.steps_source}){resuming}",
-        f"Device: {dev} ({name}); precision: {t.precision.describe()}; "
-        f"torch.compile: {compile_phrase}",
+        f"Device: {dev} ({name}); precision: {rt.precision.describe()}; "
+        f"torch.compile: {rt.compile_phrase()}",
         f"Kernels: {octo_kernels.describe(dev)}",
         f"Optimizer: {describe_optimizer(t.optimizer, cfg)}",
         f"Checkpoints: {Path(cfg.checkpoint_dir).resolve()}; logs: {t.log.log_path}",

@@ -25,9 +25,8 @@ from train.distributed import all_gather_object, cleanup, init_distributed
 from train.errors import write_error_fix
 from train.loop import Trainer
 from train.model_config import ModelSpec, run_config
-from train.muon import check_optimizer
 from train.resume_end import check_resume_step
-from train.runtime import check_compile_mode, check_memory, resolve_device, set_kernel_backend
+from train.runtime import Runtime, check_memory, resolve_device
 from train.signals import raise_if_interrupted, stop_signals_interrupt
 from train.trackers import check_installed
 
@@ -66,18 +65,16 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
             check_writable_folders(cfg)
-            set_kernel_backend(cfg)
             device = resolve_device(cfg)
             env = init_distributed(device)
-            check_compile_mode(cfg, env.enabled, device)
-            check_optimizer(cfg, env.enabled)
+            rt = Runtime.build(cfg, device=device, env=env)  # every other start-up decision
             # this run's alone from here (train/checkpoint_lock.py), before any of it is read
             locks = own_run_folders(cfg.checkpoint_dir, cfg.resume_from, env)
             if not cfg.resume_from:
                 check_fresh_checkpoint_dir(cfg.checkpoint_dir)
             # a bad resume_from is reported before any data is built
             resume = agree_on_resume(cfg.resume_from, env) if cfg.resume_from else None
-            trainer = build_trainer(cfg, spec, device, env)
+            trainer = build_trainer(cfg, spec, rt)
             log = trainer.log  # before the resume: its warnings become lines of this log
             if spec.init_from is not None:
                 log.info(f"Initialized from {spec.init_from}: its weights, with a new optimizer, "
@@ -106,7 +103,7 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             return 1
         from train.checkpoint_dist import full_model
 
-        trainer.model = full_model(trainer.model, env, trainer.device)  # FSDP: gathered on rank 0
+        trainer.model = full_model(trainer.model, env, rt.device)  # FSDP: gathered on rank 0
         if env.is_main:
             try:
                 final = save_final_model(trainer)
@@ -116,11 +113,12 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             log.info(f"Final model: {final} (loads with OctoForCausalLM.from_pretrained and as "
                      "Llama in transformers)")  # fmt: skip
             if trainer.tokenizer is not None:
-                log.info(f"Samples from {final}:\n{generate_sample(trainer)}")
+                sample = generate_sample(trainer.model, trainer.tokenizer, cfg, rt)
+                log.info(f"Samples from {final}:\n{sample}")
         return 0
     except KeyboardInterrupt:  # Ctrl-C (or SIGTERM outside fit), or the trainer's second one
         if env is None or env.is_main:
-            line = interrupted_line(trainer, env, cwd, final, cfg.resume_from)
+            line = interrupted_line(trainer, env, cwd, final, cfg)
             print(line, file=sys.stderr, flush=True)
         return 130
     finally:
@@ -133,7 +131,7 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
 
 
 def interrupted_line(
-    trainer: Trainer | None, env: Any, cwd: Path, final: Path | None, resume_from: str | None
+    trainer: Trainer | None, env: Any, cwd: Path, final: Path | None, cfg: TrainConfig
 ) -> str:
     """What a run stopped at once by Ctrl-C leaves: nothing, or its newest complete checkpoint
     (and the command that resumes from it). A Ctrl-C during a save's last steps (older
@@ -141,12 +139,13 @@ def interrupted_line(
     resumed run stopped before it trained still has the checkpoint it resumes from."""
     from train.checkpoint import complete_checkpoints
 
+    resume_from = cfg.resume_from
     again = (f"; nothing new was saved: run the same command again to resume from {resume_from}"
              if resume_from else "")  # fmt: skip
     if trainer is None:
         return "interrupted before training started" + (again or "; nothing was saved")
     line = f"interrupted at step {trainer.step}"
-    saved = dict(complete_checkpoints(Path(trainer.cfg.checkpoint_dir)))
+    saved = dict(complete_checkpoints(Path(cfg.checkpoint_dir)))
     ckpt = saved.get(trainer.step, trainer.last_checkpoint)
     if final is not None:  # while sampling: the run is complete
         return f"{line} while sampling; the final model {final} and checkpoint {ckpt} are saved"
@@ -258,14 +257,14 @@ def check_writable_folders(cfg: TrainConfig) -> None:
             ) from None
 
 
-def build_trainer(cfg: TrainConfig, spec: ModelSpec, device: torch.device, env: Any) -> Trainer:
-    """Tokenizer, model shape (vocab sized to the tokenizer), data, then the Trainer; with
+def build_trainer(cfg: TrainConfig, spec: ModelSpec, rt: Runtime) -> Trainer:
+    """Tokenizer, model shape (vocab sized to the tokenizer), data, then the Trainer on rt; with
     spec.init_from (a model folder; spec.fields are its config.json's), its weights, loaded
     before the tokenizer and data, so a bad folder is reported first."""
     from train.data import build_eval_batches, build_train_data, load_tokenizer
     from train.init_from import check_tokenizer_fits, load_init_model
 
-    init_from = spec.init_from
+    init_from, env = spec.init_from, rt.env
 
     model = load_init_model(init_from) if init_from is not None else None
     tokenizer = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
@@ -277,7 +276,7 @@ def build_trainer(cfg: TrainConfig, spec: ModelSpec, device: torch.device, env: 
     # own device), so no rank goes on to wait for one that stopped.
     try:
         samples = (N_SAMPLES, len(sample_prompt_ids(tokenizer, cfg.sample_prompt)))
-        check_memory(cfg, model_cfg, device, env.world_size, samples)
+        check_memory(cfg, model_cfg, rt, samples)
         error = None
     except ConfigError as e:
         error = str(e)
@@ -289,11 +288,13 @@ def build_trainer(cfg: TrainConfig, spec: ModelSpec, device: torch.device, env: 
     # train split's cache, which the train build makes.
     if cfg.eval_split is not None:
         eval_data = build_eval_batches(cfg, tokenizer, env.rank, env.world_size)
-    train_data = build_train_data(cfg, tokenizer, env.rank, env.world_size)
+    train_data = build_train_data(
+        cfg, tokenizer, env.rank, env.world_size, pin_memory=rt.pin_memory
+    )
     if cfg.eval_split is None:
         eval_data = build_eval_batches(cfg, tokenizer, env.rank, env.world_size)
-    return Trainer(cfg, model_cfg, train_data=train_data, eval_data=eval_data, tokenizer=tokenizer,
-                   model=model, device=device, env=env)  # fmt: skip
+    return Trainer(cfg, model_cfg, runtime=rt, train_data=train_data, eval_data=eval_data,
+                   tokenizer=tokenizer, model=model)  # fmt: skip
 
 
 def save_final_model(trainer: Trainer) -> Path:
@@ -349,15 +350,16 @@ def sample_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return tokenizer.encode(prompt) or [tokenizer.bos_token_id or tokenizer.eos_token_id or 0]
 
 
-def generate_sample(trainer: Trainer, n_samples: int = N_SAMPLES) -> str:
+def generate_sample(
+    model: Any, tok: Any, cfg: TrainConfig, rt: Runtime, n_samples: int = N_SAMPLES
+) -> str:
     """n_samples continuations of cfg.sample_prompt by the trained model (top-k 50, top-p 0.95,
     temperature 0.8), one batch, from a generator seeded with cfg.seed, so the same weights print
-    the same samples."""
-    cfg, tok, model = trainer.cfg, trainer.tokenizer, trainer.model
+    the same samples; on rt.device, in rt.precision."""
     prompt = sample_prompt_ids(tok, cfg.sample_prompt)
-    ids = torch.tensor([prompt] * n_samples, dtype=torch.long, device=trainer.device)  # (n, T0)
-    gen = torch.Generator(trainer.device).manual_seed(cfg.seed)
-    with trainer.precision.autocast():
+    ids = torch.tensor([prompt] * n_samples, dtype=torch.long, device=rt.device)  # (n, T0)
+    gen = torch.Generator(rt.device).manual_seed(cfg.seed)
+    with rt.precision.autocast():
         out = model.generate(
             ids, max_new_tokens=cfg.sample_max_new_tokens, temperature=0.8, top_k=50,
             top_p=0.95, eos_token_id=tok.eos_token_id, generator=gen,

@@ -1,8 +1,10 @@
-"""Device, precision, torch.compile, kernel backend and seeding: each decided here, in one place.
+"""Where and how this process computes, decided once: `Runtime.build` resolves the device, joins
+the process group, sets the kernel backend, checks the compile mode and optimizer for them, and
+picks the precision; the result (a frozen Runtime) is passed down to the Trainer, the data and
+the metrics, and nothing below re-derives any of it from the config.
 
-The loop asks this module what to do and never repeats the decision: `resolve_device`,
-`resolve_precision` (autocast dtype and whether a GradScaler is needed), `maybe_compile`,
-`set_kernel_backend`, `seed_everything`.
+run() builds it once (train/run.py); a Trainer built directly (tests, bench) builds its own.
+Also here: `check_memory` (does the run fit the device) and `seed_everything`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import numpy as np
 import torch
 
 from octo.config import OctoConfig
+from octo.device import NO_CUDA, NO_SUCH_GPU, DeviceError
+from octo.device import resolve_device as device_for_name
+from octo.memory import TooLargeError, check_fits, format_bytes, kv_cache_bytes, training_bytes
+from octo_kernels import backend
 from train.config import ConfigError, TrainConfig
+from train.distributed import DistEnv, init_distributed
+from train.muon import check_optimizer
 
 
 def cpu_name() -> str:
@@ -35,29 +43,30 @@ def cpu_name() -> str:
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
-    """cfg.device -> a torch.device. auto: CUDA when available (cuda:LOCAL_RANK under torchrun),
-    else CPU. A string torch cannot parse (cuda:abc), and CUDA asked for on a machine without
-    it, are ConfigErrors."""
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
+    """cfg.device -> a torch.device, by octo.device's resolver (the one copy) in the words of the
+    config key. auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU. A string
+    torch cannot parse (cuda:abc), CUDA asked for on a machine without it, and a GPU number the
+    machine does not have are ConfigErrors. A CUDA device becomes the current one, with TF32."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        torch.device(want)
-    except RuntimeError:  # torch's text lists every device type it knows
+        device = device_for_name(
+            None if cfg.device == "auto" else cfg.device, local_rank=local_rank
+        )
+    except DeviceError as e:
+        if e.problem == NO_CUDA:
+            raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available; "
+                              "set device to auto or cpu") from None  # fmt: skip
+        if e.problem == NO_SUCH_GPU:
+            raise ConfigError(f"config key 'device' is {cfg.device!r}, but this machine has "
+                              f"{e.count} CUDA device(s), cuda:0 to cuda:{e.count - 1}; use auto "
+                              "or one of those") from None  # fmt: skip
         raise ConfigError(f"config key 'device' is {cfg.device!r}, which is not a device; use "
                           "auto, cpu, cuda or cuda:N (N a GPU number)") from None  # fmt: skip
-    if want.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available; "
-                              "set device to auto or cpu")  # fmt: skip
-        if want == "cuda":
-            want = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        device = torch.device(want)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on TF32
         torch.backends.cudnn.allow_tf32 = True
-        return device
-    return torch.device("cpu")
+    return device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,29 +113,12 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     return Precision(name, device.type)
 
 
-def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
-    """compile: on | off | auto (= on for CUDA, where it pays; off on CPU) | cudagraphs and graph
-    (both on, plus CUDA graphs)."""
-    return cfg.compile in ("on", "cudagraphs", "graph") or (
-        cfg.compile == "auto" and device.type == "cuda"
-    )
-
-
-def maybe_compile(fn: Callable, cfg: TrainConfig, device: torch.device) -> Callable:
-    """The only torch.compile of the project's step: `fn` is the forward+loss function, compiled
-    whole (fullgraph=True: the model and its kernels are written to trace without a break, so a
-    break is a bug to see, not to hide). The backward is compiled by AOTAutograd with it.
-    compile="cudagraphs" adds mode="reduce-overhead": the step's kernels replay as CUDA graphs
-    (no per-kernel launch cost; CPU tensors run without graphs). The Trainer then marks each
-    micro-batch as a new graph step and keeps its gradients in buffers of its own (see
-    Trainer._cuda_graphs); bench/NOTES.md has what was measured. compile="graph" compiles as
-    "on": the Trainer captures the compiled forward + loss + backward itself
-    (train/cudagraph.py)."""
-    if not compile_enabled(cfg, device):
-        return fn
-    if cfg.compile == "cudagraphs":
-        return torch.compile(fn, fullgraph=True, mode="reduce-overhead")
-    return torch.compile(fn, fullgraph=True)
+def effective_compile(cfg: TrainConfig, device: torch.device) -> str:
+    """cfg.compile with auto resolved: on for CUDA (where it pays), off on CPU. The result is
+    off | on | cudagraphs | graph (the last two: on, plus CUDA graphs)."""
+    if cfg.compile == "auto":
+        return "on" if device.type == "cuda" else "off"
+    return cfg.compile
 
 
 def check_compile_mode(
@@ -146,54 +138,124 @@ def check_compile_mode(
                           f"but the device is {device}; use compile on or off here")  # fmt: skip
 
 
-def set_kernel_backend(cfg: TrainConfig) -> None:
-    """cfg.kernels -> OCTO_KERNELS. auto leaves the environment alone, so OCTO_KERNELS set in the
-    shell still chooses; triton/torch override it. Triton asked for (by either) where it cannot
-    run -- Triton missing, or a CPU run without the interpreter -- is a ConfigError now, not a
-    RuntimeError at the first forward pass."""
+def set_kernel_backend(cfg: TrainConfig, device: torch.device | None = None) -> str:
+    """cfg.kernels -> OCTO_KERNELS; returns the backend then in force (auto | triton | torch).
+    auto leaves the environment alone, so OCTO_KERNELS set in the shell still chooses;
+    triton/torch override it. Triton asked for (by either) where it cannot run -- Triton missing,
+    or a CPU `device` without the interpreter -- is a ConfigError now, not a RuntimeError at the
+    first forward pass. device None: resolve_device(cfg)."""
     if cfg.kernels != "auto":
         os.environ["OCTO_KERNELS"] = cfg.kernels
-    from octo_kernels import backend
-
     try:
         name = backend.requested_backend()
     except ValueError as e:  # OCTO_KERNELS in the shell names no backend
         raise ConfigError(f"{e}; or set config key kernels") from None
     if name != "triton":
-        return
+        return name
     source = "config key kernels" if cfg.kernels == "triton" else "OCTO_KERNELS"
     if not backend.triton_available():
         raise ConfigError(f"kernels 'triton' ({source}) asked for, but Triton does not import; "
                           "set kernels=auto or torch, or install triton")  # fmt: skip
-    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    if on_cpu and not backend.interpreting():
+    device = device if device is not None else resolve_device(cfg)
+    if device.type == "cpu" and not backend.interpreting():
         raise ConfigError(f"kernels 'triton' ({source}) on the CPU needs Triton's interpreter; "
                           "set kernels=auto (the PyTorch reference on CPU), or TRITON_INTERPRET=1 "
                           "in the environment (slow)")  # fmt: skip
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Where and how this process computes, decided once (Runtime.build) and passed down; nothing
+    below re-derives it from the config. compile: the effective mode, off | on | cudagraphs |
+    graph (effective_compile); kernels: the backend in force, auto | triton | torch."""
+
+    device: torch.device
+    env: DistEnv
+    precision: Precision
+    compile: str
+    kernels: str
+
+    @classmethod
+    def build(
+        cls,
+        cfg: TrainConfig,
+        *,
+        device: torch.device | None = None,
+        env: DistEnv | None = None,
+        graph_stand_in: bool = False,
+    ) -> Runtime:
+        """Every start-up decision in its order, each bad choice a ConfigError (one line) before
+        any data is built. device None: resolve_device(cfg); env None: init_distributed(device).
+        graph_stand_in (tests only): compile=graph or cudagraphs allowed on a CPU (graph: the
+        capture replaced by a direct call; cudagraphs: compiled code, no graphs on CPU tensors)."""
+        device = device if device is not None else resolve_device(cfg)
+        env = env if env is not None else init_distributed(device)
+        kernels = set_kernel_backend(cfg, device)
+        check_compile_mode(cfg, env.enabled, None if graph_stand_in else device)
+        check_optimizer(cfg, env.enabled)
+        precision = resolve_precision(cfg, device)
+        return cls(device, env, precision, effective_compile(cfg, device), kernels)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Host batches in page-locked memory: only a CUDA device copies from them faster."""
+        return self.device.type == "cuda"
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """compile=cudagraphs: each micro-batch is a new graph step (Trainer._new_graph_step)."""
+        return self.compile == "cudagraphs"
+
+    @property
+    def static_grads(self) -> bool:
+        """Gradients kept in buffers of their own, zeroed, never freed: a graph replay overwrites
+        its outputs, so a gradient must never be one (see the Trainer)."""
+        return self.compile in ("cudagraphs", "graph")
+
+    def compiled(self, fn: Callable) -> Callable:
+        """The only torch.compile of the project's step: `fn` is the forward+loss function,
+        compiled whole (fullgraph=True: the model and its kernels are written to trace without a
+        break, so a break is a bug to see, not to hide). The backward is compiled by
+        AOTAutograd with it. compile=cudagraphs adds mode="reduce-overhead": the step's kernels
+        replay as CUDA graphs (no per-kernel launch cost; CPU tensors run without graphs). The
+        Trainer then marks each micro-batch as a new graph step and keeps its gradients in
+        buffers of its own; bench/NOTES.md has what was measured. compile=graph compiles as
+        on: the Trainer captures the compiled forward + loss + backward itself
+        (train/cudagraph.py)."""
+        if self.compile == "off":
+            return fn
+        if self.compile == "cudagraphs":
+            return torch.compile(fn, fullgraph=True, mode="reduce-overhead")
+        return torch.compile(fn, fullgraph=True)
+
+    def compile_phrase(self) -> str:
+        """The start line's words for the compile mode."""
+        phrases = {
+            "off": "off",
+            "cudagraphs": "on + CUDA graphs",
+            "graph": "on + each micro-batch captured as one CUDA graph",
+        }
+        return phrases.get(self.compile, "on")
 
 
 def check_memory(
-    cfg: TrainConfig,
-    model_cfg: OctoConfig,
-    device: torch.device,
-    world_size: int,
-    sample_shape: tuple[int, int],
+    cfg: TrainConfig, model_cfg: OctoConfig, rt: Runtime, sample_shape: tuple[int, int]
 ) -> None:
     """ConfigError (one line: the estimate and what is free) when training this model and
-    sampling from it at the end cannot fit on `device`; from the configs alone (octo.memory), so
+    sampling from it at the end cannot fit on rt.device; from the configs alone (octo.memory), so
     an impossible size is refused in a moment, before the data or the model are built.
 
     Counted: fp32 weights, gradients and AdamW state (FSDP: this rank's share), and the KV cache
     of the end-of-run samples, sample_shape = (samples, prompt tokens) with sample_max_new_tokens
     more (at most max_position_embeddings), in the autocast dtype. Several processes on one
     CPU share its memory. Activations are not counted (their own OOM is one line too)."""
-    from octo.memory import TooLargeError, check_fits, format_bytes, kv_cache_bytes, training_bytes
-
+    device, world_size = rt.device, rt.env.world_size
     fsdp = world_size > 1 and cfg.parallelism == "fsdp"
     train = training_bytes(model_cfg, shards=world_size if fsdp else 1)
     samples, prompt = sample_shape
     positions = min(prompt + cfg.sample_max_new_tokens, model_cfg.max_position_embeddings)
-    dtype = resolve_precision(cfg, device).autocast_dtype or torch.float32
+    dtype = rt.precision.autocast_dtype or torch.float32
     kv = kv_cache_bytes(model_cfg, samples, positions, dtype)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     what = (

@@ -4,7 +4,7 @@ The main process (`python -m train`):
 * from the first line of main() until training starts, and again after it (the final model's
   save, sampling), a stop signal raises KeyboardInterrupt (`stop_signals_interrupt`): the run
   ends with one line naming what is saved, exit 130. During training the Trainer installs its
-  own handlers (finish the step, save, exit 0).
+  own handlers (`finish_step_on_stop`: finish the step, save, exit 0).
 * An interrupt can be swallowed: Python reports an exception raised inside a `__del__` method or
   a weakref callback (both run in the middle of imports) as "Exception ignored in ..." and goes
   on. So the handler also records the signal, and `raise_if_interrupted()` at the end of each
@@ -33,7 +33,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -70,6 +70,32 @@ def stop_signals_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
         if _depth == 0:
             _received = None
+
+
+@contextlib.contextmanager
+def finish_step_on_stop(
+    stop: Callable[[str], None], stopping: Callable[[], bool]
+) -> Iterator[None]:
+    """Training's handlers (Trainer.fit): SIGINT/SIGTERM call stop(name) (the Trainer finishes the
+    step, saves, exits 0). A second Ctrl-C (stopping() already true) aborts at once: a
+    KeyboardInterrupt, so a save in progress is dropped whole, and run() names the last complete
+    checkpoint, exit 130. The handlers in place before are restored on exit. Off the main thread
+    nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stopping() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def raise_if_interrupted() -> None:

@@ -134,16 +134,19 @@ def _check_tokenizer(tokenizer) -> None:
 # ----- train and eval data ----------------------------------------------------------------------
 
 
-def build_train_data(cfg, tokenizer, rank: int = 0, world_size: int = 1) -> TrainData:
+def build_train_data(
+    cfg, tokenizer, rank: int = 0, world_size: int = 1, *, pin_memory: bool = False
+) -> TrainData:
     """The training batches of this rank: an iterator of (batch_size, block_size) int64 tensors
     until num_epochs are done, with .epoch, .state_dict(), .load_state_dict(d),
-    .tokens_per_epoch() (exact when pre-tokenized, else None) and .batches_per_epoch()."""
+    .tokens_per_epoch() (exact when pre-tokenized, else None) and .batches_per_epoch().
+    pin_memory (the run's Runtime.pin_memory): streamed batches in page-locked host memory."""
     _check_tokenizer(tokenizer)
     src = train_source(cfg)
     if cfg.pretokenized:
         folder = ensure_token_cache(src, tokenizer, cfg.data_cache_dir, progress=rank == 0)
         return PretokTrainData(cfg, load_part(folder, "kept"), folder, rank, world_size)
-    return StreamingTrainData(cfg, tokenizer, src.open(), rank, world_size)
+    return StreamingTrainData(cfg, tokenizer, src.open(), rank, world_size, pin_memory=pin_memory)
 
 
 def first_blocks(src: DocSource, tokenizer, block_size: int, n: int) -> np.ndarray:

@@ -214,10 +214,21 @@ class StreamingTrainData:
     """Iterator of (B, T) int64 token-id batches, tokenized on the fly (see the module docstring).
 
     Epochs run until cfg.num_epochs, then StopIteration. `state_dict()` is a small JSON dict.
+    pin_memory: the DataLoader's batches in page-locked memory (for a CUDA device).
     """
 
-    def __init__(self, cfg, tokenizer, src: DocSource, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        cfg,
+        tokenizer,
+        src: DocSource,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        pin_memory: bool = False,
+    ) -> None:
         self.cfg, self.tokenizer, self.src = cfg, tokenizer, src
+        self.pin_memory = pin_memory
         self.rank, self.world_size = rank, world_size
         self.W = max(1, cfg.num_workers)
         self.S = world_size * self.W
@@ -244,7 +255,7 @@ class StreamingTrainData:
             # The workers' base seed comes from this generator, not the global RNG: creating the
             # loader (again, after a resume) must not move torch's RNG (exact resume).
             generator=torch.Generator(),
-            pin_memory=torch.cuda.is_available() and self.cfg.device != "cpu",
+            pin_memory=self.pin_memory,
             in_order=True,
         )
         with forking_workers():  # the workers start here
