@@ -19,7 +19,7 @@ parallelism (TrainConfig), under torchrun:
         just before it runs and freed after, and gradients are reduce-scattered on every
         micro-step (so they stay sharded). Under bf16 the gathered parameters are bf16 and the
         gradient reduction fp32 (MixedPrecisionPolicy); fp32 runs gather fp32.
-Both average gradients over ranks; Trainer._loss_scale multiplies by world_size to undo that.
+Both average gradients over ranks; train.step.loss_scale multiplies by world_size to undo that.
 
 Agreement: a decision that changes the sequence of collectives (skip an update, stop, the end of
 the data) must be the same on every rank, or ranks wait for each other forever. `any_rank`
