@@ -85,10 +85,6 @@ def read_weight_map(directory: Path) -> dict[str, str]:
     )
 
 
-# transitional: train/resume_end.py imports this name until it moves to train/checkpoint/ (S3)
-_read_weight_map = read_weight_map
-
-
 def shard_keys(path: Path) -> list[str]:
     """The tensor names in a safetensors file (from its header); ValueError naming it when it is
     missing or does not parse."""

@@ -27,12 +27,29 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from octo.config import OctoConfig
-from octo.files import fsync, parse_size, plan_shards, save_safetensors, write_json
-from octo.hf_index import INDEX_NAME, SINGLE_NAME, check_weights, read_weight_map
+from octo.files import (
+    fsync,
+    parse_size,
+    plan_shards,
+    read_header,
+    read_tensors,
+    save_safetensors,
+    write_json,
+)
+from octo.hf_index import (
+    INDEX_NAME,
+    MISSING,
+    NOT_IN_SHARD,
+    SHAPE,
+    SINGLE_NAME,
+    UNEXPECTED,
+    WeightsMismatch,
+    check_weights,
+    read_weight_map,
+)
 from octo.integrity import verify_marked
 from octo.memory import check_fits, weights_bytes
 
@@ -42,9 +59,6 @@ SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Tensors some Llama checkpoints carry that are not weights (old transformers saved the rotary
 # inverse frequencies); transformers skips them on load, and so do we.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-# transitional: train/checkpoint.py imports this name until it moves to train/checkpoint/ (S3)
-_read_weight_map = read_weight_map
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -204,35 +218,62 @@ def empty_model(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """cls(cfg) with uninitialised storage on `device` in `dtype` (default: as built, float32):
-    built on the meta device, so there is no init cost and the global RNG is untouched; a tied
-    lm_head is tied again (to_empty gives each module a tensor of its own). For weights that are
-    loaded next."""
+    """cls(cfg) built on the meta device, so there is no init cost and the global RNG is
+    untouched; then uninitialised storage on `device` in `dtype` (default: as built, float32),
+    for weights that are loaded next, or, given `state` (a full state dict), its own tensors
+    (load_state_dict(assign=True): no copy, no second allocation). A tied lm_head is tied again
+    (to_empty and assign give each module a tensor of its own)."""
     with torch.device("meta"):
         model = cls(cfg)
-    model.to_empty(device=device)
+    if state is not None:
+        model.load_state_dict(state, assign=True)
+    else:
+        model.to_empty(device=device)
     if dtype is not None:
         model.to(dtype)
     model.tie_weights()
     return model
 
 
-def load_weights(model: nn.Module, directory: Path, weight_map: dict[str, str]) -> None:
-    """Copy the tensors of weight_map ({name: shard file}, names checked by check_weights) from
-    directory's shards into model's state in place (any device or dtype: copy_ converts)."""
+def load_weights(
+    model: nn.Module, directory: Path, weight_map: dict[str, str] | None = None
+) -> None:
+    """Fill `model` (an unwrapped OctoForCausalLM, any device or dtype) in place from directory's
+    safetensors: the tensors of weight_map ({name: shard file}; default: the folder's own,
+    read_weight_map). Names and shapes are checked against the shard headers first, in the
+    model's state_dict order, so the first mismatch named is the model's first: WeightsMismatch
+    (a tensor the model lacks, a model tensor the map lacks unless it is tied to one it has, a
+    shard without a tensor its index lists, a shape). Then each shard is read once with
+    octo.files.read_tensors: plain reads straight into the parameters' storage when they are
+    contiguous CPU tensors of the file's dtype, a copy otherwise. A damaged shard is a ValueError
+    naming it."""
+    directory = Path(directory)
+    weight_map = read_weight_map(directory) if weight_map is None else weight_map
     params = model.state_dict()
+    unknown = sorted(set(weight_map) - set(params))
+    if unknown:
+        raise WeightsMismatch(f"{directory}: tensor {unknown[0]!r} is not in the model",
+                              UNEXPECTED, unknown[:3], len(unknown))  # fmt: skip
+    loaded = {params[k].data_ptr() for k in weight_map}
+    missing = [k for k, t in params.items() if k not in weight_map and t.data_ptr() not in loaded]
+    if missing:  # a tied weight may be stored once, under its other name
+        raise WeightsMismatch(f"{directory}: the model's tensor {missing[0]!r} is missing",
+                              MISSING, missing[:3], len(missing))  # fmt: skip
     by_file: dict[str, list[str]] = {}
     for name, file_name in weight_map.items():
         by_file.setdefault(file_name, []).append(name)
-    with torch.no_grad():
-        for file_name, names in sorted(by_file.items()):
-            path = directory / file_name
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for name in names:
-                        params[name].copy_(f.get_tensor(name))
-            except SafetensorError as e:
-                raise ValueError(
-                    f"shard {path} is truncated or corrupt ({e}); re-save it"
-                ) from None
+    headers = {file_name: read_header(directory / file_name)[1] for file_name in by_file}
+    for name in (k for k in params if k in weight_map):  # the model's order
+        path = directory / weight_map[name]
+        header = headers[weight_map[name]]
+        if name not in header:
+            raise WeightsMismatch(f"tensor {name} is not in {path} as the index says; re-save",
+                                  NOT_IN_SHARD, [name], 1, file=path)  # fmt: skip
+        got, want = tuple(header[name]["shape"]), tuple(params[name].shape)
+        if got != want:
+            raise WeightsMismatch(f"tensor {name} in {path} has shape {got}, the model's is {want}",
+                                  SHAPE, [name], 1, file=path, got=got, want=want)  # fmt: skip
+    for file_name, names in sorted(by_file.items()):
+        read_tensors(directory / file_name, into={k: params[k] for k in names})

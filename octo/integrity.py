@@ -1,5 +1,5 @@
-"""Completion markers and checksums of a saved folder: a training checkpoint (train/checkpoint.py)
-and a final model folder (train/run.py) end with the same marker, written last:
+"""Completion markers and checksums of a saved folder: a training checkpoint and a final model
+folder (train/checkpoint/folder.py) end with the same marker, written last by seal():
 
     checkpoint_complete.json   {"format": 2, "step": N, "files": {relative path: size in bytes},
                                 "crc32": {relative path: [CRC-32 of each "crc32_chunk" bytes]},
@@ -17,10 +17,14 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
+
+from octo.files import fsync, fsync_tree, write_json
 
 MARKER_NAME = "checkpoint_complete.json"
 CHECKSUM_CHUNK = 64 << 20  # bytes per CRC-32: chunks of one file are checked in parallel
@@ -89,6 +93,54 @@ def checksum_mismatch(
     return None
 
 
+def check_checksums(
+    directory: Path, files: dict[str, int], crcs: dict[str, list[int]], chunk: int
+) -> None:
+    """ValueError naming the first of `files` (a marker's list) that has no checksum in `crcs`
+    or whose bytes differ from them (reads every byte: a flipped bit inside tensor data, or a
+    same-size edit of a JSON file, which size and header checks cannot see)."""
+    unchecked = sorted(set(files) - set(crcs))
+    if unchecked:
+        raise ValueError(f"{directory / unchecked[0]} has no checksum in the marker (corrupt)")
+    bad = checksum_mismatch(directory, crcs, chunk, names=list(files))
+    if bad:
+        raise ValueError(bad)
+
+
+def fsync_and_checksum(root: Path, chunk: int) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """octo.files.fsync_tree(root), and the chunk CRC-32s of every file (file_checksums)
+    computed meanwhile: the files were just written, so they are read back from the page cache
+    while the fsyncs wait on the disk. Returns ({relative path: size}, {relative path:
+    [CRC-32s]})."""
+    paths = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+    sizes: dict[str, int] = {}
+    crcs = file_checksums(paths, chunk, extra=[lambda: sizes.update(fsync_tree(root))])
+    return sizes, crcs
+
+
+def seal(
+    folder: Path,
+    step: int | None = None,
+    kind: str | None = None,
+    before_marker: Callable[[], Any] | None = None,
+) -> None:
+    """Mark `folder` complete: fsync every file in it, checksum each, then write the completion
+    marker, listing every file present now, and fsync the folder. Call it last, after every
+    file of the folder is written: a file added later is not covered (a reader that asks for
+    it is told so). step: a checkpoint's (None: not recorded); kind: None for a checkpoint,
+    "model" for a final model folder (never resumed from); before_marker: called between the
+    checksums and the marker (a test hook's crash point)."""
+    files, crcs = fsync_and_checksum(folder, CHECKSUM_CHUNK)
+    if before_marker is not None:
+        before_marker()
+    marker: dict[str, Any] = {"format": 2}
+    marker.update({"step": step} if step is not None else {})
+    marker.update({"files": files, "crc32": crcs, "crc32_chunk": CHECKSUM_CHUNK})
+    marker.update({"kind": kind} if kind else {})
+    write_json(folder / MARKER_NAME, marker)  # positional only: tests replace it (a full disk)
+    fsync(folder)
+
+
 def inside_folder(name: object) -> bool:
     """A marker's file name: a relative path inside the folder (no "..", not absolute)."""
     if not isinstance(name, str) or not name:
@@ -155,11 +207,5 @@ def verify_marked(directory: Path, names: list[str] | None = None) -> None:
                 "replaced after the save; restore the folder"
             )
     check_listed(directory, files, names)
-    if meta.get("crc32") is None:
-        return
-    unchecked = [n for n in names if n not in meta["crc32"]]
-    if unchecked:
-        raise ValueError(f"{directory / unchecked[0]} has no checksum in the marker (corrupt)")
-    bad = checksum_mismatch(directory, meta["crc32"], meta["crc32_chunk"], names=names)
-    if bad:
-        raise ValueError(bad)
+    if meta.get("crc32") is not None:
+        check_checksums(directory, {n: files[n] for n in names}, meta["crc32"], meta["crc32_chunk"])

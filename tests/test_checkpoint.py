@@ -1,4 +1,4 @@
-"""Unit tests of train/checkpoint.py: bit-exact round trip, layout and marker, rotation,
+"""Unit tests of train/checkpoint/: bit-exact round trip, layout and marker, rotation,
 resolve_resume's choices, clear errors (shape mismatch, corrupt files, a full disk).
 CPU, tiny model."""
 
@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+import octo.integrity
 from octo import OctoConfig, OctoForCausalLM
+from octo.integrity import MARKER_NAME as MARKER
 from tests.fakes import final_model_trainer
-from train import checkpoint_io
 from train.checkpoint import (
-    MARKER,
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
@@ -337,7 +337,7 @@ def _enospc(monkeypatch, where: str):
 
         monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     else:  # the marker: everything else written
-        real = checkpoint_io.write_json
+        real = octo.integrity.write_json
 
         def write_json(path, obj):
             if path.name == MARKER:
@@ -345,7 +345,7 @@ def _enospc(monkeypatch, where: str):
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
             real(path, obj)
 
-        monkeypatch.setattr("train.checkpoint.write_json", write_json)
+        monkeypatch.setattr(octo.integrity, "write_json", write_json)
 
 
 @pytest.mark.parametrize("where", ["model_shard", "optimizer_shard", "marker"])
@@ -372,7 +372,7 @@ def test_full_disk_is_one_clear_error_and_leaves_no_trace(tmp_path, trained, mon
 def test_first_save_on_a_full_disk_claims_no_earlier_checkpoint(tmp_path, trained, monkeypatch):
     """With nothing saved before, a failed first save (or final model save) says so: it said
     "earlier checkpoints are intact" when there were none."""
-    from train.run import save_final_model
+    from train.checkpoint import save_final_model
 
     model, opt = trained
     with monkeypatch.context() as mp:
@@ -421,7 +421,7 @@ def test_real_write_error_in_a_shard_is_one_clear_error(tmp_path, trained):
 def test_final_model_write_error_keeps_the_previous_final(tmp_path, trained):
     """save_final_model: a failed write is one CheckpointError line, no final.tmp is left, and a
     final folder from before stays whole."""
-    from train.run import save_final_model
+    from train.checkpoint import save_final_model
 
     model, _ = trained
     cfg = TrainConfig(checkpoint_dir=str(tmp_path), max_shard_size="400KB")
@@ -602,9 +602,9 @@ def test_load_verifies_checksums_once_per_unchanged_folder(three, trained, monke
     changed since is checked again."""
     model, opt = trained
     calls = []
-    real = checkpoint_io.checksum_mismatch
+    real = octo.integrity.checksum_mismatch
     monkeypatch.setattr(
-        checkpoint_io, "checksum_mismatch", lambda *a, **k: calls.append(1) or real(*a, **k)
+        octo.integrity, "checksum_mismatch", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     ckpt = resolve_resume(three)
     load_checkpoint(ckpt, model=model, optimizer=opt)

@@ -1,7 +1,7 @@
 """Forged and inconsistent checkpoints (issue 14, section 4), and the final model folder's marker.
 
 A forged checkpoint here is one whose files were edited and whose completion marker was then
-recomputed (train.checkpoint.seal_folder: what a bug, a hand edit or another tool produces), so
+recomputed (octo.integrity.seal: what a bug, a hand edit or another tool produces), so
 every checksum passes. Each edit is one CheckpointError line naming the file and the field (they
 were a KeyError or RuntimeError traceback, or a silent resume at the wrong step), and a folder of
 checkpoints skips the forged one with a warning.
@@ -24,18 +24,18 @@ from safetensors.torch import load_file, save_file
 
 from octo import OctoConfig, OctoForCausalLM
 from octo.generate import main as generate_main
+from octo.integrity import MARKER_NAME as MARKER
+from octo.integrity import seal
 from tests.fakes import final_model_trainer
 from train.checkpoint import (
-    MARKER,
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
     resolve_resume,
-    seal_folder,
+    save_final_model,
     verify_checkpoint,
 )
 from train.config import TrainConfig
-from train.run import save_final_model
 
 GPT2_VOCAB = 50257
 
@@ -62,7 +62,7 @@ def two(tmp_path):
 def reseal(ckpt: Path, step: int | None = None) -> None:
     """Recompute ckpt's completion marker over its files as they are now."""
     (ckpt / MARKER).unlink()
-    seal_folder(ckpt, step if step is not None else int(ckpt.name.rsplit("_", 1)[1]))
+    seal(ckpt, step if step is not None else int(ckpt.name.rsplit("_", 1)[1]))
 
 
 def edit_state(ckpt: Path, edit, name: str = "trainer_state.json") -> None:

@@ -22,13 +22,13 @@ import pytest
 from tests.child_env import child_env
 from tests.run_logs import records
 from train.checkpoint import complete_checkpoints
-from train.checkpoint_lock import LOCK_NAME, holder, lock_folder
+from train.checkpoint.lock import LOCK_NAME, holder, lock_folder
 
 # Holds argv[1]'s lock, forks a child that lives on (as a DataLoader or pool worker does), prints
 # the child's PID and waits.
 HOLD = """
 import os, sys, time
-from train.checkpoint_lock import lock_folder
+from train.checkpoint.lock import lock_folder
 assert lock_folder(sys.argv[1]) is not None
 worker = os.fork()
 if worker == 0:
@@ -88,8 +88,8 @@ def test_the_folder_resumed_from_is_held_until_loaded(tmp_path):
     """resume_from in another run's checkpoint_dir: refused while that run holds it (its rotation
     could remove the checkpoint being read), and this run's own lock is let go again; once
     free, it is held until release_source() (after the load), then only checkpoint_dir."""
-    from train.checkpoint_io import CheckpointError
-    from train.checkpoint_lock import own_run_folders
+    from train.checkpoint import CheckpointError
+    from train.checkpoint.lock import own_run_folders
     from train.distributed import DistEnv
 
     mine, theirs = tmp_path / "mine", tmp_path / "theirs"

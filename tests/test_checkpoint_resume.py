@@ -8,7 +8,7 @@ compares, bit for bit, the per-step train losses and eval losses of the steps af
 point and the final checkpoint's weights, optimizer state and trainer_state
 (which holds the data position and RNG states) against it.
 
-Crashes are injected with train/checkpoint.py's test hook OCTO_CRASH_AT=<point>:<step>, which
+Crashes are injected with train/checkpoint/folder.py's test hook OCTO_CRASH_AT=<point>:<step>, which
 makes the process SIGKILL itself at that point of that step's save.
 """
 

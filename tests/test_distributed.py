@@ -246,8 +246,7 @@ def test_fsdp_checkpoint_loads_in_one_process(two_ranks, single, corpus, tmp_pat
 def test_world_size_change_streaming_is_one_clear_error(tmp_path):
     """A streamed data position belongs to its processes: resuming it on another number of
     processes is one CheckpointError naming both; the same number gets each rank its own."""
-    from train.checkpoint import CheckpointError
-    from train.checkpoint_dist import rank_state
+    from train.checkpoint import CheckpointError, rank_state
     from train.distributed import DistEnv
 
     ranks = [{"data": {"mode": "stream", "next": r}, "rng": {"r": r}} for r in range(2)]
@@ -297,7 +296,7 @@ def test_a_held_checkpoint_dir_stops_every_rank(corpus, tmp_path):
     collective). A two-rank run that completes (above) shows rank 1 never takes it."""
     import socket
 
-    from train.checkpoint_lock import lock_folder
+    from train.checkpoint.lock import lock_folder
 
     (tmp_path / "ckpt").mkdir()
     with lock_folder(tmp_path / "ckpt"):

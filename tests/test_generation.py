@@ -326,7 +326,7 @@ def test_cli_names_a_missing_tokenizer_json(tmp_path, gpt2_tokenizer_dir, corpus
     transformers asked for sentencepiece or tiktoken (a tokenizer Octo trained) or built a
     one-token GPT-2 tokenizer and generated from it (exit 0). In a folder with a completion
     marker the marker names it (the save listed it)."""
-    from train.checkpoint import seal_folder
+    from octo.integrity import seal
 
     cfg = OctoConfig.preset("tiny", vocab_size=GPT2_VOCAB, tie_word_embeddings=True)
     folder = tmp_path / "ckpt"
@@ -334,7 +334,7 @@ def test_cli_names_a_missing_tokenizer_json(tmp_path, gpt2_tokenizer_dir, corpus
     source = gpt2_tokenizer_dir if tokenizer == "gpt2" else corpus["tokenizer"]
     shutil.copytree(source, folder, dirs_exist_ok=True)
     if marked:
-        seal_folder(folder, kind="model")
+        seal(folder, kind="model")
     args = ["--checkpoint", str(folder), "--prompt", "Hi", "--device", "cpu"]
     assert main([*args, "--max-new-tokens", "1"]) == 0
     capsys.readouterr()

@@ -345,11 +345,11 @@ def test_error_no_weights(tmp_path):
 def test_error_missing_shard(saved, marked):
     """One line naming the shard and the index that lists it, also in a folder with a
     completion marker (a checkpoint, final/), where it was a raw FileNotFoundError."""
-    from train.checkpoint import seal_folder
+    from octo.integrity import seal
 
     folder, _ = saved
     if marked:
-        seal_folder(folder, kind="model")
+        seal(folder, kind="model")
     shard = first_shard(folder)
     shard.unlink()
     message = load_error(folder)

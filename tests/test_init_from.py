@@ -17,8 +17,8 @@ import torch
 from tests.test_hf_interop import hf_config, randomize_
 from train.__main__ import main
 from train.checkpoint import CheckpointError
+from train.checkpoint.resume import load_init_model
 from train.config import TrainConfig
-from train.init_from import load_init_model
 
 STEPS = 100  # the train loss falls from ln(V) = 6.24 nats to 3.08 (measured on CPU)
 

@@ -129,7 +129,7 @@ def test_ctrl_c_before_training_is_one_line(tmp_path, monkeypatch, capsys):
 def test_stopped_final_model_save_leaves_no_tmp_and_keeps_final(tmp_path, monkeypatch, where):
     """A Ctrl-C while the final model is written (final.tmp used to stay: only OSError cleaned
     up), or between replace_folder's two renames (the earlier `final` was only `final.old`)."""
-    import train.checkpoint
+    import octo.files
 
     final = tmp_path / "final"
     final.mkdir()
@@ -145,7 +145,7 @@ def test_stopped_final_model_save_leaves_no_tmp_and_keeps_final(tmp_path, monkey
         os.rename(dest, dest.with_name(dest.name + ".old"))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.checkpoint, "replace_folder", replace_folder)
+    monkeypatch.setattr(octo.files, "replace_folder", replace_folder)
     model = types.SimpleNamespace(save_pretrained=save_pretrained, num_parameters=lambda: 0,
                                   config=OctoConfig.preset("tiny"))  # fmt: skip
     trainer = final_model_trainer(TrainConfig(checkpoint_dir=str(tmp_path)), model)

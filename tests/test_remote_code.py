@@ -102,10 +102,18 @@ def test_saved_tokenizers_name_no_code(tmp_path, corpus):
 
 def test_every_transformers_load_refuses_remote_code():
     """Every from_pretrained of a transformers Auto class in octo/ and train/ passes
-    trust_remote_code=False (None would ask y/N on a terminal, and a y runs the code)."""
-    calls = []
+    trust_remote_code=False (None would ask y/N on a terminal, and a y runs the code), and every
+    tokenizer load goes through the one guarded function, octo.tokenizer_files.auto_tokenizer
+    (which checks a local folder for an auto_map first): no other module imports AutoTokenizer
+    (under any name), and its one from_pretrained call is in auto_tokenizer."""
+    calls, imports = [], []
     for path in [*ROOT.glob("octo/**/*.py"), *ROOT.glob("train/**/*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
+        rel = path.relative_to(ROOT).as_posix()
+        tree = ast.parse(path.read_text())
+        functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("transformers"):
+                imports += [rel for a in node.names if a.name == "AutoTokenizer"]
             func = getattr(node, "func", None)
             if not (isinstance(node, ast.Call) and isinstance(func, ast.Attribute)):
                 continue
@@ -113,8 +121,11 @@ def test_every_transformers_load_refuses_remote_code():
                 "Auto"
             ):
                 continue
-            calls.append(f"{path.name}:{node.lineno}")
+            inside = [f.name for f in functions if f.lineno <= node.lineno <= f.end_lineno]
+            calls.append((rel, func.value.id, inside[-1] if inside else None))
             trust = [k.value for k in node.keywords if k.arg == "trust_remote_code"]
             assert len(trust) == 1 and isinstance(trust[0], ast.Constant), calls[-1]
             assert trust[0].value is False, calls[-1]
-    assert len(calls) >= 3, calls  # train/data/build.py, train/data/bpe.py, octo/generation.py
+    assert imports == ["octo/tokenizer_files.py"], imports
+    guarded = ("octo/tokenizer_files.py", "AutoTokenizer", "auto_tokenizer")
+    assert [c for c in calls if c[1] == "AutoTokenizer"] == [guarded], calls

@@ -77,7 +77,7 @@ def test_a_final_model_of_an_earlier_step_is_not_a_finished_run(tmp_path, monkey
     assert run_trainer(tr, monkeypatch) == 0
     out = capsys.readouterr().out
     assert "the run is complete" not in out and f"Final model: {root / 'final'}" in out
-    from train.resume_end import final_holds
+    from train.checkpoint.verify import same_weights
 
-    assert final_holds(root / "final", root / "checkpoint_step_3")
-    assert not final_holds(tmp_path / "final_2", root / "checkpoint_step_3")
+    assert same_weights(root / "final", root / "checkpoint_step_3")
+    assert not same_weights(tmp_path / "final_2", root / "checkpoint_step_3")

@@ -27,9 +27,9 @@ from train.checkpoint import (
     resume_warnings,
     save_checkpoint,
 )
+from train.checkpoint.resume import agree_on_resume
 from train.config import TrainConfig
 from train.distributed import DistEnv
-from train.run import agree_on_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG = "train.checkpoint"
@@ -97,7 +97,7 @@ def test_named_checkpoint_with_damaged_old_is_one_line_error(replaced):
 def test_only_rank_0_restores_the_old_folder(replaced, monkeypatch):
     """agree_on_resume: a rank other than 0 takes rank 0's answer and touches no folder."""
     four, _ = replaced
-    monkeypatch.setattr("train.distributed.broadcast_object", lambda obj, env: ("path", "r0"))
+    monkeypatch.setattr("train.checkpoint.resume.broadcast_object", lambda obj, env: ("path", "r0"))
     assert agree_on_resume(str(four), DistEnv(rank=1, world_size=2, group=True)) == Path("r0")
     assert not four.exists() and four.with_name("checkpoint_step_4.old").is_dir()
 

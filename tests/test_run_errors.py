@@ -214,7 +214,7 @@ def test_fresh_run_refuses_a_checkpoint_dir_holding_a_run(tmp_path, capsys, held
     model: one line naming the folder, the newest one and the fixes, before any data is read (it
     used to replace that run's final model and same-step checkpoints, and leave its newer ones
     for a later resume_from=<folder> to pick). Unfinished saves (.tmp) are no run."""
-    from train.checkpoint import MARKER
+    from octo.integrity import MARKER_NAME as MARKER
 
     ckpt = tmp_path / "ckpt"
     (ckpt / "final").mkdir(parents=True)

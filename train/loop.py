@@ -28,6 +28,9 @@ from typing import Any
 import torch
 
 from octo import OctoConfig, OctoForCausalLM
+from train.checkpoint.dist import load_checkpoint_dist, save_checkpoint_dist
+from train.checkpoint.resume import resume_warnings
+from train.checkpoint.state import capture_rng_state, restore_rng_state
 from train.config import TrainConfig
 from train.cudagraph import MicroStepGraph
 from train.distributed import DistEnv, all_reduce_sum, host_any, no_sync, wrap_model
@@ -335,8 +338,6 @@ class Trainer:
 
     def trainer_state(self) -> dict[str, Any]:
         """The contract's trainer_state: everything beyond model and optimizer that resume needs."""
-        from train.checkpoint import capture_rng_state
-
         data = self.train_data
         return {
             "step": self.step, "epoch": getattr(data, "epoch", 0), "tokens_seen": self.tokens_seen,
@@ -350,9 +351,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """checkpoint_dir/checkpoint_step_{step} (train.checkpoint.save_checkpoint's layout);
-        called on every rank (FSDP gathers), written by rank 0 (train/checkpoint_dist.py)."""
-        from train.checkpoint_dist import save_checkpoint_dist
-
+        called on every rank (FSDP gathers), written by rank 0 (train/checkpoint/dist.py)."""
         cfg = self.cfg
         path = save_checkpoint_dist(
             cfg.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
@@ -369,9 +368,6 @@ class Trainer:
     def resume(self, path: str | Path) -> None:
         """Continue exactly from a checkpoint folder: weights, optimizer, step, scaler, data
         position and RNG. A changed batch size or learning rate is a warning."""
-        from train.checkpoint import restore_rng_state, resume_warnings
-        from train.checkpoint_dist import load_checkpoint_dist
-
         state = load_checkpoint_dist(Path(path), model=self.model, optimizer=self.optimizer,
                                      env=self.env)  # this rank's data position and RNG  # fmt: skip
         apply_hyperparameters(self.optimizer, self.cfg)

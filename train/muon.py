@@ -21,11 +21,11 @@ learning_rate, AdamW's muon_adamw_lr_scale (the parameters AdamW keeps did bette
 the AdamW-only lr once Muon took the matrices: bench/NOTES.md).
 
 Why one object and not two optimizers: the loop, GradScaler, clipping, step hooks and the
-name-keyed checkpoint format (train/checkpoint_io.py) all take one torch.optim.Optimizer. This one
-is a real Optimizer whose param_groups ARE the Muon and AdamW groups (the same dicts, Muon's first)
-and whose state is shared with both, so state_dict()/load_state_dict() number the parameters
-across both, and each parameter's state (Muon: momentum_buffer; AdamW: step, exp_avg, exp_avg_sq)
-is saved under its name like AdamW's.
+name-keyed checkpoint format (train/checkpoint/optimizer.py) all take one torch.optim.Optimizer.
+This one is a real Optimizer whose param_groups ARE the Muon and AdamW groups (the same dicts,
+Muon's first) and whose state is shared with both, so state_dict()/load_state_dict() number the
+parameters across both, and each parameter's state (Muon: momentum_buffer; AdamW: step, exp_avg,
+exp_avg_sq) is saved under its name like AdamW's.
 
 Muon has no fused kernel that skips a non-finite step on the device, so the loop decides on the
 host (one device read per step, as for any non-fused optimizer). FSDP2 is refused (check_optimizer):

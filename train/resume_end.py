@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from train.checkpoint.verify import same_weights
 from train.config import ConfigError
+from train.distributed import broadcast_object
 from train.loop import Trainer
 
 
@@ -17,8 +19,6 @@ def check_resume_step(trainer: Trainer, resume: Path) -> str | None:
     its final model and samples. Past it (max_steps or num_epochs lowered): one ConfigError line
     (exit 2), since going on would only save that checkpoint's weights again as this run's final
     model, which is surely not what the change meant."""
-    from train.distributed import broadcast_object
-
     step, total = trainer.step, trainer.total_steps
     fix = f"raise max_steps above {step}"
     if trainer.steps_source != "max_steps":
@@ -28,7 +28,7 @@ def check_resume_step(trainer: Trainer, resume: Path) -> str | None:
     if step == total:
         final = Path(trainer.cfg.checkpoint_dir) / "final"
         env = trainer.env
-        done = broadcast_object(final_holds(final, resume) if env.is_main else None, env)
+        done = broadcast_object(same_weights(final, resume) if env.is_main else None, env)
         if not done:
             return None
         trainer.log.info(f"{resume} is at step {step}, this run's last ({trainer.steps_source}), "
@@ -39,22 +39,3 @@ def check_resume_step(trainer: Trainer, resume: Path) -> str | None:
         f"resume_from {resume} is at step {step}, past this run's last step {total} "
         f"({trainer.steps_source}); {fix} to train on from it"
     )
-
-
-def final_holds(final: Path, checkpoint: Path) -> bool:
-    """True when the model folder `final` holds `checkpoint`'s weights byte for byte: the same
-    weight files (index and shards), matching the checksums the checkpoint's completion marker
-    recorded. A run's final model is saved from the state of its last checkpoint, so this tells
-    a finished run from one whose `final` is missing, damaged or an earlier step's."""
-    from octo.hf_index import INDEX_NAME, _read_weight_map
-    from octo.integrity import checksum_mismatch, read_marker
-
-    try:
-        marker = read_marker(checkpoint) or {}
-        crcs, chunk = marker.get("crc32") or {}, marker.get("crc32_chunk")
-        names = {INDEX_NAME, *_read_weight_map(final).values()}
-        if names != {INDEX_NAME, *_read_weight_map(checkpoint).values()} or names - set(crcs):
-            return False
-        return checksum_mismatch(final, crcs, chunk, names=sorted(names)) is None
-    except (OSError, ValueError):  # missing, unreadable, corrupt, format 1: not known
-        return False

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -20,9 +19,18 @@ from typing import Any
 
 import torch
 
+from train.checkpoint.dist import full_model
+from train.checkpoint.folder import complete_checkpoints, save_final_model
+from train.checkpoint.lock import own_run_folders
+from train.checkpoint.resume import (
+    agree_on_resume,
+    check_fresh_checkpoint_dir,
+    check_tokenizer_fits,
+    load_init_model,
+)
 from train.config import DEMO_NAME, ConfigError, TrainConfig
 from train.distributed import all_gather_object, cleanup, init_distributed
-from train.errors import write_error_fix
+from train.errors import CheckpointError, DataError, write_error_fix
 from train.loop import Trainer
 from train.model_config import ModelSpec, run_config
 from train.resume_end import check_resume_step
@@ -50,14 +58,9 @@ def run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
 
 
 def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
-    from train.checkpoint_lock import own_run_folders
-
     trainer = env = final = locks = None
     cwd = Path.cwd()  # the directory the run's relative paths mean (see resume_command)
     try:
-        from train.checkpoint import CheckpointError
-        from train.data import DataError
-
         try:
             cfg, spec = run_config(cfg, model_fields)  # what every saved config records
             try:  # a missing tracker library: one line now, not after the data is built
@@ -68,7 +71,7 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             device = resolve_device(cfg)
             env = init_distributed(device)
             rt = Runtime.build(cfg, device=device, env=env)  # every other start-up decision
-            # this run's alone from here (train/checkpoint_lock.py), before any of it is read
+            # this run's alone from here (train/checkpoint/lock.py), before any of it is read
             locks = own_run_folders(cfg.checkpoint_dir, cfg.resume_from, env)
             if not cfg.resume_from:
                 check_fresh_checkpoint_dir(cfg.checkpoint_dir)
@@ -101,8 +104,6 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             return 0
         if result.status == "nonfinite":
             return 1
-        from train.checkpoint_dist import full_model
-
         trainer.model = full_model(trainer.model, env, rt.device)  # FSDP: gathered on rank 0
         if env.is_main:
             try:
@@ -137,8 +138,6 @@ def interrupted_line(
     (and the command that resumes from it). A Ctrl-C during a save's last steps (older
     checkpoints being removed) may come after the new checkpoint stood complete: it is named. A
     resumed run stopped before it trained still has the checkpoint it resumes from."""
-    from train.checkpoint import complete_checkpoints
-
     resume_from = cfg.resume_from
     again = (f"; nothing new was saved: run the same command again to resume from {resume_from}"
              if resume_from else "")  # fmt: skip
@@ -153,49 +152,6 @@ def interrupted_line(
         return line + (again or "; nothing was saved (no checkpoint yet)")
     return (f"{line}; the last complete checkpoint is {ckpt}. Resume with: "
             f"{resume_command(ckpt, env, cwd)}")  # fmt: skip
-
-
-def check_fresh_checkpoint_dir(checkpoint_dir: str) -> None:
-    """A run that does not resume refuses a checkpoint_dir that holds complete checkpoints or a
-    final model (CheckpointError, exit 2, before any data is read). Why: its saves would replace
-    the other run's final model and same-step checkpoints, and a later resume_from=<folder>
-    would pick whichever run's checkpoint is newest."""
-    from train.checkpoint import CheckpointError, complete_checkpoints
-
-    root = Path(checkpoint_dir)
-    found = complete_checkpoints(root)
-    has_final = (root / "final").is_dir()
-    if not found and not has_final:
-        return
-    held = [found[-1][1].name] if found else []
-    held += ["final"] if has_final else []
-    resume = shlex.quote(f"resume_from={root}")
-    cont = f"continue that run with --set {resume}, or " if found else ""
-    raise CheckpointError(
-        f"checkpoint_dir {root} already holds a run's checkpoints (newest: {' and '.join(held)}) "
-        f"and this run starts from scratch; {cont}start over with another or an empty "
-        "checkpoint_dir"
-    )
-
-
-def agree_on_resume(resume_from: str, env: Any) -> Path:
-    """The checkpoint every rank resumes from: rank 0 resolves resume_from (resolve_resume, which
-    may also restore an interrupted save's folder) and the others take its answer, so ranks can
-    neither race on that repair nor pick different checkpoints. A CheckpointError on rank 0 is
-    raised on every rank."""
-    from train.checkpoint import CheckpointError, resolve_resume
-    from train.distributed import broadcast_object
-
-    answer = None
-    if env.is_main:
-        try:
-            answer = ("path", str(resolve_resume(resume_from)))
-        except CheckpointError as e:
-            answer = ("error", str(e))
-    kind, value = broadcast_object(answer, env)
-    if kind == "error":
-        raise CheckpointError(value)
-    return Path(value)
 
 
 def resume_command(checkpoint: Path, env: Any, cwd: str | Path | None = None) -> str:
@@ -262,7 +218,6 @@ def build_trainer(cfg: TrainConfig, spec: ModelSpec, rt: Runtime) -> Trainer:
     spec.init_from (a model folder; spec.fields are its config.json's), its weights, loaded
     before the tokenizer and data, so a bad folder is reported first."""
     from train.data import build_eval_batches, build_train_data, load_tokenizer
-    from train.init_from import check_tokenizer_fits, load_init_model
 
     init_from, env = spec.init_from, rt.env
 
@@ -295,54 +250,6 @@ def build_trainer(cfg: TrainConfig, spec: ModelSpec, rt: Runtime) -> Trainer:
         eval_data = build_eval_batches(cfg, tokenizer, env.rank, env.world_size)
     return Trainer(cfg, model_cfg, runtime=rt, train_data=train_data, eval_data=eval_data,
                    tokenizer=tokenizer, model=model)  # fmt: skip
-
-
-def save_final_model(trainer: Trainer) -> Path:
-    """{checkpoint_dir}/final: the model (Llama-format safetensors + config.json), the tokenizer
-    (with its token ids in config.json and generation_config.json, see octo.tokenizer_files)
-    and train_config.json, and last the completion marker with every file's checksums (as a
-    checkpoint has: octo.generate and from_pretrained check it); written beside, then renamed,
-    so a half-written folder never stands.
-    Whatever stops it (a full disk, Ctrl-C) removes final.tmp and leaves an earlier `final`
-    in place."""
-    from octo.tokenizer_files import save_tokenizer, special_token_ids
-    from train.checkpoint import (
-        CheckpointError,
-        checkpoint_write_fix,
-        replace_folder,
-        seal_folder,
-        what_stands,
-    )
-    from train.data import with_own_tokenizer
-    from train.model_card import write_model_card
-
-    cfg, tok = trainer.cfg, trainer.tokenizer
-    final = Path(cfg.checkpoint_dir) / "final"
-    tmp = final.with_name("final.tmp")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        ids = special_token_ids(tok) if tok is not None else None
-        trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size, token_ids=ids)
-        if tok is not None:
-            save_tokenizer(tok, tmp, trainer.model.config.max_position_embeddings)
-            cfg = with_own_tokenizer(cfg)
-        cfg.save(tmp / "train_config.json")
-        write_model_card(trainer, tmp, final)  # README.md (+ loss.png): train/model_card.py
-        seal_folder(tmp, kind="model")  # last: its marker covers every file written above
-        replace_folder(tmp, final)
-    except BaseException as e:  # a full disk, or Ctrl-C: no final.tmp is left, `final` stands
-        shutil.rmtree(tmp, ignore_errors=True)
-        old = final.with_name("final.old")
-        if old.is_dir() and not final.exists():  # stopped between replace_folder's two renames
-            os.rename(old, final)
-        if not isinstance(e, OSError):
-            raise
-        raise CheckpointError(
-            f"saving the final model to {final} failed: {e.strerror or e}; "
-            f"{checkpoint_write_fix(e)}. "
-            f"The partial folder was removed; {what_stands(final.parent)}"
-        ) from e
-    return final
 
 
 def sample_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from octo.tokenizer_files import save_tokenizer
+from octo.tokenizer_files import auto_tokenizer, save_tokenizer
 from train.errors import DataError
 
 EOS, BOS = "<|endoftext|>", "<|startoftext|>"
@@ -30,7 +30,7 @@ def train_tokenizer(
 ):
     """Train on texts, save to out, and return the loaded transformers tokenizer."""
     # Lazy: transformers takes seconds to import; only building or loading a tokenizer needs it.
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 2:
@@ -57,4 +57,4 @@ def train_tokenizer(
         raise DataError(
             f"cannot write the tokenizer to {out} ({e}); name a writable folder"
         ) from None
-    return AutoTokenizer.from_pretrained(out, trust_remote_code=False)
+    return auto_tokenizer(out, local=True)

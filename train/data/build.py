@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from octo.tokenizer_files import check_no_remote_code
+from octo.tokenizer_files import RemoteCodeError, auto_tokenizer
 from train.config import DEMO_NAME, OWN_TOKENIZER, TrainConfig
 from train.data.demo import ensure_demo_tokenizer
 from train.data.hub import hub_unreachable
@@ -64,16 +64,11 @@ def load_tokenizer(name_or_path: str, cache_dir: str | Path = "data_cache"):
     if not local and (offline := hub_unreachable(f"tokenizer_name {name_or_path!r}")):
         raise DataError(offline)
     try:
-        if local:
-            check_no_remote_code(path)
-    except ValueError as e:
+        # transformers is imported here, on first use (seconds): run() checks for a stop signal
+        # that this import swallowed right after load_tokenizer (train/signals.py).
+        tok = auto_tokenizer(path if local else name, local=local)
+    except RemoteCodeError as e:
         raise DataError(f"tokenizer_name {name_or_path!r}: {e}") from None
-    try:
-        # Lazy: transformers takes seconds to import, and run() checks for a stop signal that
-        # this import swallowed right after load_tokenizer (train/signals.py).
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(path) if local else name, trust_remote_code=False)
     except Exception as e:
         msg = " ".join(str(e).split())[:300]
         # Not local: only the Hub was tried. Say so, since a mistyped folder name lands here too.

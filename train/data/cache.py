@@ -14,16 +14,15 @@ tokenizer: part of the pre-tokenized cache's key, and recorded in every streamed
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from octo.files import fsync_tree, staged_folder, write_durable
 from train.errors import DataError, write_error_fix
 from train.locks import wait_lock
 
@@ -77,24 +76,10 @@ def build_once(final: Path, build: Callable[[Path], None]) -> Path:
             if final.exists():  # present without its marker: half-written, never used
                 shutil.rmtree(final)
             tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
-            try:
+            with staged_folder(final, tmp=tmp):  # renamed into place whole, or removed
                 build(tmp)
-                for f in tmp.rglob("*"):
-                    if f.is_file():
-                        with open(f, "rb") as fh:
-                            os.fsync(fh.fileno())
-                with open(tmp / COMPLETE, "w") as fh:
-                    fh.write("complete\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.rename(tmp, final)
-                with contextlib.suppress(OSError):
-                    fd = os.open(final.parent, os.O_RDONLY)
-                    os.fsync(fd)
-                    os.close(fd)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+                fsync_tree(tmp)
+                write_durable(tmp / COMPLETE, "complete\n")
     except OSError as e:
         fix = write_error_fix(e, "data_cache_dir")
         where = f" ({e.filename})" if e.filename else ""

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from train.checkpoint_io import CheckpointError
+from train.checkpoint.verify import STEP_FOLDER, TRANSIENT_FOLDER
+from train.distributed import broadcast_object
+from train.errors import CheckpointError
 from train.locks import HeldLock, owner_of, try_lock
 
 LOCK_NAME = ".octo.lock"
-_CHECKPOINT = re.compile(r"checkpoint_step_\d+(\.old|\.tmp)?")
 
 
 def _owner() -> str:
@@ -58,7 +58,8 @@ def resume_source(resume_from: str | Path) -> Path | None:
     p = Path(resume_from)
     if p.suffix == ".pt" and not p.exists():
         p = p.with_suffix("")
-    if _CHECKPOINT.fullmatch(p.name) or (p / "trainer_state.json").is_file():
+    named = STEP_FOLDER.fullmatch(p.name) or TRANSIENT_FOLDER.fullmatch(p.name)
+    if named or (p / "trainer_state.json").is_file():
         p = p.parent
     return p if p.is_dir() else None
 
@@ -116,8 +117,6 @@ def own_run_folders(checkpoint_dir: str, resume_from: str | None, env: Any) -> R
     """Take the run's locks (module docstring); call on every rank, after the process group is
     joined and before anything in checkpoint_dir is touched. Raises CheckpointError (one line,
     on every rank) when another run holds one."""
-    from train.distributed import broadcast_object
-
     locks, error = RunLocks(), None
     if env.is_main:
         try:

@@ -11,7 +11,7 @@ of every field the trainer reads, before any of it is used (and of optimizer.jso
     data             the train data's position (train/data/pretok.py or train/data/stream.py
                      state_dict: "mode" pretok or stream), or null
     rng              capture_rng_state(): python, numpy, torch CPU and CUDA generator states
-    ranks            under torchrun, each rank's {"data", "rng"} (train/checkpoint_dist.py)
+    ranks            under torchrun, each rank's {"data", "rng"} (train/checkpoint/dist.py)
 
 Why check all of it here: a checkpoint whose completion marker was recomputed over edited files
 (a hand edit, a bug, another tool) passes every checksum, and a wrong value would otherwise end
@@ -19,12 +19,15 @@ as a traceback deep in a library (`"rng": {}`: KeyError 'python') or, worse, be 
 step that is not the folder's resumes at the wrong point of the schedule and data). Each problem
 is one CheckpointError naming the file and the field. What the data modules then compare with
 the run's config (dataset, seed, block size, ...) they report themselves.
+
+Here too: read_json / write_json, the checkpoint's JSON files with their errors as CheckpointError.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import math
 import random
@@ -34,16 +37,40 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.checkpoint_io import CheckpointError
+from octo import files
+from train.errors import CheckpointError
 
 __all__ = [
     "capture_rng_state",
     "check_optimizer_meta",
     "check_trainer_state",
+    "read_json",
     "restore_rng_state",
+    "write_json",
 ]
 
 log = logging.getLogger("train.checkpoint")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON durably (octo.files.write_json). A value JSON cannot hold (a tensor, a set)
+    raises CheckpointError naming the file, before anything is written."""
+    try:
+        files.write_json(path, obj)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path.name}: {e}; pass plain JSON values (numbers, strings, lists, dicts) in it"
+        ) from None
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; a missing or malformed file is a CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing (corrupt checkpoint)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}) (corrupt checkpoint)") from None
 
 
 class _Bad(ValueError):
@@ -268,9 +295,9 @@ def check_trainer_state(path: Path, state: Any, step: int | None = None) -> None
 
 
 def check_optimizer_meta(path: Path, meta: Any) -> None:
-    """optimizer.json (train/checkpoint_io.py save_optimizer) has the form load_optimizer reads:
-    CheckpointError naming the file and the field. What it holds is checked against the model
-    and optimizer when loaded (parameter groups and names, each state tensor's shape)."""
+    """optimizer.json (train/checkpoint/optimizer.py save_optimizer) has the form load_optimizer
+    reads: CheckpointError naming the file and the field. What it holds is checked against the
+    model and optimizer when loaded (parameter groups and names, each state tensor's shape)."""
 
     def bad(field: str, what: str) -> CheckpointError:
         return CheckpointError(f"{path}: field {field!r} is not {what} (corrupt checkpoint)")

@@ -1,11 +1,12 @@
-"""Checkpoints of a run on several processes, in the single-process layout of train/checkpoint.py.
+"""Checkpoints of a run on several processes, in the single-process layout of
+train/checkpoint/folder.py.
 
 One layout for every mode: a checkpoint written by 1 process, by DDP or by FSDP2 on any number
 of ranks is the same folder (full, unsharded tensors keyed by parameter name: a Llama model
 folder, name-keyed AdamW state, trainer_state.json), so it loads in transformers and in a
 single-process Octo, and any mode can resume from any other.
 
-    one process, DDP   rank 0 writes with train.checkpoint.save_checkpoint (DDP keeps the whole
+    one process, DDP   rank 0 writes with save_checkpoint (DDP keeps the whole
                        model and optimizer state on every rank; nothing to gather).
     FSDP2              every rank takes part in gathering the full state dicts onto rank 0's CPU
                        (torch.distributed.checkpoint.state_dict: get_model_state_dict /
@@ -30,48 +31,43 @@ contract's "data" and "rng" keys keep rank 0's). Resuming with the same world si
 rank's own; with another world size a pre-tokenized position (global: blocks consumed of the
 epoch's order) re-shards exactly, while a streaming position (one per rank and worker stream)
 cannot, which is one CheckpointError naming both sizes and the fix.
+
+The plain optimizer built for a save or load is `type(optimizer)(groups)`: torch's AdamW and the
+like. MuonWithAdamW (train/muon.py) is not built that way, and FSDP2 with Muon is refused at
+start (muon.check_optimizer), so it never gets here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
 from octo import OctoForCausalLM
-from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from octo.hf_io import empty_model
+from train.checkpoint.folder import save_checkpoint
+from train.checkpoint.optimizer import group_names, index_keyed, name_keyed
+from train.checkpoint.resume import load_checkpoint
 from train.config import TrainConfig
 from train.distributed import DistEnv, all_gather_object, broadcast_object, is_fsdp
+from train.errors import CheckpointError
 
-__all__ = ["full_model", "load_checkpoint_dist", "save_checkpoint_dist"]
-
-
-def _full_options(**kw: Any):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kw)
+__all__ = ["full_model", "load_checkpoint_dist", "rank_state", "save_checkpoint_dist"]
 
 
-def _plain_model(config: Any, state: dict[str, torch.Tensor] | None) -> OctoForCausalLM:
-    """An unsharded OctoForCausalLM on the CPU: built on the meta device (no init cost), its
-    tensors then `state`'s own (assign, no copy), or uninitialised storage when state is None."""
-    with torch.device("meta"):
-        model = OctoForCausalLM(config)
-    if state is None:
-        model.to_empty(device="cpu")
-    else:
-        model.load_state_dict(state, assign=True)
-    if config.tie_word_embeddings:  # to_empty / assign give each module its own tensor: tie again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
+def _state_dict_api() -> ModuleType:
+    """torch.distributed.checkpoint.state_dict, imported here, lazily: it costs ~2 s of import
+    after torch, and only FSDP2 saves and loads use it."""
+    import torch.distributed.checkpoint.state_dict as api
+
+    return api
 
 
-def _group_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
-    """The parameter names of each of optimizer's groups (FSDP2 keeps the plain names)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+def _full_options(**kw: Any) -> Any:
+    return _state_dict_api().StateDictOptions(full_state_dict=True, **kw)
 
 
 def _plain_optimizer(
@@ -86,25 +82,8 @@ def _plain_optimizer(
     params = dict(model.named_parameters())
     plain = type(optimizer)([{"params": [params[n] for n in g]} for g in groups])
     if osd is not None:
-        index = {n: i for i, n in enumerate(n for g in groups for n in g)}
-        plain.load_state_dict({
-            "state": {index[n]: s for n, s in osd["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
-                             for g in osd["param_groups"]],
-        })  # fmt: skip
+        plain.load_state_dict(index_keyed(osd, groups))
     return plain
-
-
-def _name_keyed(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
-    """optimizer.state_dict() with parameter names instead of indices (the form
-    set_optimizer_state_dict takes)."""
-    order = [n for g in _group_names(optimizer, model) for n in g]
-    sd = optimizer.state_dict()
-    return {
-        "state": {order[i]: s for i, s in sd["state"].items()},
-        "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
-                         for g in sd["param_groups"]],
-    }  # fmt: skip
 
 
 def _raise_everywhere(error: BaseException | None, env: DistEnv, what: str) -> None:
@@ -130,7 +109,7 @@ def save_checkpoint_dist(
     keep_last: int = 3,
     max_shard_size: str | int = "2GB",
 ) -> Path | None:
-    """Write root/checkpoint_step_{step}/ (train.checkpoint.save_checkpoint's layout) from a run
+    """Write root/checkpoint_step_{step}/ (save_checkpoint's layout) from a run
     on any number of processes. Call it on EVERY rank: the per-rank states are gathered and, under
     FSDP2, so are the weights. Returns the folder on rank 0, None on the others; a failed save
     raises on every rank."""
@@ -139,16 +118,14 @@ def save_checkpoint_dist(
         mine = {"data": trainer_state.get("data"), "rng": trainer_state.get("rng")}
         trainer_state["ranks"] = all_gather_object(mine, env)
     save_model, save_opt = model, optimizer
-    if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_optimizer_state_dict,
+    if env.enabled and is_fsdp(model):
+        api = _state_dict_api()
+        state = api.get_model_state_dict(model, options=_full_options(cpu_offload=True))
+        osd = api.get_optimizer_state_dict(
+            model, optimizer, options=_full_options(cpu_offload=True)
         )
-
-        state = get_model_state_dict(model, options=_full_options(cpu_offload=True))
-        osd = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
         if env.is_main:
-            save_model = _plain_model(model.config, state)
+            save_model = empty_model(OctoForCausalLM, model.config, state=state)
             groups = [g["params"] for g in osd["param_groups"]]
             save_opt = _plain_optimizer(optimizer, save_model, groups, osd)
         del state, osd
@@ -173,7 +150,7 @@ def load_checkpoint_dist(
     folder of any run; call it on every rank. Returns trainer_state with "data" and "rng" set to
     this rank's own (see the module docstring for a changed world size)."""
     path = Path(path)
-    if is_fsdp(model):
+    if env.enabled and is_fsdp(model):
         state = _load_fsdp(path, model, optimizer, env)
     else:
         state = load_checkpoint(path, model=model, optimizer=optimizer)
@@ -203,29 +180,26 @@ def rank_state(state: dict, env: DistEnv, path: Path) -> dict:
 def _load_fsdp(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, env: DistEnv
 ) -> dict:
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
+    api = _state_dict_api()
     state = weights = osd = error = None
     if env.is_main:
         try:
-            plain = _plain_model(model.config, None)
-            plain_opt = None
+            plain = empty_model(OctoForCausalLM, model.config)
+            plain_opt, groups = None, None
             if optimizer is not None:
-                plain_opt = _plain_optimizer(optimizer, plain, _group_names(optimizer, model))
+                groups = group_names(optimizer, model)  # FSDP2 keeps the plain names
+                plain_opt = _plain_optimizer(optimizer, plain, groups)
             state = load_checkpoint(path, model=plain, optimizer=plain_opt)
             weights = plain.state_dict()
-            osd = _name_keyed(plain_opt, plain) if plain_opt is not None else None
+            osd = name_keyed(plain_opt.state_dict(), groups) if plain_opt is not None else None
         except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
             error = e
     _raise_everywhere(error, env, f"to load {path}")
     state = broadcast_object(state, env)
     opts = _full_options(broadcast_from_rank0=True)
-    set_model_state_dict(model, weights if env.is_main else {}, options=opts)
+    api.set_model_state_dict(model, weights if env.is_main else {}, options=opts)
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, osd if env.is_main else {}, options=opts)
+        api.set_optimizer_state_dict(model, optimizer, osd if env.is_main else {}, options=opts)
     return state
 
 
@@ -233,12 +207,10 @@ def full_model(model: nn.Module, env: DistEnv, device: torch.device | None = Non
     """The whole model as a plain module: under FSDP2 (call on every rank) rank 0 gets an
     unsharded copy on `device` (default CPU) and the other ranks their sharded model back;
     otherwise the model itself. For the final save and the sample, which run on rank 0 alone."""
-    if not is_fsdp(model):
+    if not (env.enabled and is_fsdp(model)):
         return model
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    state = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    state = _state_dict_api().get_model_state_dict(model, options=_full_options(cpu_offload=True))
     if not env.is_main:
         return model
-    plain = _plain_model(model.config, state)
+    plain = empty_model(OctoForCausalLM, model.config, state=state)
     return plain.to(device) if device is not None else plain
