@@ -27,16 +27,12 @@ class ListData:
         self.pos = d["pos"]
 
 
-def final_model_trainer(cfg, model, tokenizer=None):
-    """What train.run.save_final_model reads of a Trainer (the model card's facts included, see
-    train/model_card.py), for a run that logged nothing: a SimpleNamespace."""
-    import types
-
+def final_run(cfg, model, tokenizer=None):
+    """What train.checkpoint.save_final_model takes (the model card's facts included, see
+    train/model_card.py), for a run on CPU that logged nothing."""
+    from train.model_card import FinalModel
     from train.runtime import resolve_precision
 
     cpu = torch.device("cpu")
-    return types.SimpleNamespace(
-        cfg=cfg, model=model, tokenizer=tokenizer, step=0, tokens_seen=0, device=cpu,
-        env=types.SimpleNamespace(world_size=1), precision=resolve_precision(cfg, cpu),
-        log=types.SimpleNamespace(last={}, jsonl_path=None),
-    )  # fmt: skip
+    return FinalModel(cfg, model, tokenizer, step=0, tokens_seen=0, world_size=1, device=cpu,
+                      precision=resolve_precision(cfg, cpu))  # fmt: skip

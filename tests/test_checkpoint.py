@@ -23,7 +23,7 @@ import torch
 import octo.integrity
 from octo import OctoConfig, OctoForCausalLM
 from octo.integrity import MARKER_NAME as MARKER
-from tests.fakes import final_model_trainer
+from tests.fakes import final_run
 from train.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -379,9 +379,9 @@ def test_first_save_on_a_full_disk_claims_no_earlier_checkpoint(tmp_path, traine
         _enospc(mp, "model_shard")
         with pytest.raises(CheckpointError) as e:
             save(tmp_path, 1, model, opt)
-        trainer = final_model_trainer(TrainConfig(checkpoint_dir=str(tmp_path)), model)
+        run = final_run(TrainConfig(checkpoint_dir=str(tmp_path)), model)
         with pytest.raises(CheckpointError) as final_error:
-            save_final_model(trainer)
+            save_final_model(run)
     for msg in (str(e.value), str(final_error.value)):
         assert msg.endswith("was removed; no checkpoint was saved before this one"), msg
         assert "intact" not in msg and "\n" not in msg, msg
@@ -425,17 +425,17 @@ def test_final_model_write_error_keeps_the_previous_final(tmp_path, trained):
 
     model, _ = trained
     cfg = TrainConfig(checkpoint_dir=str(tmp_path), max_shard_size="400KB")
-    trainer = final_model_trainer(cfg, model)
-    final = save_final_model(trainer)
+    run = final_run(cfg, model)
+    final = save_final_model(run)
     before = {p.name: p.read_bytes() for p in final.iterdir()}
     with file_size_limit(1000), pytest.raises(CheckpointError) as e:
-        save_final_model(trainer)
+        save_final_model(run)
     assert "\n" not in str(e.value) and "final model" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
-    assert save_final_model(trainer) == final  # room again: the folder is replaced
+    assert save_final_model(run) == final  # room again: the folder is replaced
     shutil.move(final, tmp_path / "final.old")  # a crash between replace_folder's renames
-    assert save_final_model(trainer) == final and not (tmp_path / "final.old").exists()
+    assert save_final_model(run) == final and not (tmp_path / "final.old").exists()
 
 
 def test_crash_while_replacing_a_checkpoint_keeps_it(tmp_path, trained):

@@ -26,7 +26,7 @@ from octo import OctoConfig, OctoForCausalLM
 from octo.generate import main as generate_main
 from octo.integrity import MARKER_NAME as MARKER
 from octo.integrity import seal
-from tests.fakes import final_model_trainer
+from tests.fakes import final_run
 from train.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -205,7 +205,7 @@ def final(tmp_path, gpt2_tokenizer_dir) -> tuple[Path, OctoForCausalLM]:
     model = OctoForCausalLM(cfg).eval()
     tok = AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir))
     train_cfg = TrainConfig(checkpoint_dir=str(tmp_path), max_shard_size="1MB")
-    return save_final_model(final_model_trainer(train_cfg, model, tok)), model
+    return save_final_model(final_run(train_cfg, model, tok)), model
 
 
 def test_final_has_a_marker_over_every_file_and_loads_in_transformers(final):

@@ -22,7 +22,7 @@ import torch
 
 import train.run as run_mod
 from octo import OctoConfig
-from tests.fakes import ListData, final_model_trainer
+from tests.fakes import ListData, final_run
 from train.checkpoint import complete_checkpoints
 from train.config import TrainConfig
 from train.loop import Trainer
@@ -148,9 +148,9 @@ def test_stopped_final_model_save_leaves_no_tmp_and_keeps_final(tmp_path, monkey
     monkeypatch.setattr(octo.files, "replace_folder", replace_folder)
     model = types.SimpleNamespace(save_pretrained=save_pretrained, num_parameters=lambda: 0,
                                   config=OctoConfig.preset("tiny"))  # fmt: skip
-    trainer = final_model_trainer(TrainConfig(checkpoint_dir=str(tmp_path)), model)
+    run = final_run(TrainConfig(checkpoint_dir=str(tmp_path)), model)
     with pytest.raises(KeyboardInterrupt):
-        run_mod.save_final_model(trainer)
+        run_mod.save_final_model(run)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert [p.name for p in final.iterdir()] == ["config.json"]
     assert (final / "config.json").read_text() == "earlier run\n"

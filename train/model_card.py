@@ -4,7 +4,7 @@ What a person opening the folder (or its model hub page) wants to know: what was
 (architecture, parameter count, vocabulary), on what data, for how many tokens and steps, the
 final train and eval loss, on what hardware and for how long, the command and config that
 reproduce it, and how to load it (OctoForCausalLM, transformers, llama.cpp through
-`python -m octo.export_gguf`). The numbers come from the run itself: the Trainer (steps, tokens,
+`python -m octo.export_gguf`). The numbers come from the run itself (FinalModel: steps, tokens,
 model, device) and the newest records its RunLogger wrote (start time, last log line, last
 evaluation), so the card says exactly what the log says. The plot is train.plot's, drawn when
 matplotlib is installed. The YAML header is what model hubs read (library, task, tags).
@@ -12,13 +12,20 @@ matplotlib is installed. The YAML header is what model hubs read (library, task,
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import shlex
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from train.config import TrainConfig
+from train.optim import tokens_per_step
+from train.plot import plot as draw  # matplotlib itself is imported when drawing (optional)
+from train.runtime import Precision, cpu_name
 
 CARD_NAME = "README.md"
 PLOT_NAME = "loss.png"
@@ -26,8 +33,6 @@ PLOT_NAME = "loss.png"
 
 def hardware(device: torch.device, world_size: int) -> str:
     """ "1 x NVIDIA H100 80GB HBM3" or "CPU: Intel(R) Xeon(R) ... (2 threads)"."""
-    from train.runtime import cpu_name
-
     if device.type == "cuda":
         return f"{world_size} x {torch.cuda.get_device_name(device)}"
     procs = f", {world_size} processes" if world_size > 1 else ""
@@ -55,20 +60,30 @@ def _hub_header(cfg: Any) -> str:
     return "\n".join([*lines, "---"])
 
 
-def model_card(trainer: Any, final: Path, plot: str | None, config: str) -> str:
-    """The card's Markdown for `trainer`'s run, whose final folder is `final` (as the run names
-    it: relative when checkpoint_dir is); plot: the PNG's file name beside it, or None; config:
-    the text of the folder's train_config.json, shown as it is."""
-    from train.optim import tokens_per_step
+@dataclasses.dataclass(frozen=True)
+class FinalModel:
+    """A finished run, as its final folder and model card record it. run() builds it from the
+    plain model (gathered from DDP/FSDP2, train.checkpoint.dist.full_model) and its own config
+    and Runtime, so the Trainer is read, never rewritten. last: the newest record of each type
+    the run's log wrote (RunLogger.last: start, train, eval); jsonl_path: that log's file (the
+    plot's data), None when none was written."""
 
-    cfg, model, last = trainer.cfg, trainer.model, trainer.log.last
-    c = model.config
-    n_params = model.num_parameters()
-    start = last.get("start", {})
-    resumed = start.get("step") or 0
-    wall = time.time() - start["time"] if "time" in start else None
-    tok = trainer.tokenizer
-    tok_line = f"{len(tok):,} tokens of `{cfg.tokenizer_name}`" if tok is not None else "none saved"
+    cfg: TrainConfig
+    model: Any  # OctoForCausalLM, not wrapped
+    tokenizer: Any | None
+    step: int
+    tokens_seen: int
+    world_size: int
+    device: torch.device
+    precision: Precision
+    last: Mapping[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    jsonl_path: Path | None = None
+
+
+def _losses(run: FinalModel) -> tuple[str, str]:
+    """The final train loss (the last log line's) and eval loss (the last evaluation's) rows."""
+    cfg, last = run.cfg, run.last
+    resumed = last.get("start", {}).get("step") or 0
     train = last.get("train")
     train_loss = f"not logged (log_interval_steps={cfg.log_interval_steps})"
     if train:  # a log line averages the steps since the previous one (or since the resume)
@@ -79,19 +94,34 @@ def model_card(trainer: Any, final: Path, plot: str | None, config: str) -> str:
     eval_loss = (f"{ev['eval_loss']:.4f} (perplexity {ev['eval_ppl']:.2f}) at step "
                  f"{ev['step']}, on up to {cfg.eval_max_batches} batches" if ev
                  else "no evaluation ran")  # fmt: skip
-    per_step = tokens_per_step(cfg, trainer.env.world_size)
-    wall_line = "unknown"
-    if wall is not None:
-        wall_line = f"{_duration(wall)} (start of training to final save"
-        wall_line += f"; this run resumed at step {resumed})" if resumed else ")"
+    return train_loss, eval_loss
+
+
+def _optimizer(cfg: TrainConfig) -> str:
+    """The optimizer row: the optimizer, its peak learning rate and schedule."""
+    return (f"AdamW, peak learning rate {cfg.learning_rate:g}, {cfg.lr_schedule} schedule, "
+            f"{cfg.warmup_steps} warmup steps, weight decay {cfg.weight_decay:g}")  # fmt: skip
+
+
+def _wall_time(run: FinalModel) -> str:
+    start = run.last.get("start", {})
+    if "time" not in start:
+        return "unknown"
+    resumed = start.get("step") or 0
+    line = f"{_duration(time.time() - start['time'])} (start of training to final save"
+    return line + (f"; this run resumed at step {resumed})" if resumed else ")")
+
+
+def facts(run: FinalModel) -> list[tuple[str, str]]:
+    """The card's table: (row name, what it says), from the run's model, config and log."""
+    cfg, model, tok = run.cfg, run.model, run.tokenizer
+    c = model.config
+    n_params = model.num_parameters()
+    tok_line = f"{len(tok):,} tokens of `{cfg.tokenizer_name}`" if tok is not None else "none saved"
+    train_loss, eval_loss = _losses(run)
+    per_step = tokens_per_step(cfg, run.world_size)
     tied = "tied to the input embedding" if c.tie_word_embeddings else "untied"
-    f = shlex.quote(str(final))
-    ckpt = Path(cfg.checkpoint_dir)
-    repro = (f"python -m train --config {f}/train_config.json --set resume_from=null "
-             f"checkpoint_dir={shlex.quote(str(ckpt.with_name(ckpt.name + '-repro')))} "
-             f"log_dir={shlex.quote(str(Path(cfg.log_dir)) + '-repro')}")  # fmt: skip
-    date = datetime.date.today().isoformat()
-    table = [
+    return [
         ("architecture", "Llama (`LlamaForCausalLM`): RMSNorm, rotary embeddings (theta "
          f"{c.rope_theta:g}), grouped-query attention, SwiGLU MLP"),
         ("parameters", f"{n_params:,} ({n_params / 1e6:.2f}M)"),
@@ -102,20 +132,32 @@ def model_card(trainer: Any, final: Path, plot: str | None, config: str) -> str:
          f"{c.max_position_embeddings})"),
         ("vocabulary", f"{c.vocab_size:,} ids; tokenizer: {tok_line}"),
         ("data", _data_line(cfg)),
-        ("trained", f"{trainer.tokens_seen:,} tokens in {trainer.step:,} optimizer steps "
+        ("trained", f"{run.tokens_seen:,} tokens in {run.step:,} optimizer steps "
          f"({per_step:,} tokens per step: {cfg.batch_size} x {cfg.block_size} x "
-         f"{cfg.gradient_accumulation_steps} accumulation x {trainer.env.world_size} "
-         f"process{'es' if trainer.env.world_size > 1 else ''})"),
+         f"{cfg.gradient_accumulation_steps} accumulation x {run.world_size} "
+         f"process{'es' if run.world_size > 1 else ''})"),
         ("final train loss", train_loss),
         ("final eval loss", eval_loss),
-        ("optimizer", f"AdamW, peak learning rate {cfg.learning_rate:g}, {cfg.lr_schedule} "
-         f"schedule, {cfg.warmup_steps} warmup steps, weight decay {cfg.weight_decay:g}"),
-        ("hardware", hardware(trainer.device, trainer.env.world_size)),
-        ("precision", trainer.precision.describe()),
-        ("wall time", wall_line),
-        ("date", date),
+        ("optimizer", _optimizer(cfg)),
+        ("hardware", hardware(run.device, run.world_size)),
+        ("precision", run.precision.describe()),
+        ("wall time", _wall_time(run)),
+        ("date", datetime.date.today().isoformat()),
     ]  # fmt: skip
-    rows = "\n".join(f"| {k} | {v} |" for k, v in table)
+
+
+def model_card(run: FinalModel, final: Path, plot: str | None, config: str) -> str:
+    """The card's Markdown for `run`, whose final folder is `final` (as the run names it:
+    relative when checkpoint_dir is); plot: the PNG's file name beside it, or None; config: the
+    text of the folder's train_config.json, shown as it is."""
+    cfg = run.cfg
+    n_params = run.model.num_parameters()
+    f = shlex.quote(str(final))
+    ckpt = Path(cfg.checkpoint_dir)
+    repro = (f"python -m train --config {f}/train_config.json --set resume_from=null "
+             f"checkpoint_dir={shlex.quote(str(ckpt.with_name(ckpt.name + '-repro')))} "
+             f"log_dir={shlex.quote(str(Path(cfg.log_dir)) + '-repro')}")  # fmt: skip
+    rows = "\n".join(f"| {k} | {v} |" for k, v in facts(run))
     image = f"\n![train and eval loss, and throughput, by step]({plot})\n" if plot else ""
     return f"""{_hub_header(cfg)}
 
@@ -173,20 +215,17 @@ tokenizer:
 """
 
 
-def write_model_card(trainer: Any, folder: Path, final: Path) -> None:
+def write_model_card(run: FinalModel, folder: Path, final: Path) -> None:
     """README.md (and loss.png when matplotlib is installed) into `folder`, the final model's
     folder being written (it becomes `final`), after its train_config.json. The plot is left
     out when it cannot be drawn (no matplotlib, a run log that was not written)."""
     plot = None
-    jsonl = trainer.log.jsonl_path
-    if jsonl is not None:
+    if run.jsonl_path is not None:
         try:
-            from train.plot import plot as draw
-
-            draw(jsonl, out=folder / PLOT_NAME)
+            draw(run.jsonl_path, out=folder / PLOT_NAME)
             plot = PLOT_NAME
         except (ImportError, ValueError, OSError):
             plot = None
     config = (folder / "train_config.json").read_text(encoding="utf-8")
-    card = model_card(trainer, final, plot, config)
+    card = model_card(run, final, plot, config)
     (folder / CARD_NAME).write_text(card, encoding="utf-8")

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from train.checkpoint.verify import same_weights
-from train.config import ConfigError
-from train.distributed import broadcast_object
+from train.config import ConfigError, TrainConfig
+from train.distributed import DistEnv, broadcast_object
 from train.loop import Trainer
 
 
-def check_resume_step(trainer: Trainer, resume: Path) -> str | None:
+def check_resume_step(trainer: Trainer, resume: Path, cfg: TrainConfig, env: DistEnv) -> str | None:
     """Where the resumed step stands against the run's planned last step. Before it: None (train
     on). At it, with checkpoint_dir/final holding this checkpoint's weights: the run is complete,
     which is one line and "complete" (run() exits 0: no evaluation, save or samples again). At
@@ -26,8 +26,7 @@ def check_resume_step(trainer: Trainer, resume: Path) -> str | None:
     if step < total:
         return None
     if step == total:
-        final = Path(trainer.cfg.checkpoint_dir) / "final"
-        env = trainer.env
+        final = Path(cfg.checkpoint_dir) / "final"
         done = broadcast_object(same_weights(final, resume) if env.is_main else None, env)
         if not done:
             return None

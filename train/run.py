@@ -32,6 +32,7 @@ from train.config import DEMO_NAME, ConfigError, TrainConfig
 from train.distributed import all_gather_object, cleanup, init_distributed
 from train.errors import CheckpointError, DataError, write_error_fix
 from train.loop import Trainer
+from train.model_card import FinalModel
 from train.model_config import ModelSpec, run_config
 from train.resume_end import check_resume_step
 from train.runtime import Runtime, check_memory, resolve_device
@@ -85,7 +86,7 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             if resume is not None:
                 trainer.resume(resume)
                 locks.release_source()
-                if check_resume_step(trainer, resume) == "complete":
+                if check_resume_step(trainer, resume, cfg, env) == "complete":
                     return 0
             raise_if_interrupted()  # one that an import swallowed ("Exception ignored in ...")
             result = trainer.fit()
@@ -104,17 +105,17 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             return 0
         if result.status == "nonfinite":
             return 1
-        trainer.model = full_model(trainer.model, env, rt.device)  # FSDP: gathered on rank 0
+        model = full_model(trainer.model, env, rt.device)  # FSDP: gathered on rank 0
         if env.is_main:
             try:
-                final = save_final_model(trainer)
+                final = save_final_model(final_model(trainer, model, cfg, rt))
             except CheckpointError as e:  # a full disk at the very end: the checkpoints stand
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             log.info(f"Final model: {final} (loads with OctoForCausalLM.from_pretrained and as "
                      "Llama in transformers)")  # fmt: skip
             if trainer.tokenizer is not None:
-                sample = generate_sample(trainer.model, trainer.tokenizer, cfg, rt)
+                sample = generate_sample(model, trainer.tokenizer, cfg, rt)
                 log.info(f"Samples from {final}:\n{sample}")
         return 0
     except KeyboardInterrupt:  # Ctrl-C (or SIGTERM outside fit), or the trainer's second one
@@ -129,6 +130,17 @@ def _run(cfg: TrainConfig, model_fields: dict[str, Any]) -> int:
             locks.release()
         if env is not None:
             cleanup(env)
+
+
+def final_model(trainer: Trainer, model: Any, cfg: TrainConfig, rt: Runtime) -> FinalModel:
+    """What the final folder and its card record of the trained run: `model` is the trainer's
+    model as a plain module (full_model), the rest the trainer's counts and log."""
+    log = trainer.log
+    return FinalModel(
+        cfg, model, trainer.tokenizer, step=trainer.step, tokens_seen=trainer.tokens_seen,
+        world_size=rt.env.world_size, device=rt.device, precision=rt.precision, last=log.last,
+        jsonl_path=log.jsonl_path,
+    )  # fmt: skip
 
 
 def interrupted_line(

@@ -38,7 +38,7 @@ from train.checkpoint.verify import STEP_FOLDER, TRANSIENT_FOLDER, verify_checkp
 from train.config import TrainConfig
 from train.data import with_own_tokenizer
 from train.errors import CheckpointError, write_error_fix
-from train.model_card import write_model_card
+from train.model_card import FinalModel, write_model_card
 
 log = logging.getLogger("train.checkpoint")
 
@@ -216,26 +216,25 @@ def save_checkpoint(
     return final
 
 
-def save_final_model(trainer: Any) -> Path:
+def save_final_model(run: FinalModel) -> Path:
     """{checkpoint_dir}/final: the model (Llama-format safetensors + config.json), the tokenizer
     (with its token ids in config.json and generation_config.json, see octo.tokenizer_files),
     train_config.json and the model card, and last the completion marker with every file's
     checksums (as a checkpoint has: octo.generate and from_pretrained check it); written beside,
-    then renamed (octo.files.staged_folder), so a half-written folder never stands. Reads
-    trainer.cfg, .model, .tokenizer and what train/model_card.py reads.
-    Whatever stops it (a full disk, Ctrl-C) removes final.tmp and leaves an earlier `final`
-    in place."""
-    cfg, tok = trainer.cfg, trainer.tokenizer
+    then renamed (octo.files.staged_folder), so a half-written folder never stands. run.model is
+    the plain (unwrapped) model. Whatever stops it (a full disk, Ctrl-C) removes final.tmp and
+    leaves an earlier `final` in place."""
+    cfg, tok, model = run.cfg, run.tokenizer, run.model
     final = Path(cfg.checkpoint_dir) / "final"
     try:
         with staged_folder(final) as tmp:
             ids = special_token_ids(tok) if tok is not None else None
-            trainer.model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size, token_ids=ids)
+            model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size, token_ids=ids)
             if tok is not None:
-                save_tokenizer(tok, tmp, trainer.model.config.max_position_embeddings)
+                save_tokenizer(tok, tmp, model.config.max_position_embeddings)
                 cfg = with_own_tokenizer(cfg)
             cfg.save(tmp / "train_config.json")
-            write_model_card(trainer, tmp, final)  # README.md (+ loss.png)
+            write_model_card(run, tmp, final)  # README.md (+ loss.png)
             seal(tmp, kind="model")  # last: its marker covers every file written above
     except OSError as e:  # a full disk: no final.tmp is left, `final` stands
         raise CheckpointError(
