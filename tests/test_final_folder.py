@@ -112,3 +112,24 @@ def test_a_copied_checkpoint_resumes_and_generates_without_the_tokenizer_folder(
         assert capsys.readouterr().out.startswith("Once")
     finally:
         shutil.copytree(copy / "final", tok_dir)  # for tests after this one in the module
+
+
+def test_model_card_names_the_optimizer_the_run_used():
+    """The card's optimizer row: AdamW's peak lr for optimizer adamw; for muon, Muon (its peak lr
+    and momentum) for the decoder layers' matrices and AdamW (its scaled lr) for the rest. It
+    said "AdamW, peak learning rate ..." for a muon run too."""
+    from tests.fakes import final_run
+    from train.model_card import facts
+
+    model = OctoForCausalLM(OctoConfig.preset("tiny"))
+    adamw = dict(facts(final_run(TrainConfig(), model)))["optimizer"]
+    assert adamw == ("AdamW, peak learning rate 0.0003, cosine schedule, 100 warmup steps, weight "
+                     "decay 0.01")  # fmt: skip
+    cfg = TrainConfig(optimizer="muon", learning_rate=1e-3, muon_learning_rate=0.02,
+                      muon_adamw_lr_scale=3.0, muon_momentum=0.9)  # fmt: skip
+    muon = dict(facts(final_run(cfg, model)))["optimizer"]
+    assert muon == (
+        "Muon for the decoder layers' matrices (peak learning rate 0.02, momentum 0.9, weight "
+        "decay 0), AdamW for the other parameters (peak learning rate 0.003, weight decay 0.01); "
+        "cosine schedule, 100 warmup steps"
+    )

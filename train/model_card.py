@@ -98,9 +98,17 @@ def _losses(run: FinalModel) -> tuple[str, str]:
 
 
 def _optimizer(cfg: TrainConfig) -> str:
-    """The optimizer row: the optimizer, its peak learning rate and schedule."""
-    return (f"AdamW, peak learning rate {cfg.learning_rate:g}, {cfg.lr_schedule} schedule, "
-            f"{cfg.warmup_steps} warmup steps, weight decay {cfg.weight_decay:g}")  # fmt: skip
+    """The optimizer row: which optimizer (with muon, Muon and AdamW, each over its parameters)
+    at what peak learning rate, and the one schedule that drives both."""
+    schedule = f"{cfg.lr_schedule} schedule, {cfg.warmup_steps} warmup steps"
+    if cfg.optimizer == "muon":
+        adamw_lr = cfg.learning_rate * cfg.muon_adamw_lr_scale
+        return (f"Muon for the decoder layers' matrices (peak learning rate "
+                f"{cfg.muon_learning_rate:g}, momentum {cfg.muon_momentum:g}, weight decay "
+                f"{cfg.muon_weight_decay:g}), AdamW for the other parameters (peak learning rate "
+                f"{adamw_lr:g}, weight decay {cfg.weight_decay:g}); {schedule}")  # fmt: skip
+    return (f"AdamW, peak learning rate {cfg.learning_rate:g}, {schedule}, weight decay "
+            f"{cfg.weight_decay:g}")  # fmt: skip
 
 
 def _wall_time(run: FinalModel) -> str:
