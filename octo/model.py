@@ -67,12 +67,9 @@ class KVCache:
 
     def __init__(self, cfg: OctoConfig, batch: int, max_len: int, device, dtype) -> None:
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.keys = [
-            torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)
-        ]
-        self.values = [
-            torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)
-        ]
+        n = cfg.num_hidden_layers
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n)]
         self.length = 0  # positions already cached (the same for every layer)
         self.max_len = max_len
 
@@ -94,11 +91,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: OctoConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv, self.head_dim = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        )
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         bias = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
@@ -120,14 +114,10 @@ class Attention(nn.Module):
         q, k = octo_kernels.apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, P, D)
+        gqa = self.n_kv != self.n_heads  # keys and values are shared by H/K query heads each
         y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            is_causal=attn_mask is None,
-            enable_gqa=self.n_kv != self.n_heads,
-        )  # (B, H, T, D); keys and values are shared by H/K query heads each
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=gqa
+        )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
         return self.o_proj(y)
 
