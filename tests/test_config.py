@@ -192,6 +192,18 @@ def test_bad_config_is_one_line_and_exit_2(config_runs, case):
     assert not (d / "logs").exists() and not (d / "ckpt").exists()  # nothing was started
 
 
+def test_a_bad_key_fails_before_torch_is_imported():
+    """`python -m train --set bad_key=1` is answered from the config alone: torch (seconds of
+    import; octo imports it) is never loaded, so a typo costs no start-up. Every module that
+    train.config imports stays light (train.trackers imported octo.files, so torch, at its top)."""
+    code = ("import sys; from train.__main__ import main; "
+            "print(main(['--set', 'bad_key=1']), 'torch' in sys.modules)")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(),
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.stdout.split() == ["2", "False"], (p.stdout, p.stderr)
+    assert p.stderr.startswith("error: --set: unknown key 'bad_key'"), p.stderr
+
+
 # Values no key means anything by: out of range, NaN/Infinity (JSON and --set accept both), a seed
 # torch.manual_seed overflows on, "" for a path (it would mean the current folder).
 BAD_VALUES = [

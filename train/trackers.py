@@ -39,8 +39,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from octo.files import write_json
-
 TRACKERS = ("tensorboard", "wandb", "trackio")
 RUN_FILE = "tracker_run.json"  # in checkpoint_dir: the run id a resumed run continues
 
@@ -111,6 +109,8 @@ def run_id(config: dict[str, Any], step: int, warn: Callable[[str], None]) -> st
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         found = f"{name}-{stamp}-{secrets.token_hex(2)}"
     ckpt.mkdir(parents=True, exist_ok=True)
+    from octo.files import write_json  # lazy: octo imports torch; train.config imports this module
+
     write_json(ckpt / RUN_FILE, {"run_id": found}, indent=None)
     return found
 
