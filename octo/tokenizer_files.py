@@ -82,9 +82,7 @@ def auto_tokenizer(name_or_path: str | Path, *, local: bool) -> Any:
     by check_no_remote_code first (RemoteCodeError) and read with local_files_only=True; a Hub
     name is fetched (or read from the Hub cache) by transformers. trust_remote_code=False always.
     Anything else transformers raises is raised as it is: the callers word it for their users."""
-    # lazy: transformers takes seconds to import; the model API and the CLIs' argument checks
-    # never need it
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: seconds to import; the model API never needs it
 
     if local:
         check_no_remote_code(name_or_path)

@@ -20,8 +20,8 @@ BACKENDS = ("auto", "triton", "torch")
 
 def _probe_triton() -> bool:
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        import triton  # noqa: F401  (lazy: optional; absent on macOS and Windows)
+        import triton.language  # noqa: F401  (lazy: as above)
     except Exception:
         return False
     return True

@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-# Light (no torch): the stop-signal handlers are in place before the seconds of heavy imports.
+# Light (no torch, tests/test_config.py checks): main()'s stop-signal handlers are in place
+# before the seconds of heavy imports (train.model_config, train.run), imported lazily below.
+from train.config import ConfigError, TrainConfig, add_set_argument
+from train.config_docs import help_epilog
 from train.signals import ignore_stop_signals, raise_if_interrupted, stop_signals_interrupt
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.json"
@@ -43,9 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse(argv: list[str] | None) -> tuple[Any, dict[str, Any]] | int:
     """(TrainConfig, model fields) from the command line, or 2 after a ConfigError's line."""
-    from train.config import ConfigError, TrainConfig, add_set_argument
-    from train.config_docs import help_epilog
-
     parser = argparse.ArgumentParser(
         prog="python -m train",
         description="Train an Octo (Llama-architecture) language model.",

@@ -101,7 +101,7 @@ def check_values(cfg: Any) -> None:
         raise ConfigError(f"config key 'device' is {cfg.device!r}; use auto, cpu, cuda or cuda:N")
     # Parsed here, not at the first checkpoint save (possibly hours in). Last, because it
     # imports octo (torch): a config failing a check above stays a fast failure.
-    from octo.files import parse_size
+    from octo.files import parse_size  # lazy: octo imports torch (see above)
 
     try:
         parse_size(cfg.max_shard_size)

@@ -123,7 +123,7 @@ def wrap_model(
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
         )
     if parallelism == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # lazy: FSDP2 only
 
         if param_dtype == torch.float16:
             raise ConfigError(
@@ -144,7 +144,7 @@ def wrap_model(
 
 def is_fsdp(model: nn.Module) -> bool:
     """True for a model that fully_shard was applied to."""
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # lazy: heavy; FSDP2 models only have it
 
     return isinstance(model, FSDPModule)
 
@@ -190,7 +190,7 @@ def host_any(flag: bool, env: DistEnv) -> bool:
 def replicated(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor for a value FSDP2 returns as a replicated DTensor (clip_grad_norm_'s total
     norm over sharded gradients: already reduced over ranks, so its local tensor is the value)."""
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # lazy: heavy, FSDP2 only
 
     return t.full_tensor() if isinstance(t, DTensor) else t
 

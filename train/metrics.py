@@ -24,8 +24,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from tqdm import tqdm
 
+import octo_kernels
+from train.distributed import all_reduce_sum
 from train.errors import ConfigError
+from train.optim import describe_optimizer, tokens_per_step
 from train.trackers import Trackers
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s. Matched in order
@@ -164,8 +168,6 @@ class IntervalMeter:
 
     def record(self, step: int, tokens_seen: int, total_steps: int) -> dict[str, Any]:
         """The "train" record since the last one: reads the device sums (one sync), resets."""
-        from train.distributed import all_reduce_sum
-
         sums = self.sums.clone()
         sums[:2] = all_reduce_sum(sums[:2].clone(), self.env)  # norms are global already
         loss_sum, n, norm_sum, good = sums.tolist()
@@ -225,9 +227,6 @@ def log_interval(t: Any) -> None:
 
 def start_lines(t: Any) -> list[str]:
     """What a run prints first; t is the Trainer (train/loop.py), t.rt its Runtime."""
-    import octo_kernels
-    from train.optim import describe_optimizer, tokens_per_step
-
     cfg, c, rt = t.cfg, t.model.config, t.rt
     dev, env = rt.device, rt.env
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
@@ -306,8 +305,6 @@ class RunLogger:
     def start_progress(self, total_steps: int, initial_step: int = 0) -> None:
         """The tqdm bar (with ETA), on a terminal only."""
         if self.enabled and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step",
                             file=self.stream, dynamic_ncols=True)  # fmt: skip
 

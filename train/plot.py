@@ -76,10 +76,10 @@ def draw(records: list[dict], title: str):
     """The figure of a run's records: train loss (a marker per log line) and eval loss on a log
     axis, so the late, slow decline is not squashed flat under the first steps' fall (the losses
     are cross-entropies, positive); throughput below. The caller closes it (plt.close)."""
-    import matplotlib
+    import matplotlib  # lazy: an optional extra (dev); training never needs it
 
     matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after use("Agg")
 
     train_loss = points(records, "train", "loss")
     train_tps = points(records, "train", "tokens_per_s")
@@ -129,7 +129,7 @@ def plot(path: str | Path, out: str | Path | None = None) -> Path:
     if not out.suffix:  # matplotlib would write OUT.png: name the file it writes
         out = out.with_suffix(".png")
     fig = draw(records, path.stem)
-    import matplotlib.pyplot as plt  # after draw() chose the backend
+    import matplotlib.pyplot as plt  # lazy: optional, and after draw() chose the backend
 
     try:
         fig.savefig(out, dpi=100)

@@ -29,6 +29,7 @@ from train.checkpoint.resume import (
     load_init_model,
 )
 from train.config import DEMO_NAME, ConfigError, TrainConfig
+from train.data import build_eval_batches, build_train_data, load_tokenizer
 from train.distributed import all_gather_object, cleanup, init_distributed
 from train.errors import CheckpointError, DataError, write_error_fix
 from train.loop import Trainer
@@ -229,8 +230,6 @@ def build_trainer(cfg: TrainConfig, spec: ModelSpec, rt: Runtime) -> Trainer:
     """Tokenizer, model shape (vocab sized to the tokenizer), data, then the Trainer on rt; with
     spec.init_from (a model folder; spec.fields are its config.json's), its weights, loaded
     before the tokenizer and data, so a bad folder is reported first."""
-    from train.data import build_eval_batches, build_train_data, load_tokenizer
-
     init_from, env = spec.init_from, rt.env
 
     model = load_init_model(init_from) if init_from is not None else None

@@ -123,7 +123,7 @@ class TensorBoardTracker:
     every record, so a killed run loses no point the console showed."""
 
     def __init__(self, run: str, config: dict[str, Any], step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # lazy: optional extra (tensorboard)
 
         self.log_dir = Path(config["log_dir"]) / "tensorboard" / run
         # a resumed run (at `step`) logs from step + 1: TensorBoard's reader drops the points the
@@ -147,7 +147,7 @@ class WandbTracker:
     writes there only (`wandb sync` uploads later)."""
 
     def __init__(self, run: str, config: dict[str, Any], step: int) -> None:
-        import wandb
+        import wandb  # lazy: optional extra
 
         project = os.environ.get("WANDB_PROJECT", "octo")
         Path(config["log_dir"]).mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ class TrackioTracker:
     default under the Hugging Face cache), `trackio show` to look."""
 
     def __init__(self, run: str, config: dict[str, Any], step: int) -> None:
-        import trackio
+        import trackio  # lazy: optional extra
 
         project = os.environ.get("TRACKIO_PROJECT", "octo")
         self.trackio = trackio

@@ -61,7 +61,7 @@ __all__ = ["full_model", "load_checkpoint_dist", "rank_state", "save_checkpoint_
 def _state_dict_api() -> ModuleType:
     """torch.distributed.checkpoint.state_dict, imported here, lazily: it costs ~2 s of import
     after torch, and only FSDP2 saves and loads use it."""
-    import torch.distributed.checkpoint.state_dict as api
+    import torch.distributed.checkpoint.state_dict as api  # lazy: heavy, FSDP2 only
 
     return api
 

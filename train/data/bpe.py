@@ -29,8 +29,7 @@ def train_tokenizer(
     texts: Iterable[str], vocab_size: int, out: str | Path, *, show_progress: bool = False
 ):
     """Train on texts, save to out, and return the loaded transformers tokenizer."""
-    # Lazy: transformers takes seconds to import; only building or loading a tokenizer needs it.
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # lazy: seconds to import; builds only
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 2:

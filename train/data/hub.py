@@ -25,8 +25,8 @@ def hub_unreachable(what: str) -> str | None:
     that `what` (e.g. "tokenizer_name 'gpt2'", a name that is no local path) needs it, and the
     ways to run without it."""
     global _reachable
-    try:  # lazy: it comes with transformers and datasets, and only a Hub name needs it
-        from huggingface_hub import constants, get_session
+    try:
+        from huggingface_hub import constants, get_session  # lazy: only a Hub name needs it
     except ImportError:  # no huggingface_hub: the caller's own import reports it
         return None
     if constants.HF_HUB_OFFLINE or _reachable == constants.ENDPOINT:

@@ -127,8 +127,8 @@ class DocSource:
         """Load the split lazily through `datasets` and check that split and column exist."""
         if self._ds is not None:
             return self
-        try:  # lazy: absent on the GPU image, where a run reads a complete pre-tokenized cache
-            import datasets
+        try:  # absent on the GPU image, where a run reads a complete pre-tokenized cache
+            import datasets  # lazy: see above (and seconds to import)
         except ImportError:
             raise DataError(
                 "reading a dataset needs the `datasets` package (pip install datasets), or a "
