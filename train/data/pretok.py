@@ -20,7 +20,6 @@ any num_workers and also meaningful when the world size changes.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import sys
@@ -34,9 +33,9 @@ import torch
 from tqdm import tqdm
 
 from train.data.cache import build_once, cache_key, tokenizer_identity
+from train.data.forkpool import ForkPool, WorkerDied
 from train.data.source import DocSource, encode_docs
 from train.errors import DataError
-from train.signals import forking_workers, init_worker_signals
 
 CACHE_VERSION = 2  # 2: the tokenizer keyed by tokenizer_identity (1: its raw serialisation)
 SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
@@ -99,7 +98,6 @@ _TOKENIZER = None  # the tokenizer of the pool's forked workers
 
 
 def _pool_init() -> None:
-    init_worker_signals()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     torch.set_num_threads(1)
 
@@ -122,9 +120,10 @@ def build_token_cache(
     """Tokenize every document of src's split into `out` (kept and held-out parts); returns meta.
 
     The reading process hands batches of documents to a pool of `processes` (default: every core)
-    forked tokenizer processes, at most 2 per process in flight, and writes the results in order.
-    The pool's workers leave stop signals to this process (train/signals.py); a finished pool
-    is closed and joined, one stopped by an error or an interrupt is terminated.
+    forked tokenizer processes (train/data/forkpool.py), at most 2 per process in flight, and
+    writes the results in order. The workers leave stop signals to this process; a finished pool
+    is closed and joined, one stopped by an error or an interrupt is terminated, and a worker
+    that dies (the out-of-memory killer) fails the build with a DataError instead of hanging it.
     """
     global _TOKENIZER
     src.open()
@@ -154,23 +153,29 @@ def build_token_cache(
 
     try:
         if processes > 1:
-            with forking_workers():
-                pool = multiprocessing.get_context("fork").Pool(processes, _pool_init)
+            pool = ForkPool(processes, _pool_init)  # forks here: the workers see _TOKENIZER
         inflight: deque = deque()
         for batch in src.iter_parts():
             if pool is None:
                 write(batch, _encode_parts(batch))
                 continue
-            inflight.append((batch, pool.apply_async(_encode_parts, (batch,))))
+            inflight.append((batch, pool.submit(_encode_parts, batch)))
             if len(inflight) >= 2 * processes:
                 b, r = inflight.popleft()
-                write(b, r.get())
+                write(b, pool.result(r))
         while inflight:
             b, r = inflight.popleft()
-            write(b, r.get())
+            write(b, pool.result(r))
         if pool is not None:
             pool.close()  # every result is in: the workers exit when the queue runs dry
-            pool.join()
+    except WorkerDied as e:
+        pool.terminate()
+        raise DataError(
+            f"pre-tokenizing {src.describe()} failed: a tokenizer process was lost ({e}; most "
+            f"likely the out-of-memory killer); pre-tokenize with fewer processes (python -m "
+            f"train.prepare --config CONFIG --processes {max(1, processes // 2)}) or with more "
+            "free memory"
+        ) from None
     except BaseException:
         if pool is not None:
             pool.terminate()  # ends the workers (a SIGTERM from their parent) and joins them
