@@ -1,14 +1,17 @@
-"""Pre-tokenizing when a worker dies or a stop signal comes, each in a child process under a
-hard time limit (tests/test_signals.py's helpers):
+"""Pre-tokenizing when a worker dies or a stop signal comes, and `python -m train.prepare`'s stop
+signals, each in a child process under a hard time limit (tests/test_signals.py's helpers):
 
     a worker killed       SIGKILL (the out-of-memory killer) to the busy worker or to the idle
                           one: one DataError line, exit 2, no cache folder, no process left
     a stop signal         SIGINT or SIGTERM to the building process while a worker is busy: the
                           workers end at once, exit 130, no cache folder
+    train.prepare         a stop signal while torch imports, inside an import, and inside the
+                          build: one line, exit 130, nothing half-written left
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from tests.child_env import child_env
-from tests.test_signals import CHILD, children, group_is_gone, kill_group
+from tests.test_signals import CHILD, children, group_is_gone, kill_group, run_bounded
+
+PREPARE_STOPPED = "interrupted; nothing half-written was left (a cache printed above is complete)"
 
 
 def start_stalled_build(corpus, tmp_path: Path) -> tuple[subprocess.Popen, int]:
@@ -89,3 +94,34 @@ def test_a_stop_signal_while_pre_tokenizing_ends_the_busy_workers(corpus, tmp_pa
     assert p.returncode == 130 and err.strip() == "interrupted", err[-3000:]
     assert no_cache_folder(tmp_path)
     assert gone, "a worker outlived the build"
+
+
+def prepare_config(corpus, tmp_path: Path) -> Path:
+    conf = tmp_path / "c.json"
+    fields = {"dataset_name": str(corpus["data"] / "train.jsonl"),
+              "tokenizer_name": str(corpus["tokenizer"]), "data_cache_dir": str(tmp_path / "cache"),
+              "pretokenize": True, "eval_split": None}  # fmt: skip
+    conf.write_text(json.dumps(fields))
+    return conf
+
+
+@pytest.mark.parametrize(
+    "module, sig, when",
+    [
+        ("torch", "SIGTERM", "raise"),  # was: killed silently, exit 143
+        ("transformers", "SIGINT", "swallow"),  # was: swallowed, and the cache built, exit 0
+        ("datasets", "SIGTERM", "raise"),  # inside the build (its temporary folder exists)
+        ("datasets", "SIGINT", "raise"),  # was: a KeyboardInterrupt traceback
+    ],
+)
+def test_prepare_stop_signal_is_one_line_and_130(corpus, tmp_path, module, sig, when):
+    conf = prepare_config(corpus, tmp_path)
+    cmd = [sys.executable, str(CHILD), "import-prepare", module, sig, when, "--config", str(conf),
+           "--processes", "2"]  # fmt: skip
+    r = run_bounded(cmd, tmp_path, timeout=300)
+    assert r.returncode == 130, (r.returncode, r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1] == PREPARE_STOPPED, r.stderr[-3000:]
+    if when == "raise":  # a swallowed one is reported by Python itself before the line
+        assert len(lines) == 1, r.stderr[-3000:]
+    assert no_cache_folder(tmp_path) and not list((tmp_path / "cache").glob("pretok/*.tmp-*"))

@@ -9,6 +9,7 @@ import argparse
 import atexit
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -74,10 +75,11 @@ def _parse(argv: list[str] | None) -> tuple[Any, dict[str, Any]] | int:
         return 2
 
 
-def entry() -> NoReturn:
-    """The process of `python -m train` (and of train/train.py): main(), then exit_process."""
+def entry(run_main: Callable[[], int] = main) -> NoReturn:
+    """The process of `python -m train` (and of train/train.py, and, with its own main, of
+    `python -m train.prepare`): main(), then exit_process."""
     try:
-        code = main()
+        code = run_main()
     except KeyboardInterrupt:  # in the instant after main()'s handlers are gone
         code = 130
     exit_process(code)

@@ -5,7 +5,8 @@ and of the eval split, when the config names one -- under data_cache_dir/pretok/
 dataset, split, text column, holdout and tokenizer (train/data/pretok.py). A run with
 `pretokenize: true` then reads them; it also builds them itself on first use, so this command
 is for doing it ahead of time (say, on a CPU machine before a GPU run). Already complete caches
-are left as they are.
+are left as they are. A Ctrl-C or SIGTERM stops it with one line and exit 130, as it stops
+`python -m train` before training (train/signals.py); a cache being built is then removed whole.
 """
 
 from __future__ import annotations
@@ -16,11 +17,26 @@ import sys
 import time
 from pathlib import Path
 
+# Light (no torch): the stop-signal handlers are in place before the seconds of heavy imports.
 from train.config import ConfigError, TrainConfig, add_set_argument
 from train.errors import DataError
+from train.signals import raise_if_interrupted, stop_signals_interrupt
+
+STOPPED = "interrupted; nothing half-written was left (a cache printed above is complete)"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit code: 0, 2 after a ConfigError's or DataError's line, 130 after a stop signal's
+    (SIGINT, SIGTERM: from the first line on, while torch imports and while pre-tokenizing)."""
+    with stop_signals_interrupt():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:
+            print(STOPPED, file=sys.stderr)
+            return 130
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="training config JSON")
     add_set_argument(ap)
@@ -34,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = TrainConfig.load(args.config, args.set)
         tok = load_tokenizer(cfg.tokenizer_name, cache_dir=cfg.data_cache_dir)
+        raise_if_interrupted()  # one that an import swallowed ("Exception ignored in ...")
         sources = [train_source(cfg)]
         ev = eval_source(cfg)
         if ev is not None and ev.part == "kept":  # a held-out part lives in the train cache
@@ -50,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             how = "already complete" if was else f"built in {time.perf_counter() - t0:.1f} s"
             print(f"{src.describe()}: {folder} ({meta['dtype']}; {parts}; {how})")
+            raise_if_interrupted()  # one that an import inside the build swallowed
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -60,4 +78,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from train.__main__ import entry
+
+    entry(main)
