@@ -27,6 +27,7 @@ The modules, each importing only those before it:
     demo.py    the generated demo corpus ("octo-demo") and its tokenizer
     hub.py     fail fast, in one line, when a Hub name is used and the Hub cannot be reached
     source.py  DocSource: where documents come from (Hub, local files, the demo), encode_docs
+    forkpool.py  the pre-tokenizing worker pool: fails in one line when a worker is killed
     pretok.py  the pre-tokenized cache and its batches
     stream.py  the streamed batches
     build.py   this interface: from a config to the batches
