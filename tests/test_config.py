@@ -315,6 +315,28 @@ def test_a_gpu_number_this_machine_lacks_is_one_config_line(monkeypatch):
     )
 
 
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_more_torchrun_processes_than_gpus_is_one_config_line(monkeypatch, device):
+    """device auto or cuda under torchrun takes GPU LOCAL_RANK: with more processes on a
+    machine than it has GPUs, the line names the process count as the cause and its fix. It
+    said "config key 'device' is 'auto' ...; use auto or one of those", advice that cannot
+    help: the device already is auto, and cuda:N would put several ranks on one GPU."""
+    import torch
+
+    from train.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ConfigError) as e:
+        resolve_device(TrainConfig(device=device))
+    assert str(e.value) == (
+        f"config key 'device' is {device!r}: this process is LOCAL_RANK 2 under torchrun, but "
+        "this machine has 2 CUDA device(s), one per process; start at most 2 processes on it "
+        "(torchrun --nproc_per_node 2)"
+    )
+
+
 def test_init_from_config_errors(tmp_path):
     """init_from: with resume_from, a missing folder, a file, a folder of checkpoints, and a
     model_config of another shape are each one ConfigError line, before anything loads; its

@@ -56,6 +56,11 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
         if e.problem == NO_CUDA:
             raise ConfigError(f"device {cfg.device!r} asked for, but CUDA is not available; "
                               "set device to auto or cpu") from None  # fmt: skip
+        if e.problem == NO_SUCH_GPU and cfg.device in ("auto", "cuda"):  # GPU LOCAL_RANK
+            raise ConfigError(f"config key 'device' is {cfg.device!r}: this process is LOCAL_RANK "
+                              f"{local_rank} under torchrun, but this machine has {e.count} CUDA "
+                              f"device(s), one per process; start at most {e.count} processes "
+                              f"on it (torchrun --nproc_per_node {e.count})") from None  # fmt: skip
         if e.problem == NO_SUCH_GPU:
             raise ConfigError(f"config key 'device' is {cfg.device!r}, but this machine has "
                               f"{e.count} CUDA device(s), cuda:0 to cuda:{e.count - 1}; use auto "
