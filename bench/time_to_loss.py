@@ -46,6 +46,7 @@ from train.config import TrainConfig
 from train.data import build_eval_batches, build_train_data, load_tokenizer
 from train.loop import Trainer
 from train.model_config import load_model_config, resolve_vocab_size
+from train.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -114,7 +115,9 @@ def run_seed(case: str, seed: int, arms: list[tuple[str, dict]], args: argparse.
     runs = []
     for label, over in arms:
         cfg = dataclasses.replace(base, **over)
-        tr = Trainer(cfg, model_cfg, train_data=build_train_data(cfg, tok), eval_data=evals)
+        rt = Runtime.build(cfg)  # as run() does: the device decides pinned host batches
+        data = build_train_data(cfg, tok, pin_memory=rt.pin_memory)
+        tr = Trainer(cfg, model_cfg, runtime=rt, train_data=data, eval_data=evals)
         runs.append({"label": label, "tr": tr, "data": iter(tr.train_data), "times": [],
                      "curve": [], "cfg": {k: getattr(cfg, k) for k in over}})  # fmt: skip
     steps, accum = base.max_steps, base.gradient_accumulation_steps
