@@ -114,14 +114,14 @@ def test_start_and_log_lines_name_the_optimizer(tmp_path):
     assert not any("muon" in line.lower() for line in lines["adamw"])
     start = [line for line in lines["muon"] if line.startswith("Optimizer: ")]
     assert start and start[0].startswith("Optimizer: Muon for the 14 decoder-layer matrices")
-    assert "lr 1.0e-02, momentum 0.95" in start[0]  # the defaults
+    assert "lr 2.0e-02, momentum 0.95" in start[0]  # the defaults
     assert (
-        "AdamW for embeddings, lm_head, norms and biases (0.01M parameters; lr 1.2e-02" in start[0]
+        "AdamW for embeddings, lm_head, norms and biases (0.01M parameters; lr 2.4e-02" in start[0]
     )
     steps = [line for line in lines["muon"] if line.startswith("Step 4:")]
     # one schedule: at step 4 (the last of 4, cosine down to 0.1 x peak) AdamW's lr is
-    # 3e-3 x muon_adamw_lr_scale 4 x 0.1, Muon's 0.01 x 0.1
-    assert steps and " lr=1.2e-03 muon_lr=1.0e-03 grad_norm=" in steps[0], steps
+    # 3e-3 x muon_adamw_lr_scale 8 x 0.1, Muon's 0.02 x 0.1
+    assert steps and " lr=2.4e-03 muon_lr=2.0e-03 grad_norm=" in steps[0], steps
 
 
 def test_log_line_shows_muon_lr_after_lr():

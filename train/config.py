@@ -119,12 +119,12 @@ class TrainConfig:
     )
     # the muon_* defaults: the sweep in bench/NOTES.md (demo and tiny-shakespeare)
     muon_learning_rate: float = key(
-        0.01,
+        0.02,
         "Muon's peak lr, on learning_rate's warmup and decay (Muon's lr = the scheduled lr x "
         "muon_learning_rate / learning_rate)",
     )
     muon_adamw_lr_scale: float = key(
-        4.0,
+        8.0,
         "with muon, AdamW's part steps at the scheduled lr x this (Muon's runs did best with it "
         "above the AdamW-only lr: bench/NOTES.md)",
     )
