@@ -36,3 +36,14 @@ def final_run(cfg, model, tokenizer=None):
     cpu = torch.device("cpu")
     return FinalModel(cfg, model, tokenizer, step=0, tokens_seen=0, world_size=1, device=cpu,
                       precision=resolve_precision(cfg, cpu))  # fmt: skip
+
+
+def randomize_(model: torch.nn.Module, seed: int = 1234) -> torch.nn.Module:
+    """Every parameter random (norms around 1, the rest std 0.1; a tied weight once), so a tensor
+    in the wrong place shows. In place; returns model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.1
+            p.copy_(1 + noise if name.endswith("norm.weight") else noise)
+    return model

@@ -18,6 +18,7 @@ from octo import OctoConfig, OctoForCausalLM
 from octo.model import rope_cos_sin
 from octo_kernels.rope import apply_rope_ref
 from tests.child_env import child_env
+from tests.fakes import randomize_
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package (pip install gguf)")
 
@@ -26,19 +27,9 @@ from octo.export_gguf import export_gguf, from_gguf_qk, main, to_gguf_qk  # noqa
 GPT2_VOCAB = 50304  # 50257 rounded up to a multiple of 64: 47 padding ids
 
 
-def randomize_(model: torch.nn.Module) -> torch.nn.Module:
-    """Every parameter random (norms around 1), so a tensor in the wrong place shows."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.1
-            p.copy_(1 + noise if name.endswith("norm.weight") else noise)
-    return model
-
-
 def model_folder(path: Path, tokenizer_dir: Path, **overrides) -> Path:
     cfg = OctoConfig.preset("tiny", **overrides)
-    randomize_(OctoForCausalLM(cfg)).save_pretrained(path)
+    randomize_(OctoForCausalLM(cfg), seed=7).save_pretrained(path)
     shutil.copytree(tokenizer_dir, path, dirs_exist_ok=True)
     return path
 

@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 from octo import OctoConfig, OctoForCausalLM
 from octo.files import parse_size
 from octo.hf_index import INDEX_NAME
+from tests.fakes import randomize_
 
 hf_logging.set_verbosity_error()
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -43,16 +44,6 @@ def case_id(case: dict) -> str:
         f"kv{c['num_key_value_heads']}-bias{c['attention_bias']:d}"
         f"-tie{c['tie_word_embeddings']:d}-theta{c['rope_theta']:g}"
     )
-
-
-def randomize_(model: torch.nn.Module) -> torch.nn.Module:
-    """Every parameter random (norms around 1, the rest std 0.1); a tied weight once."""
-    g = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.1
-            p.copy_(1 + noise if name.endswith("norm.weight") else noise)
-    return model
 
 
 def octo_model(**overrides) -> OctoForCausalLM:

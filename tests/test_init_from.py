@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_hf_interop import hf_config, randomize_
+from tests.fakes import randomize_
+from tests.test_hf_interop import hf_config
 from train.__main__ import main
 from train.checkpoint import CheckpointError
 from train.checkpoint.resume import load_init_model
